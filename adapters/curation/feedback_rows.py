@@ -1,0 +1,86 @@
+"""Turn user feedback on logged completions into training rows.
+
+A correction is the answer that should have been given (→ SFT); a rating says whether the given
+answer was good (→ unpaired/KTO row); two differently rated completions of the same prompt say
+which answer is better (→ preference/DPO row).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .rows import Message, Row, RowError, parse_prompt, parse_attributes
+
+
+@dataclass(frozen=True)
+class FeedbackItem:
+    """One completion with its feedback. ``prompt_messages`` are OpenAI-style dicts or `Message`s."""
+
+    completion_id: str
+    prompt_messages: Sequence[Mapping[str, Any] | Message]
+    output: str
+    rating: float | None = None
+    correction: str | None = None
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rating is not None:
+            if isinstance(self.rating, bool) or not isinstance(self.rating, (int, float)) or not 0 <= self.rating <= 1:
+                raise ValueError(f"rating must be a number in [0, 1] or None, got {self.rating!r}")
+
+
+def _prompt(item: FeedbackItem) -> tuple[Message, ...]:
+    raw = [m.to_json() if isinstance(m, Message) else dict(m) for m in item.prompt_messages]
+    try:
+        return parse_prompt(raw, "prompt_messages")
+    except RowError as exc:
+        raise RowError(f"feedback[{item.completion_id}].{exc.field}", exc.reason) from None
+
+
+def rows_from_feedback(
+    items: Iterable[FeedbackItem], *, max_pairs_per_prompt: int = 10, skip_invalid: bool = False
+) -> list[Row]:
+    """Rows in a deterministic order: per item (input order) its sft then unpaired row, then
+    preference rows per prompt (prompts in first-seen order, pairs in input order).
+
+    Every pair of rated completions of one prompt with different ratings and different outputs
+    becomes a preference row (higher rating = chosen, carrying the chosen completion's attributes),
+    at most ``max_pairs_per_prompt`` per prompt. Invalid prompts raise `RowError`, or are skipped
+    with ``skip_invalid``.
+    """
+    rows: list[Row] = []
+    rated: dict[str, list[tuple[FeedbackItem, tuple[Message, ...], dict[str, str]]]] = {}
+    for item in items:
+        try:
+            prompt = _prompt(item)
+            attrs = parse_attributes(dict(item.attributes), f"feedback[{item.completion_id}].attributes")
+        except RowError:
+            if skip_invalid:
+                continue
+            raise
+        if item.correction is not None and item.correction.strip():
+            rows.append(Row(kind="sft", prompt=prompt, completion=item.correction, attributes=attrs))
+        if item.rating is not None:
+            rows.append(
+                Row(kind="unpaired", prompt=prompt, completion=item.output, label=item.rating >= 0.5, attributes=attrs)
+            )
+            key = json.dumps([m.to_json() for m in prompt], sort_keys=True, ensure_ascii=False)
+            rated.setdefault(key, []).append((item, prompt, attrs))
+    for group in rated.values():
+        made = 0
+        for a in range(len(group)):
+            for b in range(a + 1, len(group)):
+                if made >= max_pairs_per_prompt:
+                    break
+                (ia, prompt, aa), (ib, _, ab) = group[a], group[b]
+                if ia.rating == ib.rating or ia.output == ib.output:
+                    continue
+                hi, lo, attrs = (ia, ib, aa) if (ia.rating or 0) > (ib.rating or 0) else (ib, ia, ab)
+                rows.append(
+                    Row(kind="preference", prompt=prompt, chosen=hi.output, rejected=lo.output, attributes=attrs)
+                )
+                made += 1
+    return rows

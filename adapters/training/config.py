@@ -1,0 +1,261 @@
+"""Validated training configuration: hyperparameters, search space and the job spec the worker writes.
+
+The spec is the contract between the worker (which writes it as JSON) and ``run.py`` (which reads it),
+so every field is validated here with a message naming the field and its allowed range.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+Method = Literal["sft", "dpo", "kto"]
+METHODS: tuple[str, ...] = ("sft", "dpo", "kto")
+SCHEDULERS: tuple[str, ...] = ("linear", "cosine")
+
+
+def _check_range(name: str, value: Any, low: float, high: float, *, integer: bool) -> None:
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
+        raise ValueError(f"{name} must be {kind} in [{low}, {high}], got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+
+
+@dataclass
+class Hyperparameters:
+    """Training hyperparameters shared by all methods (the TRL recipes ignore what they cannot use)."""
+
+    n_epochs: int = 3
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    max_seq_len: int = 512
+    early_stopping_patience: int = 0
+    max_steps: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range("n_epochs", self.n_epochs, 1, 50, integer=True)
+        _check_range("batch_size", self.batch_size, 1, 512, integer=True)
+        _check_range("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 256, integer=True)
+        _check_range("learning_rate", self.learning_rate, 1e-6, 1e-2, integer=False)
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {list(SCHEDULERS)}, got {self.lr_scheduler!r}")
+        _check_range("warmup_ratio", self.warmup_ratio, 0, 0.5, integer=False)
+        _check_range("weight_decay", self.weight_decay, 0, 1, integer=False)
+        _check_range("lora_r", self.lora_r, 1, 256, integer=True)
+        _check_range("lora_alpha", self.lora_alpha, 1, 1024, integer=True)
+        _check_range("lora_dropout", self.lora_dropout, 0, 0.5, integer=False)
+        tm = self.target_modules
+        if isinstance(tm, str):
+            if tm != "all-linear":
+                raise ValueError(f"target_modules must be 'all-linear' or a non-empty list of module names, got {tm!r}")
+        elif not (isinstance(tm, (list, tuple)) and tm and all(isinstance(m, str) and m for m in tm)):
+            raise ValueError(f"target_modules must be 'all-linear' or a non-empty list of module names, got {tm!r}")
+        else:
+            self.target_modules = list(tm)
+        _check_range("max_seq_len", self.max_seq_len, 16, 8192, integer=True)
+        _check_range("early_stopping_patience", self.early_stopping_patience, 0, 100, integer=True)
+        if self.max_steps is not None:
+            _check_range("max_steps", self.max_steps, 1, 10**9, integer=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Hyperparameters:
+        """Build from a plain dict, rejecting unknown keys by name (typos must not silently use defaults)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"hyperparameters must be an object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown hyperparameter(s): {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> Hyperparameters:
+        """A validated copy with some fields changed (used by the search)."""
+        return Hyperparameters.from_dict({**self.to_dict(), **changes})
+
+
+def auto_hyperparameters(n_train_rows: int, mean_tokens: float, base_model_params: int) -> Hyperparameters:
+    """Pick defaults from the data size and model size (the rule the service uses when the user gives none).
+
+    | input                        | rule                                                        |
+    |------------------------------|-------------------------------------------------------------|
+    | rows < 100                   | n_epochs 10 (few rows need more passes)                     |
+    | rows < 1,000                 | n_epochs 5                                                  |
+    | rows < 10,000                | n_epochs 3                                                  |
+    | rows >= 10,000               | n_epochs 2                                                  |
+    | mean_tokens                  | batch_size = clamp(2048 // mean_tokens, 4, 32) (≈2k tokens  |
+    |                              | per micro-batch keeps CPU GEMMs efficient without swapping) |
+    | rows / batch < 20            | batch_size halved until ≥ 20 optimizer steps per epoch      |
+    | params < 1e9                 | learning_rate 2e-4 (small models tolerate a high LoRA lr)   |
+    | params < 1e10                | learning_rate 1e-4                                          |
+    | larger                       | learning_rate 5e-5                                          |
+    | always                       | lora_r 16, lora_alpha 32, all-linear, warmup 5%, linear     |
+    | max_seq_len                  | next power of two ≥ 2 × mean_tokens, clamped to [64, 2048]  |
+    | rows ≥ 200                   | early_stopping_patience 3 (enough validation rows to trust) |
+    """
+    if n_train_rows < 1:
+        raise ValueError(f"n_train_rows must be >= 1, got {n_train_rows}")
+    if mean_tokens <= 0:
+        raise ValueError(f"mean_tokens must be > 0, got {mean_tokens}")
+    if n_train_rows < 100:
+        epochs = 10
+    elif n_train_rows < 1_000:
+        epochs = 5
+    elif n_train_rows < 10_000:
+        epochs = 3
+    else:
+        epochs = 2
+    batch = int(min(32, max(4, 2048 // max(1, int(mean_tokens)))))
+    while batch > 1 and n_train_rows / batch < 20:
+        batch //= 2
+    if base_model_params < 1_000_000_000:
+        lr = 2e-4
+    elif base_model_params < 10_000_000_000:
+        lr = 1e-4
+    else:
+        lr = 5e-5
+    seq = 64
+    while seq < 2 * mean_tokens and seq < 2048:
+        seq *= 2
+    return Hyperparameters(
+        n_epochs=epochs,
+        batch_size=batch,
+        learning_rate=lr,
+        lora_r=16,
+        lora_alpha=32,
+        max_seq_len=seq,
+        early_stopping_patience=3 if n_train_rows >= 200 else 0,
+    )
+
+
+# Search-space keys and how they are sampled: [low, high] ranges or a list of choices.
+_FLOAT_RANGES = {"learning_rate", "warmup_ratio", "weight_decay", "lora_dropout"}
+_CHOICE_ONLY = {"lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps", "n_epochs", "lr_scheduler",
+                "target_modules"}
+
+
+@dataclass
+class SearchSpec:
+    """Hyperparameter search: ``space`` maps a hyperparameter to ``[low, high]`` (floats, sampled
+    log-uniform for learning_rate) or to a list of choices (integers/strings)."""
+
+    n_trials: int = 4
+    space: dict[str, list[Any]] = field(default_factory=lambda: {"learning_rate": [5e-5, 5e-4]})
+
+    def __post_init__(self) -> None:
+        _check_range("search.n_trials", self.n_trials, 1, 200, integer=True)
+        if not isinstance(self.space, dict) or not self.space:
+            raise ValueError("search.space must be a non-empty object")
+        for key, values in self.space.items():
+            if key not in _FLOAT_RANGES | _CHOICE_ONLY:
+                raise ValueError(f"search.space.{key} is not searchable; allowed: "
+                                 f"{', '.join(sorted(_FLOAT_RANGES | _CHOICE_ONLY))}")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"search.space.{key} must be a non-empty list")
+            if key in _FLOAT_RANGES:
+                if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               for v in values) or values[0] >= values[1]:
+                    raise ValueError(f"search.space.{key} must be [low, high] with low < high, got {values!r}")
+                # Both ends must be valid hyperparameters themselves.
+                for v in values:
+                    Hyperparameters.from_dict({key: v})
+            else:
+                for v in values:
+                    Hyperparameters.from_dict({key: v})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainingJobSpec:
+    """Everything one training subprocess needs; written by the worker as JSON."""
+
+    method: str
+    base_model_path: str
+    train_path: str
+    output_dir: str
+    validation_path: str | None = None
+    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    search: SearchSpec | None = None
+    eval_every_steps: int | None = None  # None: about 10 evaluations per run
+    checkpoint_every_steps: int | None = None  # None: at every evaluation (or every eval-sized interval)
+    num_threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        for name in ("base_model_path", "train_path", "output_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty path string")
+        if self.validation_path is not None and not isinstance(self.validation_path, str):
+            raise ValueError("validation_path must be a path string or null")
+        if isinstance(self.hyperparameters, dict):
+            self.hyperparameters = Hyperparameters.from_dict(self.hyperparameters)
+        if isinstance(self.search, dict):
+            self.search = SearchSpec(**self.search)
+        for name in ("eval_every_steps", "checkpoint_every_steps", "num_threads"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_range(name, value, 1, 10**9, integer=True)
+        if self.search is not None and not self.validation_path:
+            raise ValueError("validation_path is required when search is set (trials are ranked on validation loss)")
+        if self.hyperparameters.early_stopping_patience and not self.validation_path:
+            raise ValueError("validation_path is required when early_stopping_patience > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingJobSpec:
+        if not isinstance(data, dict):
+            raise ValueError("training job spec must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown spec field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        data = dict(data)
+        data["hyperparameters"] = Hyperparameters.from_dict(data.get("hyperparameters") or {})
+        if data.get("search") is not None:
+            search = data["search"]
+            if not isinstance(search, dict):
+                raise ValueError("search must be an object or null")
+            unknown_s = sorted(set(search) - {"n_trials", "space"})
+            if unknown_s:
+                raise ValueError(f"unknown search field(s): {', '.join(unknown_s)}")
+            data["search"] = SearchSpec(**search)
+        try:
+            return cls(**data)
+        except TypeError as exc:  # missing required fields
+            raise ValueError(f"invalid training job spec: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainingJobSpec:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainingJobSpec:
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))

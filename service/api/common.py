@@ -1,0 +1,32 @@
+"""Helpers shared by the thin route modules."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from litestar import Request
+
+from service.context import AppContext
+from service.errors import BadRequest, UnsupportedMediaType
+
+
+def ctx_of(request: Request[Any, Any, Any]) -> AppContext:
+    return request.app.state.ctx  # type: ignore[no-any-return]
+
+
+async def json_body(request: Request[Any, Any, Any], max_bytes: int | None = None) -> Any:
+    """Parse a JSON body ourselves: one clear problem response for bad JSON or content type."""
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise UnsupportedMediaType(f"expected application/json, got {ctype}")
+    raw = await request.body()
+    if max_bytes is not None and len(raw) > max_bytes:
+        from service.errors import PayloadTooLarge
+
+        raise PayloadTooLarge(f"request body exceeds {max_bytes} bytes")
+    try:
+        return json.loads(raw or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        line = getattr(exc, "lineno", None)
+        raise BadRequest(f"the body is not valid JSON: {exc}", extra={"line": line}) from exc

@@ -1,0 +1,40 @@
+"""Deployments: create, list, show."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, get, post
+
+from service.api.common import ctx_of, json_body
+from service.auth import admin_scope, app_scope
+from service.core.deployments import deployment_json
+from service.errors import Unprocessable
+
+
+@post("/v1/deployments", guards=[admin_scope], status_code=201)
+async def create_deployment(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise Unprocessable("body must be an object {name, base_model?}")
+    ctx = ctx_of(request)
+    dep = await ctx.deployments.create(body.get("name"), body.get("base_model"), body.get("config"))
+    from service.core.routing import Target, served_name
+
+    ctx.router.set_production(dep.name, Target(served_name(dep.name, None), None))
+    return deployment_json(dep)
+
+
+@get("/v1/deployments", guards=[app_scope])
+async def list_deployments(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    deps = await ctx_of(request).deployments.list()
+    return {"object": "list", "data": [deployment_json(d) for d in deps]}
+
+
+@get("/v1/deployments/{name:str}", guards=[app_scope])
+async def get_deployment(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
+    ctx = ctx_of(request)
+    out = deployment_json(await ctx.deployments.get(name))
+    choice = ctx.router.production.get(name)
+    out["serving"] = choice.served_name if choice else None
+    return out

@@ -1,0 +1,52 @@
+"""The Litestar application factory: routes, the one exception mapper, and the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.config.app import AppConfig  # noqa: F401 - documented extension point
+from litestar.exceptions import HTTPException
+from litestar.openapi.config import OpenAPIConfig
+
+from service.api import deployments, health, inference, keys
+from service.context import AppContext
+from service.errors import ServiceError, problem_response
+from service.settings import Settings
+
+ROUTES = [
+    health.health, health.ready,
+    keys.create_key,
+    deployments.create_deployment, deployments.list_deployments, deployments.get_deployment,
+    inference.chat_completions, inference.completions, inference.list_models, inference.get_completion,
+]
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        ctx = await AppContext.start(settings)
+        app.state.ctx = ctx
+        try:
+            yield
+        finally:
+            await ctx.stop()
+
+    routes = [*ROUTES, health.metrics_open if settings.metrics_public else health.metrics_admin]
+    return Litestar(
+        route_handlers=routes,
+        lifespan=[lifespan],
+        exception_handlers={ServiceError: problem_response, HTTPException: problem_response,
+                            Exception: problem_response},
+        openapi_config=OpenAPIConfig(title="tuneloop", version="0.1.0"),
+        request_max_body_size=settings.max_upload_bytes,
+        logging_config=None,
+        debug=False,
+    )
+
+
+logging.getLogger("tuneloop").setLevel(logging.INFO)

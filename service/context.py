@@ -1,0 +1,169 @@
+"""AppContext: everything a running API process owns, built and torn down by the app lifespan.
+
+Routes reach it as `request.app.state.ctx`; the core services inside it know nothing of Litestar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from adapters.base_model import model_hash, prepare_base_model
+from monitoring import metrics
+from service.auth import KeyStore
+from service.core.completion_log import CompletionLog
+from service.core.deployments import DeploymentService
+from service.core.gateway import Gateway
+from service.core.routing import Router, Target, served_name
+from service.settings import Settings
+from service.storage import migrate
+from service.storage.db import make_engine, make_sessionmaker
+from service.storage.models import Adapter, Deployment
+from service.vllm.pool import VLLMPool
+from service.vllm.supervisor import VLLMOptions, VLLMSupervisor
+
+log = logging.getLogger("tuneloop")
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    keys: KeyStore
+    base_model_path: str
+    base_model_hash: str
+    router: Router
+    pool: VLLMPool
+    completions: CompletionLog
+    deployments: DeploymentService
+    gateway: Gateway
+    supervisor: VLLMSupervisor | None = None
+    worker: asyncio.subprocess.Process | None = None
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    @classmethod
+    async def start(cls, settings: Settings) -> AppContext:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(migrate.upgrade, settings.database)
+        engine = make_engine(settings.database)
+        sessions = make_sessionmaker(engine)
+        keys = KeyStore(sessions)
+        if settings.admin_key:
+            await keys.ensure("admin (TUNELOOP_ADMIN_KEY)", "admin", settings.admin_key)
+        base_path = await asyncio.to_thread(prepare_base_model, settings.base_model, settings.data_dir)
+        base_hash = await asyncio.to_thread(model_hash, Path(base_path)) if Path(base_path).is_dir() else base_path
+        names: set[str] = set()
+        router = Router()
+        try:
+            from monitoring.experiments import assign
+
+            router.assign = assign
+        except ImportError:  # pragma: no cover - statistics module not present
+            pass
+        completions = CompletionLog(sessions)
+        deployments = DeploymentService(sessions, base_path, names)
+
+        supervisor = None
+        if settings.vllm_urls:
+            pool = VLLMPool(list(settings.vllm_urls))
+        else:
+            supervisor = VLLMSupervisor(VLLMOptions(
+                model_path=base_path, max_loras=settings.vllm_max_loras, max_cpu_loras=settings.vllm_max_cpu_loras,
+                max_lora_rank=settings.vllm_max_lora_rank, max_model_len=settings.vllm_max_model_len,
+                dtype=settings.vllm_dtype, kv_cache_space_gib=settings.vllm_kv_cache_gib,
+                log_path=str(settings.data_dir / "logs" / "vllm.log")))
+            pool = VLLMPool.from_supervisor(supervisor)
+        gateway = Gateway(pool, router, completions, names, settings.max_metadata_keys,
+                          settings.max_metadata_value_chars)
+        ctx = cls(settings=settings, engine=engine, sessions=sessions, keys=keys, base_model_path=base_path,
+                  base_model_hash=base_hash, router=router, pool=pool, completions=completions,
+                  deployments=deployments, gateway=gateway, supervisor=supervisor)
+        await deployments.ensure_default()
+        await ctx.load_routes()
+        completions.start()
+        if supervisor is not None:
+            supervisor.on_ready = ctx.reload_adapters
+            await supervisor.start()
+        else:
+            ctx.tasks.append(asyncio.create_task(
+                pool.health_loop(interval=1.0, on_server_ready=ctx.reload_adapters_on), name="vllm-health"))
+        ctx.tasks.append(asyncio.create_task(ctx._vllm_up_loop(), name="vllm-up"))
+        if settings.start_worker:
+            await ctx.start_worker()
+        return ctx
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.worker is not None and self.worker.returncode is None:
+            self.worker.terminate()
+            try:
+                await asyncio.wait_for(self.worker.wait(), timeout=20)
+            except TimeoutError:
+                self.worker.kill()
+                await self.worker.wait()
+        await self.completions.stop()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        await self.pool.aclose()
+        await self.engine.dispose()
+
+    async def start_worker(self) -> None:
+        from service.process import parent_death_signal
+
+        env = {**os.environ, "TUNELOOP_DATA_DIR": str(self.settings.data_dir.resolve()),
+               "TUNELOOP_DATABASE_URL": self.settings.database, "TUNELOOP_BASE_MODEL": self.settings.base_model}
+        logs = self.settings.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        out = open(logs / "worker.log", "ab")  # noqa: SIM115 - owned by the child
+        self.worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service.cli", "worker", env=env, stdout=out, stderr=out,
+            preexec_fn=parent_death_signal)
+        out.close()
+
+    # -- routing ----------------------------------------------------------------------------------------
+    async def load_routes(self) -> None:
+        """Rebuild the routing table from the database (production adapter of every deployment)."""
+        async with self.sessions() as s:
+            deps = list((await s.execute(select(Deployment))).scalars())
+            for d in deps:
+                self.deployments.names.add(d.name)
+                target = Target(served_name(d.name, None), None)
+                if d.production_adapter_id:
+                    a = await s.get(Adapter, d.production_adapter_id)
+                    if a is not None:
+                        target = Target(served_name(d.name, a.id), a.id, a.path)
+                self.router.set_production(d.name, target)
+
+    async def reload_adapters(self) -> None:
+        """After the managed vLLM (re)starts, load every routable adapter before traffic resumes."""
+        await self.reload_adapters_on(None)
+
+    async def reload_adapters_on(self, server: Any) -> None:
+        """Load every routable adapter on `server` (None: every server) before it takes traffic."""
+        targets = self.router.routable()
+        for name, target in targets.items():
+            assert target.path is not None
+            await self.pool.load_adapter(name, target.path, servers=None if server is None else [server])
+        log.info("vLLM ready; %d adapters loaded", len(targets))
+
+    async def _vllm_up_loop(self) -> None:
+        seen = 0
+        while True:
+            metrics.VLLM_UP.set(1 if self.pool.ready else 0)
+            if self.supervisor is not None and self.supervisor.restart_count > seen:
+                metrics.VLLM_RESTARTS.inc(self.supervisor.restart_count - seen)
+                seen = self.supervisor.restart_count
+            await asyncio.sleep(1.0)

@@ -1,0 +1,73 @@
+"""Deployments: the names applications put in `model`, and what serves them."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.errors import Conflict, NotFound, Unprocessable
+from service.storage.models import Deployment
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def deployment_json(d: Deployment) -> dict[str, Any]:
+    return {"object": "deployment", "name": d.name, "id": d.name, "base_model": d.base_model,
+            "production_adapter_id": d.production_adapter_id, "config": d.config or {},
+            "created_at": int(d.created_at)}
+
+
+class DeploymentService:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], base_model: str, names: set[str]) -> None:
+        self.sessions = sessions
+        self.base_model = base_model
+        self.names = names  # shared with the gateway: the set of routable deployment names
+
+    async def create(self, name: Any, base_model: Any = None, config: Any = None) -> Deployment:
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise Unprocessable("name must match ^[a-z0-9][a-z0-9_-]{0,62}$", field="name")
+        if base_model not in (None, "", self.base_model):
+            # One vLLM server serves one base model; several bases need several tuneloop services.
+            raise Unprocessable(f"this service serves the base model {self.base_model!r}; "
+                                f"a deployment on {base_model!r} needs its own tuneloop instance",
+                                field="base_model")
+        if config is not None and not isinstance(config, dict):
+            raise Unprocessable("config must be an object", field="config")
+        async with self.sessions() as s, s.begin():
+            if await s.get(Deployment, name) is not None:
+                raise Conflict(f"deployment {name!r} already exists", field="name")
+            dep = Deployment(name=name, base_model=self.base_model, config=config or {})
+            s.add(dep)
+        self.names.add(name)
+        return dep
+
+    async def ensure_default(self) -> None:
+        async with self.sessions() as s:
+            exists = await s.get(Deployment, "default")
+        if exists is None:
+            try:
+                await self.create("default")
+            except Conflict:
+                pass
+
+    async def list(self) -> list[Deployment]:
+        async with self.sessions() as s:
+            return list((await s.execute(select(Deployment).order_by(Deployment.created_at))).scalars())
+
+    async def get(self, name: str) -> Deployment:
+        async with self.sessions() as s:
+            dep = await s.get(Deployment, name)
+        if dep is None:
+            raise NotFound(f"deployment {name!r} does not exist")
+        return dep
+
+    async def update_config(self, name: str, patch: dict[str, Any]) -> Deployment:
+        async with self.sessions() as s, s.begin():
+            dep = await s.get(Deployment, name)
+            if dep is None:
+                raise NotFound(f"deployment {name!r} does not exist")
+            dep.config = {**(dep.config or {}), **patch}
+        return dep

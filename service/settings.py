@@ -1,0 +1,102 @@
+"""Every setting of the service, read once from `TUNELOOP_*` environment variables.
+
+CLI flags override the environment (see `service.cli`); nothing else in the code base reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BASE_MODEL = "builtin:smollm2-135m-instruct"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"TUNELOOP_{name}", default)
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service settings. Each field is documented in the README's settings table."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("var")
+    database_url: str = ""  # empty = SQLite at <data_dir>/tuneloop.db
+    base_model: str = DEFAULT_BASE_MODEL
+    vllm_urls: tuple[str, ...] = ()  # empty = start and supervise a local vLLM
+    admin_key: str | None = None
+    metrics_public: bool = True  # /metrics without a key (the service binds to loopback by default)
+    start_worker: bool = True
+    start_monitor: bool = True
+    # vLLM (managed)
+    vllm_max_loras: int = 4
+    vllm_max_cpu_loras: int = 8
+    vllm_max_lora_rank: int = 16
+    vllm_max_model_len: int = 2048
+    vllm_dtype: str = "float32"
+    vllm_kv_cache_gib: int = 4
+    vllm_start_timeout: float = 300.0
+    # gateway / ingestion limits
+    max_metadata_keys: int = 16
+    max_metadata_value_chars: int = 128
+    max_upload_bytes: int = 2 * 1024**3
+    max_request_bytes: int = 8 * 1024**2
+    # worker
+    worker_poll_seconds: float = 1.0
+    heartbeat_seconds: float = 5.0
+    heartbeat_timeout_seconds: float = 30.0
+    eval_backend: str = "hf_merged"
+    # monitor
+    monitor_interval_seconds: float = 60.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def database(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'tuneloop.db').resolve()}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database.startswith("sqlite")
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Defaults, then `TUNELOOP_<FIELD>` variables, then explicit (non-None) overrides."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "extra":
+                continue
+            raw = os.environ.get(f"TUNELOOP_{f.name.upper()}")
+            if raw is None:
+                continue
+            values[f.name] = _coerce(f.name, raw)
+        settings = cls(**values)
+        clean = {k: v for k, v in overrides.items() if v is not None and v != ()}
+        if "data_dir" in clean:
+            clean["data_dir"] = Path(clean["data_dir"])
+        return replace(settings, **clean)
+
+
+def _coerce(name: str, raw: str) -> Any:
+    default = getattr(Settings, name, None)
+    if name == "vllm_urls":
+        return tuple(u.strip() for u in raw.split(",") if u.strip())
+    if name == "data_dir":
+        return Path(raw)
+    if name == "admin_key":
+        return raw or None
+    if isinstance(default, bool):
+        return _bool(raw)
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw

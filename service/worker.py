@@ -1,0 +1,120 @@
+"""The worker process: claims queued jobs from the database and runs them outside the API process.
+
+Claiming is atomic on both databases: PostgreSQL uses `FOR UPDATE SKIP LOCKED`; SQLite serialises writers
+(every transaction is BEGIN IMMEDIATE), and the UPDATE re-checks `status = 'queued'`. A running job carries
+a heartbeat; a job whose worker died (heartbeat older than the timeout) goes back to the queue and resumes
+from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.settings import Settings
+from service.storage.db import make_engine, make_sessionmaker
+from service.storage.models import Job
+
+log = logging.getLogger("tuneloop.worker")
+
+Handler = Callable[["WorkerContext", Job], Awaitable[None]]
+
+
+class WorkerContext:
+    def __init__(self, settings: Settings, sessions: async_sessionmaker[AsyncSession], worker_id: str) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.worker_id = worker_id
+        self.stopping = asyncio.Event()
+
+
+async def claim_job(sessions: async_sessionmaker[AsyncSession], worker_id: str, kinds: tuple[str, ...]) -> Job | None:
+    """Atomically move the oldest queued job to `running` for this worker."""
+    async with sessions() as s, s.begin():
+        q = select(Job.id).where(Job.status == "queued", Job.kind.in_(kinds)).order_by(Job.created_at).limit(1)
+        if s.bind.dialect.name == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        job_id = (await s.execute(q)).scalar_one_or_none()
+        if job_id is None:
+            return None
+        now = time.time()
+        res = await s.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
+            status="running", worker_id=worker_id, heartbeat_at=now, attempts=Job.attempts + 1))
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        job = await s.get(Job, job_id)
+        assert job is not None
+        if job.started_at is None:
+            job.started_at = now
+        return job
+
+
+async def requeue_stale(sessions: async_sessionmaker[AsyncSession], timeout: float) -> list[str]:
+    """Jobs whose worker stopped heartbeating go back to the queue (they resume from their checkpoint)."""
+    cutoff = time.time() - timeout
+    async with sessions() as s, s.begin():
+        ids = list((await s.execute(select(Job.id).where(Job.status == "running", Job.heartbeat_at < cutoff)))
+                   .scalars())
+        if ids:
+            await s.execute(update(Job).where(Job.id.in_(ids), Job.status == "running")
+                            .values(status="queued", worker_id=None))
+    for i in ids:
+        log.warning("job %s lost its worker; re-queued", i)
+    return ids
+
+
+async def heartbeat(sessions: async_sessionmaker[AsyncSession], job_id: str, worker_id: str) -> bool:
+    """Refresh the heartbeat; returns True when a cancel was requested."""
+    async with sessions() as s, s.begin():
+        await s.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id)
+                        .values(heartbeat_at=time.time()))
+        job = await s.get(Job, job_id)
+        return bool(job and job.cancel_requested)
+
+
+def handlers() -> dict[str, Handler]:
+    """Job kinds this worker can run (imported lazily: they pull in torch)."""
+    try:
+        from service.core.job_runner import run_evaluation_job, run_fine_tune_job
+    except ImportError:  # training extras not installed: an idle worker
+        return {}
+    return {"fine_tune": run_fine_tune_job, "evaluation": run_evaluation_job}
+
+
+async def run_worker(settings: Settings, once: bool = False) -> None:
+    engine = make_engine(settings.database)
+    sessions = make_sessionmaker(engine)
+    wid = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    ctx = WorkerContext(settings, sessions, wid)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, ctx.stopping.set)
+    table = handlers()
+    log.info("worker %s started (jobs: %s)", wid, ", ".join(table))
+    try:
+        while not ctx.stopping.is_set():
+            await requeue_stale(sessions, settings.heartbeat_timeout_seconds)
+            job = await claim_job(sessions, wid, tuple(table))
+            if job is None:
+                if once:
+                    return
+                try:
+                    await asyncio.wait_for(ctx.stopping.wait(), timeout=settings.worker_poll_seconds)
+                except TimeoutError:
+                    pass
+                continue
+            log.info("worker %s took job %s (%s, attempt %d)", wid, job.id, job.kind, job.attempts)
+            await table[job.kind](ctx, job)
+            if once:
+                return
+    finally:
+        await engine.dispose()

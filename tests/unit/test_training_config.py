@@ -1,0 +1,82 @@
+"""Config validation: every bad value names its field; specs survive a JSON round trip."""
+
+import json
+
+import pytest
+
+from adapters.training.config import Hyperparameters, SearchSpec, TrainingJobSpec, auto_hyperparameters
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("n_epochs", 0), ("n_epochs", 51), ("batch_size", 513), ("gradient_accumulation_steps", 0),
+        ("learning_rate", 1e-1), ("learning_rate", 1e-7), ("lr_scheduler", "constant"), ("warmup_ratio", 0.6),
+        ("weight_decay", -0.1), ("lora_r", 0), ("lora_alpha", 2000), ("lora_dropout", 0.9),
+        ("target_modules", "q_proj"), ("target_modules", []), ("max_seq_len", 8), ("early_stopping_patience", 101),
+        ("max_steps", 0), ("seed", -1), ("n_epochs", 2.5), ("batch_size", True),
+    ],
+)
+def test_bad_hyperparameter_names_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        Hyperparameters.from_dict({field: value})
+
+
+def test_unknown_hyperparameter_is_rejected_by_name() -> None:
+    with pytest.raises(ValueError, match="learning_rte"):
+        Hyperparameters.from_dict({"learning_rte": 1e-4})
+
+
+def test_defaults_are_valid_and_replace_validates() -> None:
+    hp = Hyperparameters()
+    assert hp.replace(lora_r=8).lora_r == 8
+    with pytest.raises(ValueError, match="lora_r"):
+        hp.replace(lora_r=1000)
+
+
+def test_spec_json_round_trip() -> None:
+    spec = TrainingJobSpec(
+        method="sft", base_model_path="/m", train_path="/t.jsonl", validation_path="/v.jsonl", output_dir="/o",
+        hyperparameters=Hyperparameters(lora_r=8, target_modules=["q_proj", "v_proj"], max_steps=5),
+        search=SearchSpec(n_trials=3, space={"learning_rate": [1e-5, 1e-3], "lora_r": [4, 8]}),
+        eval_every_steps=7,
+    )
+    again = TrainingJobSpec.from_json(spec.to_json())
+    assert again == spec
+    assert json.loads(again.to_json())["hyperparameters"]["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_spec_rejects_unknown_fields_and_methods() -> None:
+    base = {"method": "sft", "base_model_path": "/m", "train_path": "/t", "output_dir": "/o"}
+    with pytest.raises(ValueError, match="epochs"):
+        TrainingJobSpec.from_dict({**base, "epochs": 3})
+    with pytest.raises(ValueError, match="method"):
+        TrainingJobSpec.from_dict({**base, "method": "ppo"})
+    with pytest.raises(ValueError, match="validation_path"):
+        TrainingJobSpec.from_dict({**base, "search": {"n_trials": 2, "space": {"lora_r": [4, 8]}}})
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"learning_rate": [1e-3, 1e-5]}, "low < high"),
+        ({"learning_rate": [1e-5, 1.0]}, "learning_rate"),
+        ({"lora_r": [4, 1000]}, "lora_r"),
+        ({"optimizer": ["adam"]}, "optimizer"),
+        ({"lora_r": []}, "non-empty"),
+    ],
+)
+def test_search_space_is_validated(space: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SearchSpec(n_trials=2, space=space)
+
+
+def test_auto_hyperparameters_follow_the_documented_table() -> None:
+    small = auto_hyperparameters(50, 40, 135_000_000)
+    assert (small.n_epochs, small.learning_rate, small.lora_r, small.early_stopping_patience) == (10, 2e-4, 16, 0)
+    assert 50 / small.batch_size >= 20 or small.batch_size == 1
+    big = auto_hyperparameters(20_000, 300, 7_000_000_000)
+    assert (big.n_epochs, big.learning_rate, big.batch_size, big.max_seq_len) == (2, 1e-4, 6, 1024)
+    assert big.early_stopping_patience == 3
+    with pytest.raises(ValueError, match="n_train_rows"):
+        auto_hyperparameters(0, 10, 1)

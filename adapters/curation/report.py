@@ -152,7 +152,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;
 h1{font-size:22px} h2{font-size:18px;margin-top:28px} h3{font-size:15px}
 table{border-collapse:collapse;margin:8px 0 16px} td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;
 vertical-align:top;font-size:13px} th{background:#f3f3f3} td.n{text-align:right;font-variant-numeric:tabular-nums}
-pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:12px;max-width:900px}
+pre{white-space:pre-wrap;word-break:break-word;margin:2px 0 6px;font-size:12px;max-width:1000px}
 .muted{color:#777} iframe{width:100%;height:1400px;border:1px solid #ddd}
 """
 
@@ -177,11 +177,36 @@ class _Raw(str):
     """Already-escaped HTML for a table cell."""
 
 
-def _short_json(obj: Any, limit: int = 600) -> _Raw:
-    text = json.dumps(obj, ensure_ascii=False, indent=1)
-    if len(text) > limit:
-        text = text[:limit] + " …"
-    return _Raw(f"<pre>{_e(text)}</pre>")
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def _row_text(row: dict[str, Any]) -> str:
+    """A row as a person reads it: the prompt turns, then the answer(s)."""
+    lines = [f"{m['role']}: {_clip(m['content'])}" for m in row.get("prompt", [])]
+    if "chosen" in row:
+        lines += [f"chosen ⇒ {_clip(row['chosen'])}", f"rejected ⇒ {_clip(row['rejected'])}"]
+    else:
+        lines.append(f"answer ⇒ {_clip(str(row.get('completion')))}")
+        if "label" in row:
+            lines.append(f"label: {row['label']}")
+    if row.get("attributes"):
+        lines.append("attributes: " + ", ".join(f"{k}={v}" for k, v in row["attributes"].items()))
+    return "\n".join(lines)
+
+
+def _example_html(example: dict[str, Any]) -> _Raw:
+    parts = []
+    for key, value in example.items():
+        if key == "reason":
+            continue
+        if isinstance(value, dict) and "prompt" in value:
+            parts.append(f"<b>{_e(key)}</b><pre>{_e(_row_text(value))}</pre>")
+        elif key == "prompt" and isinstance(value, list):
+            parts.append(f"<b>prompt</b><pre>{_e(_row_text({'prompt': value, 'completion': '…'}).rsplit(chr(10), 1)[0])}</pre>")
+        else:
+            parts.append(f"<b>{_e(key)}</b>: {_e(_clip(json.dumps(value, ensure_ascii=False)))}")
+    return _Raw("<br>".join(parts))
 
 
 def _fmt(x: Any) -> Any:
@@ -221,8 +246,7 @@ def quality_report_html(result: CurationResult, *, include_evidently: bool = Tru
         parts.append(f"<h3>{_e(s['name'])}</h3>")
         ex_rows = []
         for ex in s["examples"]:
-            rest = {k: v for k, v in ex.items() if k != "reason"}
-            ex_rows.append([ex.get("reason", ""), _short_json(rest)])
+            ex_rows.append([ex.get("reason", ""), _example_html(ex)])
         parts.append(_table(["reason", "example"], ex_rows))
 
     train, val = rep["splits"]["train"], rep["splits"]["validation"]

@@ -384,7 +384,7 @@ def _length_batches(seqs: Sequence[Sequence[int]], batch_size: int) -> Iterator[
 
 def _root_url(url: str) -> str:
     url = url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
+    return url.removesuffix("/v1")
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:

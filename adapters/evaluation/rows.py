@@ -47,9 +47,9 @@ def to_examples(rows: Iterable[Mapping[str, Any]]) -> tuple[list[EvalExample], i
         if isinstance(completion, list):  # conversational completion: the assistant turn(s)
             completion = "".join(str(m.get("content", "")) for m in completion if isinstance(m, Mapping))
         if not isinstance(completion, str):
-            raise ValueError(f"row {i}: field 'completion' must be a string")
+            raise ValueError(f"row {i}: field 'completion' must be a string")  # noqa: TRY004 (validation error)
         attrs = row.get("attributes") or {}
         if not isinstance(attrs, Mapping):
-            raise ValueError(f"row {i}: field 'attributes' must be an object")
+            raise ValueError(f"row {i}: field 'attributes' must be an object")  # noqa: TRY004 (validation error)
         out.append(EvalExample(messages, completion, dict(attrs)))
     return out, skipped

@@ -25,7 +25,6 @@ from adapters.evaluation.gates import GateConfig, GateOutcome, apply_gates
 from adapters.evaluation.generate import BackendConfig, ChatEncoder, Generator, Message, ModelRef
 from adapters.evaluation.metrics import (
     TaskMetrics,
-    exact_matches,
     is_label_like,
     normalize_answer,
     sentence_chrf,
@@ -108,13 +107,15 @@ def evaluate(
     label_like: bool | None = None,
     positive_label: str | None = None,
     max_groups: int = DEFAULT_MAX_GROUPS,
+    min_group_size: int = 20,
     chunk_size: int = 64,
 ) -> EvaluationResult:
     """Evaluate ``candidate`` against ``reference`` on ``rows`` and apply ``gates``.
 
     ``max_new_tokens`` defaults to the longest reference answer (in tokens) + 8, so label tasks do
     not pay for long generations. ``label_like`` overrides the automatic detection.
-    ``positive_label`` switches the fairness suite to binary selection (see fairness.py).
+    ``positive_label`` switches the fairness suite to binary selection; gaps count only groups with
+    ``min_group_size`` rows or more (see fairness.py).
     """
     gates = gates or GateConfig()
     cfg = BackendConfig(kind=backend) if isinstance(backend, str) else backend  # type: ignore[arg-type]
@@ -167,7 +168,7 @@ def evaluate(
         candidate, reference, examples, cand_answers, ref_answers, cand_nll, ref_nll,
         cand_ret if retention_examples else None, ref_ret if retention_examples else None, gates,
         backend=cfg.kind, label_like=label_like, skipped_rows=skipped, positive_label=positive_label,
-        max_groups=max_groups,
+        max_groups=max_groups, min_group_size=min_group_size,
     )
     result.timings = timings
     tracker.emit({"phase": "done", "passed": result.gates.passed})
@@ -191,6 +192,7 @@ def assemble_result(
     skipped_rows: int = 0,
     positive_label: str | None = None,
     max_groups: int = DEFAULT_MAX_GROUPS,
+    min_group_size: int = 20,
 ) -> EvaluationResult:
     """All suites from model outputs (no model needed): the pure half of ``evaluate``."""
     expected = [e.answer for e in examples]
@@ -209,7 +211,8 @@ def assemble_result(
         if cand_retention_nll is not None and base_retention_nll is not None and cand_retention_nll
         else None
     )
-    fairness = _fairness(examples, cand_answers, ref_answers, label_like, positive_label, max_groups)
+    fairness = _fairness(examples, cand_answers, ref_answers, label_like, positive_label, max_groups,
+                         min_group_size)
     predictions = [
         {"index": i, "prompt": prompts[i], "expected": expected[i], "candidate": cand_answers[i],
          "reference": ref_answers[i], "candidate_nll": cand_nll[i], "reference_nll": ref_nll[i]}
@@ -271,6 +274,7 @@ def _fairness(
     label_like: bool,
     positive_label: str | None,
     max_groups: int,
+    min_group_size: int,
 ) -> list[FairnessComparison]:
     attrs = [e.attributes for e in examples]
     keys = bounded_attributes(attrs, max_groups)
@@ -278,26 +282,19 @@ def _fairness(
         return []
     expected = [e.answer for e in examples]
 
-    def frame(produced: list[str]) -> Any:
+    def report(produced: list[str], key: str) -> AttributeFairness:
         if label_like:
-            scores = [float(m) for m in exact_matches(expected, produced)]
-            right = [int(s >= 1.0) for s in scores]
+            y_true: list[Any] = [normalize_answer(e) for e in expected]
+            y_pred: list[Any] = [normalize_answer(p) for p in produced]
+            scores = [float(t == p) for t, p in zip(y_true, y_pred, strict=True)]
         else:
             scores = [sentence_chrf(e, p) for e, p in zip(expected, produced, strict=True)]
-            right = [int(s >= FREE_TEXT_CORRECT_CHRF) for s in scores]
-        if positive_label is not None:
-            pos = normalize_answer(positive_label)
-            y_true = [int(normalize_answer(e) == pos) for e in expected]
-            y_pred = [int(normalize_answer(p) == pos) for p in produced]
-        else:
-            y_true, y_pred = [1] * len(expected), right
-        return fairness_frame(attrs, y_true, y_pred, scores, keys)
+            y_true, y_pred = [1] * len(expected), [int(s >= FREE_TEXT_CORRECT_CHRF) for s in scores]
+        df = fairness_frame(attrs, y_true, y_pred, scores, keys)
+        pos = normalize_answer(positive_label) if positive_label is not None and label_like else None
+        return attribute_report(df, key, max_groups, pos_label=pos, min_group_size=min_group_size)
 
-    df_c, df_r = frame(cand), frame(ref)
-    return [
-        FairnessComparison(k, attribute_report(df_c, k, max_groups), attribute_report(df_r, k, max_groups))
-        for k in keys
-    ]
+    return [FairnessComparison(k, report(cand, k), report(ref, k)) for k in keys]
 
 
 def _ref_dict(ref: ModelRef) -> dict[str, Any]:

@@ -1,0 +1,132 @@
+"""The OpenAI-compatible gateway against a real `tuneloop serve` and a real vLLM (SmolLM2)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from openai import NotFoundError, OpenAI
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def oai(service) -> OpenAI:
+    return OpenAI(base_url=service.url + "/v1", api_key=service.admin_key, max_retries=0)
+
+
+def test_chat_completion_is_answered_by_smollm2_and_logged(service, oai: OpenAI) -> None:
+    raw = oai.chat.completions.with_raw_response.create(
+        model="default", messages=[{"role": "user", "content": "Say hello."}], max_tokens=12, temperature=0,
+        user="customer-42", metadata={"segment": "retail"})
+    resp = raw.parse()
+    assert raw.headers["x-tuneloop-adapter"] == "base"
+    assert resp.model == "default"
+    text = resp.choices[0].message.content
+    assert text and text.strip()
+    assert resp.usage.completion_tokens > 0
+
+    with service.client() as c:
+        logged = c.get(f"/v1/completions/{resp.id}").json()
+    assert logged["id"] == resp.id
+    assert logged["deployment"] == "default" and logged["adapter"] == "base"
+    assert logged["user"] == "customer-42" and logged["metadata"] == {"segment": "retail"}
+    assert logged["messages"] == [{"role": "user", "content": "Say hello."}]
+    assert logged["output"] == text
+    assert logged["finish_reason"] == resp.choices[0].finish_reason
+    assert logged["usage"]["completion_tokens"] == resp.usage.completion_tokens
+    assert logged["latency_seconds"] > 0
+
+
+def test_streaming_chat_is_logged_with_the_streamed_text(service, oai: OpenAI) -> None:
+    stream = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "Count to three."}],
+                                         max_tokens=16, temperature=0, stream=True, user="u-stream")
+    chunks = list(stream)
+    ids = {c.id for c in chunks}
+    assert len(ids) == 1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    with service.client() as c:
+        logged = c.get(f"/v1/completions/{ids.pop()}").json()
+    assert logged["stream"] is True
+    assert logged["output"] == text
+    assert logged["usage"]["completion_tokens"] > 0
+
+
+def test_streaming_with_usage_requested_returns_the_usage_chunk(oai: OpenAI) -> None:
+    chunks = list(oai.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True,
+        stream_options={"include_usage": True}))
+    assert any(c.usage and c.usage.completion_tokens > 0 for c in chunks)
+
+
+def test_text_completion(service, oai: OpenAI) -> None:
+    resp = oai.completions.create(model="default", prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert resp.choices[0].text
+    with service.client() as c:
+        logged = c.get(f"/v1/completions/{resp.id}").json()
+    assert logged["kind"] == "text" and logged["prompt"] == "The capital of France is"
+
+
+def test_unknown_deployment_is_404_problem(oai: OpenAI, service) -> None:
+    with pytest.raises(NotFoundError):
+        oai.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
+    with service.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["field"] == "model"
+
+
+@pytest.mark.parametrize(("body", "field", "status"), [
+    ({"model": "default", "messages": "hi"}, "messages", 422),
+    ({"model": "default", "messages": [{"role": "user", "content": "x"}], "metadata": {"k": 5}}, "metadata.k", 422),
+    ({"messages": [{"role": "user", "content": "x"}]}, "model", 422),
+])
+def test_bad_requests_name_the_field(service, body, field, status) -> None:
+    with service.client() as c:
+        r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == status
+    assert r.json()["field"] == field
+    assert "Traceback" not in r.text
+
+
+def test_invalid_json_is_a_clear_400(service) -> None:
+    with service.client() as c:
+        r = c.post("/v1/chat/completions", content=b'{"model": "default",', headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert "not valid JSON" in r.json()["detail"]
+
+
+def test_upstream_rejection_is_a_400_not_a_500(service) -> None:
+    with service.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": "default", "max_tokens": 10**7,
+                                                 "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_deployments_and_models(service) -> None:
+    with service.client() as c:
+        r = c.post("/v1/deployments", json={"name": "support"})
+        assert r.status_code == 201, r.text
+        assert c.post("/v1/deployments", json={"name": "support"}).status_code == 409
+        assert c.post("/v1/deployments", json={"name": "Bad Name!"}).json()["field"] == "name"
+        names = [d["name"] for d in c.get("/v1/deployments").json()["data"]]
+        assert {"default", "support"} <= set(names)
+        assert c.get("/v1/deployments/support").json()["serving"] == "base"
+        assert c.get("/v1/deployments/missing").status_code == 404
+        models = [m["id"] for m in c.get("/v1/models").json()["data"]]
+        assert "support" in models
+        r = c.post("/v1/chat/completions", json={"model": "support", "max_tokens": 3,
+                                                 "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 200 and r.headers["x-tuneloop-adapter"] == "base"
+
+
+def test_health_ready_and_metrics(service) -> None:
+    assert httpx.get(service.url + "/health").json() == {"status": "ok"}
+    ready = httpx.get(service.url + "/ready").json()
+    assert ready == {"status": "ready", "database": True, "vllm": True}
+    text = httpx.get(service.url + "/metrics").text
+    assert 'tuneloop_requests_total{adapter="base",deployment="default"' in text
+    assert "tuneloop_request_duration_seconds_bucket" in text
+    assert "tuneloop_vllm_up 1.0" in text

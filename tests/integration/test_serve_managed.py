@@ -1,0 +1,53 @@
+"""`tuneloop serve` in its embedded default: it starts, supervises and stops its own vLLM.
+
+This is the one test that starts a second vLLM on purpose: it tests the managed mode itself (SIGKILL of
+vLLM → 503 with Retry-After → served again; SIGTERM of the service → no orphan processes).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import start_service, stop_service
+
+pytestmark = pytest.mark.vllm
+CHAT = {"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+def _vllm_children(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pid).children(recursive=True)
+            if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())]
+
+
+def test_managed_vllm_restart_and_clean_shutdown(tmp_path, base_model_dir) -> None:
+    svc = start_service(tmp_path / "svc", base_model_dir, None,
+                        env={"TUNELOOP_VLLM_KV_CACHE_GIB": "1", "TUNELOOP_VLLM_MAX_MODEL_LEN": "1024"})
+    try:
+        with svc.client() as c:
+            assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+            descendants = psutil.Process(svc.proc.pid).children(recursive=True)
+            (vllm,) = _vllm_children(svc.proc.pid)
+            vllm.send_signal(signal.SIGKILL)
+            vllm.wait(10)
+            r = c.post("/v1/chat/completions", json=CHAT)
+            assert r.status_code == 503, r.text
+            assert int(r.headers["retry-after"]) > 0
+            assert httpx.get(svc.url + "/ready").status_code == 503
+            deadline = time.monotonic() + 600
+            while httpx.get(svc.url + "/ready").status_code != 200:
+                assert time.monotonic() < deadline, "vLLM did not come back"
+                time.sleep(1)
+            assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+            (new_vllm,) = _vllm_children(svc.proc.pid)
+            assert new_vllm.pid != vllm.pid
+            descendants = psutil.Process(svc.proc.pid).children(recursive=True)
+    finally:
+        code = stop_service(svc, signal.SIGTERM)
+    assert code == 0
+    gone, alive = psutil.wait_procs(descendants, timeout=30)
+    assert not alive, f"orphans after SIGTERM: {[p.cmdline() for p in alive]}"

@@ -11,7 +11,7 @@ from litestar.config.app import AppConfig  # noqa: F401 - documented extension p
 from litestar.exceptions import HTTPException
 from litestar.openapi.config import OpenAPIConfig
 
-from service.api import deployments, health, inference, keys
+from service.api import data, deployments, health, inference, keys
 from service.context import AppContext
 from service.errors import ServiceError, problem_response
 from service.settings import Settings
@@ -21,6 +21,8 @@ ROUTES = [
     keys.create_key,
     deployments.create_deployment, deployments.list_deployments, deployments.get_deployment,
     inference.chat_completions, inference.completions, inference.list_models, inference.get_completion,
+    data.post_feedback, data.list_feedback, data.create_dataset, data.list_datasets, data.get_dataset,
+    data.upload_records, data.create_snapshot, data.get_snapshot, data.snapshot_report,
 ]
 
 

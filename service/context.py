@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ from adapters.base_model import model_hash, prepare_base_model
 from monitoring import metrics
 from service.auth import KeyStore
 from service.core.completion_log import CompletionLog
+from service.core.datasets import DatasetService
 from service.core.deployments import DeploymentService
+from service.core.feedback import FeedbackService
 from service.core.gateway import Gateway
 from service.core.routing import Router, Target, served_name
 from service.settings import Settings
@@ -31,6 +34,21 @@ from service.vllm.pool import VLLMPool
 from service.vllm.supervisor import VLLMOptions, VLLMSupervisor
 
 log = logging.getLogger("tuneloop")
+
+
+def token_counter(base_model: str) -> Callable[[str], int]:
+    """Count tokens with the base model's tokenizer (loaded on first use: curation only)."""
+    tokenizer: Any = None
+
+    def count(text: str) -> int:
+        nonlocal tokenizer
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(base_model)
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    return count
 
 
 @dataclass
@@ -46,6 +64,8 @@ class AppContext:
     completions: CompletionLog
     deployments: DeploymentService
     gateway: Gateway
+    feedback: FeedbackService
+    datasets: DatasetService
     supervisor: VLLMSupervisor | None = None
     worker: asyncio.subprocess.Process | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -86,10 +106,16 @@ class AppContext:
             pool = VLLMPool.from_supervisor(supervisor)
         gateway = Gateway(pool, router, completions, names, settings.max_metadata_keys,
                           settings.max_metadata_value_chars)
+        feedback = FeedbackService(sessions)
+        datasets = DatasetService(sessions, settings.data_dir, feedback, token_counter(base_path))
         ctx = cls(settings=settings, engine=engine, sessions=sessions, keys=keys, base_model_path=base_path,
                   base_model_hash=base_hash, router=router, pool=pool, completions=completions,
-                  deployments=deployments, gateway=gateway, supervisor=supervisor)
+                  deployments=deployments, gateway=gateway, feedback=feedback, datasets=datasets,
+                  supervisor=supervisor)
         await deployments.ensure_default()
+        swept = await datasets.sweep_abandoned_uploads()
+        if swept:
+            log.warning("removed %d upload(s) that never completed", swept)
         await ctx.load_routes()
         completions.start()
         if supervisor is not None:

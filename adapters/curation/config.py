@@ -14,7 +14,9 @@ from typing import Any, ClassVar, get_type_hints
 
 def _check_bool(obj: Any, name: str) -> None:
     if not isinstance(getattr(obj, name), bool):
-        raise ValueError(f"{obj.PREFIX}.{name} must be true or false, got {getattr(obj, name)!r}")
+        raise ValueError(  # noqa: TRY004 - config errors are ValueErrors naming the field (project rule)
+            f"{obj.PREFIX}.{name} must be true or false, got {getattr(obj, name)!r}"
+        )
 
 
 def _check_int(obj: Any, name: str, lo: int, hi: int | None = None) -> None:
@@ -24,7 +26,9 @@ def _check_int(obj: Any, name: str, lo: int, hi: int | None = None) -> None:
         raise ValueError(f"{obj.PREFIX}.{name} must be an integer {rng}, got {value!r}")
 
 
-def _check_float(obj: Any, name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+def _check_float(
+    obj: Any, name: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> None:
     value = getattr(obj, name)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
@@ -37,7 +41,9 @@ def _check_float(obj: Any, name: str, lo: float, hi: float, *, lo_open: bool = F
 
 def _check_choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
     if getattr(obj, name) not in choices:
-        raise ValueError(f"{obj.PREFIX}.{name} must be one of {', '.join(choices)}, got {getattr(obj, name)!r}")
+        raise ValueError(
+            f"{obj.PREFIX}.{name} must be one of {', '.join(choices)}, got {getattr(obj, name)!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,9 @@ class LengthFilterConfig:
         _check_int(self, "min_tokens", 0)
         _check_int(self, "max_tokens", 1)
         if self.max_tokens < self.min_tokens:
-            raise ValueError(f"length_filter.max_tokens ({self.max_tokens}) must be >= min_tokens ({self.min_tokens})")
+            raise ValueError(
+                f"length_filter.max_tokens ({self.max_tokens}) must be >= min_tokens ({self.min_tokens})"
+            )
 
 
 @dataclass(frozen=True)
@@ -152,8 +160,12 @@ class GroupBalanceConfig:
 
     def __post_init__(self) -> None:
         _check_bool(self, "enabled")
-        if self.attribute is not None and (not isinstance(self.attribute, str) or not 0 < len(self.attribute) <= 64):
-            raise ValueError(f"group_balance.attribute must be null or a 1..64 character string, got {self.attribute!r}")
+        if self.attribute is not None and (
+            not isinstance(self.attribute, str) or not 0 < len(self.attribute) <= 64
+        ):
+            raise ValueError(
+                f"group_balance.attribute must be null or a 1..64 character string, got {self.attribute!r}"
+            )
         _check_choice(self, "mode", ("reweigh", "undersample"))
 
 
@@ -204,10 +216,14 @@ class CurationConfig:
         hints = get_type_hints(type(self))
         for name in STEP_NAMES:
             if not isinstance(getattr(self, name), hints[name]):
-                raise ValueError(f"{name} must be a {hints[name].__name__}")
+                raise ValueError(f"{name} must be a {hints[name].__name__}")  # noqa: TRY004
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if isinstance(self.max_examples, bool) or not isinstance(self.max_examples, int) or not 0 <= self.max_examples <= 100:
+        if (
+            isinstance(self.max_examples, bool)
+            or not isinstance(self.max_examples, int)
+            or not 0 <= self.max_examples <= 100
+        ):
             raise ValueError(f"max_examples must be an integer in [0, 100], got {self.max_examples!r}")
 
     @classmethod
@@ -216,7 +232,7 @@ class CurationConfig:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ValueError(f"config must be an object, got {type(data).__name__}")
+            raise ValueError(f"config must be an object, got {type(data).__name__}")  # noqa: TRY004
         hints = get_type_hints(cls)
         allowed = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(allowed))

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .rows import Message, Row, RowError, parse_prompt, parse_attributes
+from .rows import Message, Row, RowError, parse_attributes, parse_prompt
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,12 @@ class FeedbackItem:
     attributes: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.rating is not None:
-            if isinstance(self.rating, bool) or not isinstance(self.rating, (int, float)) or not 0 <= self.rating <= 1:
-                raise ValueError(f"rating must be a number in [0, 1] or None, got {self.rating!r}")
+        if self.rating is not None and (
+            isinstance(self.rating, bool)
+            or not isinstance(self.rating, (int, float))
+            or not 0 <= self.rating <= 1
+        ):
+            raise ValueError(f"rating must be a number in [0, 1] or None, got {self.rating!r}")
 
 
 def _prompt(item: FeedbackItem) -> tuple[Message, ...]:
@@ -65,7 +68,13 @@ def rows_from_feedback(
             rows.append(Row(kind="sft", prompt=prompt, completion=item.correction, attributes=attrs))
         if item.rating is not None:
             rows.append(
-                Row(kind="unpaired", prompt=prompt, completion=item.output, label=item.rating >= 0.5, attributes=attrs)
+                Row(
+                    kind="unpaired",
+                    prompt=prompt,
+                    completion=item.output,
+                    label=item.rating >= 0.5,
+                    attributes=attrs,
+                )
             )
             key = json.dumps([m.to_json() for m in prompt], sort_keys=True, ensure_ascii=False)
             rated.setdefault(key, []).append((item, prompt, attrs))
@@ -80,7 +89,13 @@ def rows_from_feedback(
                     continue
                 hi, lo, attrs = (ia, ib, aa) if (ia.rating or 0) > (ib.rating or 0) else (ib, ia, ab)
                 rows.append(
-                    Row(kind="preference", prompt=prompt, chosen=hi.output, rejected=lo.output, attributes=attrs)
+                    Row(
+                        kind="preference",
+                        prompt=prompt,
+                        chosen=hi.output,
+                        rejected=lo.output,
+                        attributes=attrs,
+                    )
                 )
                 made += 1
     return rows

@@ -112,6 +112,12 @@ class LineSplitter:
                 yield item
 
 
+def dump_ndjson(rows: Iterable[Row]) -> Iterator[bytes]:
+    """Canonical NDJSON lines (``Row.to_json``) for writing a snapshot; `iter_ndjson` reads them back."""
+    for row in rows:
+        yield json.dumps(row.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
 def iter_ndjson(
     chunks: Iterable[bytes], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
 ) -> Iterator[ParsedLine]:

@@ -100,7 +100,9 @@ def quality_report(result: CurationResult) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # HTML
-def _frame(rows: Sequence[Row], weights: dict[int, float] | None, label_like: bool, attr_keys: list[str]) -> Any:
+def _frame(
+    rows: Sequence[Row], weights: dict[int, float] | None, label_like: bool, attr_keys: list[str]
+) -> Any:
     import pandas as pd
 
     data: dict[str, list[Any]] = {
@@ -203,7 +205,9 @@ def _example_html(example: dict[str, Any]) -> _Raw:
         if isinstance(value, dict) and "prompt" in value:
             parts.append(f"<b>{_e(key)}</b><pre>{_e(_row_text(value))}</pre>")
         elif key == "prompt" and isinstance(value, list):
-            parts.append(f"<b>prompt</b><pre>{_e(_row_text({'prompt': value, 'completion': '…'}).rsplit(chr(10), 1)[0])}</pre>")
+            parts.append(
+                f"<b>prompt</b><pre>{_e(_row_text({'prompt': value, 'completion': '…'}).rsplit(chr(10), 1)[0])}</pre>"
+            )
         else:
             parts.append(f"<b>{_e(key)}</b>: {_e(_clip(json.dumps(value, ensure_ascii=False)))}")
     return _Raw("<br>".join(parts))
@@ -224,10 +228,17 @@ def quality_report_html(result: CurationResult, *, include_evidently: bool = Tru
         "<h1>Data-quality report</h1>",
         _table(
             ["input rows", "train", "validation", "removed", "added", "flagged", "label-like task"],
-            [[
-                rep["input_count"], rep["counts"]["train"], rep["counts"]["validation"], rep["removed_total"],
-                rep["added_total"], rep["flagged_total"], "yes" if rep["label_like"] else "no",
-            ]],
+            [
+                [
+                    rep["input_count"],
+                    rep["counts"]["train"],
+                    rep["counts"]["validation"],
+                    rep["removed_total"],
+                    rep["added_total"],
+                    rep["flagged_total"],
+                    "yes" if rep["label_like"] else "no",
+                ]
+            ],
             numeric_from=0,
         ),
         f"<p class='muted'>content hash <code>{_e(rep['content_hash'])}</code></p>",
@@ -235,7 +246,9 @@ def quality_report_html(result: CurationResult, *, include_evidently: bool = Tru
     ]
     step_rows = []
     for s in rep["steps"]:
-        reasons = ", ".join(f"{k}: {v}" for k, v in s["reasons"].items()) or ("skipped: " + s["skipped"] if s["skipped"] else "")
+        reasons = ", ".join(f"{k}: {v}" for k, v in s["reasons"].items()) or (
+            "skipped: " + s["skipped"] if s["skipped"] else ""
+        )
         step_rows.append([s["name"], s["removed"], s["changed"], s["flagged"], s["added"], reasons])
     parts.append(_table(["step", "removed", "changed", "flagged", "added", "reasons"], step_rows))
 
@@ -255,25 +268,40 @@ def quality_report_html(result: CurationResult, *, include_evidently: bool = Tru
     for key in ("prompt_words", "answer_words", "prompt_chars", "answer_chars", "prompt_turns"):
         for split_name, sm in (("train", train), ("validation", val)):
             st = sm[key]
-            len_rows.append([key, split_name, st["count"], st["min"], _fmt(st["mean"]), st["p50"], st["p90"], st["max"]])
-    parts.append(_table(["field", "split", "rows", "min", "mean", "p50", "p90", "max"], len_rows, numeric_from=2))
+            len_rows.append(
+                [key, split_name, st["count"], st["min"], _fmt(st["mean"]), st["p50"], st["p90"], st["max"]]
+            )
+    parts.append(
+        _table(["field", "split", "rows", "min", "mean", "p50", "p90", "max"], len_rows, numeric_from=2)
+    )
 
     if rep["label_like"]:
         parts.append("<h2>Labels</h2>")
         labels = list(dict.fromkeys([*(train["labels"] or {}), *(val["labels"] or {})]))
+        parts.append(
+            f"<details{' open' if len(labels) <= 20 else ''}><summary>{len(labels)} labels</summary>"
+        )
         parts.append(
             _table(
                 ["label", "train", "validation"],
                 [[y, (train["labels"] or {}).get(y, 0), (val["labels"] or {}).get(y, 0)] for y in labels],
             )
         )
+        parts.append("</details>")
     if train["attributes"] or val["attributes"]:
         parts.append("<h2>Attributes</h2>")
         attr_rows = []
         for key in sorted(set(train["attributes"]) | set(val["attributes"])):
             values = list(dict.fromkeys([*train["attributes"].get(key, {}), *val["attributes"].get(key, {})]))
             for v in values:
-                attr_rows.append([key, v, train["attributes"].get(key, {}).get(v, 0), val["attributes"].get(key, {}).get(v, 0)])
+                attr_rows.append(
+                    [
+                        key,
+                        v,
+                        train["attributes"].get(key, {}).get(v, 0),
+                        val["attributes"].get(key, {}).get(v, 0),
+                    ]
+                )
         parts.append(_table(["attribute", "value", "train", "validation"], attr_rows, numeric_from=2))
     if train["weights"] is not None:
         w = train["weights"]
@@ -287,8 +315,10 @@ def quality_report_html(result: CurationResult, *, include_evidently: bool = Tru
         else:
             try:
                 page = evidently_html(result)
-            except Exception as exc:  # the rest of the report is still useful without the plots
-                parts.append(f"<p class='muted'>evidently summary failed: {_e(type(exc).__name__)}: {_e(exc)}</p>")
+            except Exception as exc:  # noqa: BLE001 - the rest of the report is still useful without the plots
+                parts.append(
+                    f"<p class='muted'>evidently summary failed: {_e(type(exc).__name__)}: {_e(exc)}</p>"
+                )
             else:
                 parts.append(
                     f"<iframe class='evidently' title='evidently data summary' srcdoc=\"{html.escape(page, quote=True)}\"></iframe>"

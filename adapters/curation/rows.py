@@ -7,6 +7,7 @@ branches on the input shape, and `content_hash` gives snapshots a stable content
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -133,17 +134,7 @@ class Row:
 
     def replace(self, **changes: Any) -> Row:
         """A copy with some fields changed (the content hash is recomputed)."""
-        values = {
-            "kind": self.kind,
-            "prompt": self.prompt,
-            "completion": self.completion,
-            "chosen": self.chosen,
-            "rejected": self.rejected,
-            "label": self.label,
-            "attributes": self.attributes,
-        }
-        values.update(changes)
-        return Row(**values)
+        return dataclasses.replace(self, **changes)
 
 
 def _type_name(value: Any) -> str:
@@ -167,7 +158,9 @@ def _parse_message(obj: Any, path: str) -> Message:
         raise RowError(path, f"expected a message object, got {_type_name(obj)}")
     unknown = sorted(set(obj) - {"role", "content"} - _IGNORED_MESSAGE_KEYS)
     if unknown:
-        raise RowError(f"{path}.{unknown[0]}", "unsupported message key (allowed: role, content, name, weight)")
+        raise RowError(
+            f"{path}.{unknown[0]}", "unsupported message key (allowed: role, content, name, weight)"
+        )
     if "role" not in obj:
         raise RowError(f"{path}.role", "missing")
     role = obj["role"]
@@ -179,8 +172,14 @@ def _parse_message(obj: Any, path: str) -> Message:
     if isinstance(content, list):  # OpenAI content parts: only text parts carry training text
         texts = []
         for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RowError(f"{path}.content[{i}]", "only {\"type\": \"text\", \"text\": str} parts are supported")
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise RowError(
+                    f"{path}.content[{i}]", 'only {"type": "text", "text": str} parts are supported'
+                )
             texts.append(part["text"])
         content = "".join(texts)
     if not isinstance(content, str):
@@ -235,7 +234,9 @@ def parse_attributes(value: Any, path: str = "attributes") -> dict[str, str]:
     out: dict[str, str] = {}
     for key, val in value.items():
         if not key or len(key) > MAX_ATTRIBUTE_CHARS:
-            raise RowError(f"{path}.{key[:MAX_ATTRIBUTE_CHARS]}", f"key must be 1..{MAX_ATTRIBUTE_CHARS} characters")
+            raise RowError(
+                f"{path}.{key[:MAX_ATTRIBUTE_CHARS]}", f"key must be 1..{MAX_ATTRIBUTE_CHARS} characters"
+            )
         if not isinstance(val, str):
             raise RowError(f"{path}.{key}", f"expected a string, got {_type_name(val)}")
         if len(val) > MAX_ATTRIBUTE_CHARS:
@@ -262,7 +263,9 @@ def parse_row(obj: Any) -> Row:
             raise RowError(extra[0], "not allowed together with messages")
         msgs = _parse_messages(obj["messages"], "messages")
         if msgs[-1].role != "assistant":
-            raise RowError(f"messages[{len(msgs) - 1}].role", "the last message must be the assistant's answer")
+            raise RowError(
+                f"messages[{len(msgs) - 1}].role", "the last message must be the assistant's answer"
+            )
         if len(msgs) < 2:
             raise RowError("messages", "need a prompt before the assistant's answer")
         prompt = msgs[:-1]
@@ -271,7 +274,9 @@ def parse_row(obj: Any) -> Row:
         return Row(kind=kind, prompt=prompt, completion=msgs[-1].content, label=label, attributes=attributes)
 
     if "prompt" not in obj:
-        raise RowError("messages", "missing: a row needs messages, or prompt with completion or chosen/rejected")
+        raise RowError(
+            "messages", "missing: a row needs messages, or prompt with completion or chosen/rejected"
+        )
     prompt = parse_prompt(obj["prompt"])
     if "chosen" in obj or "rejected" in obj:
         for name in ("chosen", "rejected"):

@@ -84,7 +84,9 @@ def normalize_text(text: str, cfg: NormalizeConfig) -> str:
     return text.strip()
 
 
-def normalize(rows: Sequence[Row], cfg: NormalizeConfig, *, max_examples: int = 5) -> tuple[list[Row], StepReport]:
+def normalize(
+    rows: Sequence[Row], cfg: NormalizeConfig, *, max_examples: int = 5
+) -> tuple[list[Row], StepReport]:
     if not cfg.enabled:
         return list(rows), skipped("normalize", "disabled")
     report = StepReport(name="normalize")
@@ -122,7 +124,9 @@ def length_filter(
     """Drop empty rows and rows outside the token budget (prompt + longest answer)."""
     if not cfg.enabled:
         return list(rows), skipped("length_filter", "disabled")
-    report = StepReport(name="length_filter", details={"min_tokens": cfg.min_tokens, "max_tokens": cfg.max_tokens})
+    report = StepReport(
+        name="length_filter", details={"min_tokens": cfg.min_tokens, "max_tokens": cfg.max_tokens}
+    )
     cache: dict[str, int] = {}
 
     def tokens(text: str) -> int:
@@ -165,7 +169,9 @@ def length_filter(
 
 # --------------------------------------------------------------------------------------------
 # 3. exact_dedupe
-def exact_dedupe(rows: Sequence[Row], cfg: ExactDedupeConfig, *, max_examples: int = 5) -> tuple[list[Row], StepReport]:
+def exact_dedupe(
+    rows: Sequence[Row], cfg: ExactDedupeConfig, *, max_examples: int = 5
+) -> tuple[list[Row], StepReport]:
     """Keep the first row of each content hash (attributes are not content)."""
     if not cfg.enabled:
         return list(rows), skipped("exact_dedupe", "disabled")
@@ -227,7 +233,9 @@ def _make_lsh(lsh_cls: Any, threshold: float, num_perm: int) -> Any:
         return lsh_cls(num_perm=num_perm, params=(2, num_perm // 2))
 
 
-def near_dedupe(rows: Sequence[Row], cfg: NearDedupeConfig, *, max_examples: int = 5) -> tuple[list[Row], StepReport]:
+def near_dedupe(
+    rows: Sequence[Row], cfg: NearDedupeConfig, *, max_examples: int = 5
+) -> tuple[list[Row], StepReport]:
     """Remove rows whose prompt and answer are both near-identical to an earlier kept row.
 
     MinHash LSH (datasketch) proposes candidates over the union of tagged prompt and answer
@@ -239,7 +247,9 @@ def near_dedupe(rows: Sequence[Row], cfg: NearDedupeConfig, *, max_examples: int
         return list(rows), skipped("near_dedupe", "disabled")
     from datasketch import MinHash, MinHashLSH
 
-    report = StepReport(name="near_dedupe", details={"threshold": cfg.threshold, "shingle_size": cfg.shingle_size})
+    report = StepReport(
+        name="near_dedupe", details={"threshold": cfg.threshold, "shingle_size": cfg.shingle_size}
+    )
     lsh = _make_lsh(MinHashLSH, cfg.threshold, cfg.num_perm)
     # Drawing permutations is the costly part of a MinHash: draw them once and copy the empty sketch.
     template = MinHash(num_perm=cfg.num_perm, seed=1)
@@ -290,7 +300,9 @@ def _prompt_key(row: Row) -> tuple[tuple[str, str], ...]:
     return tuple((m.role, _norm_key(m.content)) for m in row.prompt)
 
 
-def conflicts(rows: Sequence[Row], cfg: ConflictsConfig, *, max_examples: int = 5) -> tuple[list[Row], StepReport]:
+def conflicts(
+    rows: Sequence[Row], cfg: ConflictsConfig, *, max_examples: int = 5
+) -> tuple[list[Row], StepReport]:
     """Flag (or drop) rows that contradict each other for the same prompt.
 
     sft: one prompt with different answers; preference: both (a over b) and (b over a);
@@ -317,7 +329,11 @@ def conflicts(rows: Sequence[Row], cfg: ConflictsConfig, *, max_examples: int = 
                 reason = "different_answers"
         elif kind == "preference":
             pairs = {(_norm_key(rows[i].chosen or ""), _norm_key(rows[i].rejected or "")) for i in idx}
-            bad = [i for i in idx if (_norm_key(rows[i].rejected or ""), _norm_key(rows[i].chosen or "")) in pairs]
+            bad = [
+                i
+                for i in idx
+                if (_norm_key(rows[i].rejected or ""), _norm_key(rows[i].chosen or "")) in pairs
+            ]
             reason = "reversed_preference"
         else:
             labels: dict[str, set[bool | None]] = defaultdict(set)

@@ -56,8 +56,9 @@ class AttributeFairness:
 def bounded_attributes(attributes: Sequence[Mapping[str, Any]], max_groups: int = DEFAULT_MAX_GROUPS) -> list[str]:
     """Attribute keys with scalar values and 2..max_groups distinct values (sorted).
 
-    A key with one value cannot show a gap; one with many values is an identifier, not a group.
-    Keys holding lists/objects/floats anywhere are not group labels and are left out.
+    A key with one value cannot show a gap; one with many values is an identifier, not a group —
+    so is one with more distinct values than half the rows (groups of about one row). Keys holding
+    lists/objects/floats anywhere are not group labels and are left out.
     """
     from monitoring.fairness import bounded_attributes as bounded_columns
 
@@ -72,7 +73,8 @@ def bounded_attributes(attributes: Sequence[Mapping[str, Any]], max_groups: int 
     if not candidates:
         return []
     df = fairness_frame(attributes, [], [], [], candidates, with_outcomes=False)
-    return sorted(bounded_columns(df, candidates, max_groups))
+    limit = max(2, min(max_groups, len(attributes) // 2))
+    return sorted(bounded_columns(df, candidates, limit))
 
 
 def fairness_frame(

@@ -45,9 +45,13 @@ def prepare(path: Path, limit: int | None = None, seed: int = 0) -> Iterator[dic
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", type=Path, default=DEFAULT_INPUT, help=f"CSV with text,category (default {DEFAULT_INPUT})")
+    parser.add_argument(
+        "--input", type=Path, default=DEFAULT_INPUT, help=f"CSV with text,category (default {DEFAULT_INPUT})"
+    )
     parser.add_argument("--output", type=Path, default=None, help="JSONL file to write (default: stdout)")
-    parser.add_argument("--limit", type=int, default=None, help="take a seeded random sample of this many rows")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="take a seeded random sample of this many rows"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for --limit sampling")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 0:

@@ -30,3 +30,9 @@ async def json_body(request: Request[Any, Any, Any], max_bytes: int | None = Non
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         line = getattr(exc, "lineno", None)
         raise BadRequest(f"the body is not valid JSON: {exc}", extra={"line": line}) from exc
+
+
+def wants_html(request: Request[Any, Any, Any]) -> bool:
+    """Content negotiation for reports: HTML only when the client prefers it over JSON."""
+    accept = request.headers.get("accept", "")
+    return "text/html" in accept and accept.find("text/html") < (accept.find("application/json") % 10**6)

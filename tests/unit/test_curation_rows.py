@@ -35,7 +35,12 @@ def test_prompt_completion_string_prompt_becomes_a_user_message() -> None:
 
 def test_preference_and_unpaired_rows() -> None:
     pref = parse_row({"prompt": [{"role": "user", "content": "q"}], "chosen": "good", "rejected": "bad"})
-    assert (pref.kind, pref.chosen, pref.rejected, pref.answers()) == ("preference", "good", "bad", ("good", "bad"))
+    assert (pref.kind, pref.chosen, pref.rejected, pref.answers()) == (
+        "preference",
+        "good",
+        "bad",
+        ("good", "bad"),
+    )
     conv = parse_row({"prompt": "q", "chosen": [{"role": "assistant", "content": "g"}], "rejected": "b"})
     assert conv.chosen == "g"
     unpaired = parse_row({"prompt": "q", "completion": "a", "label": False})
@@ -43,7 +48,11 @@ def test_preference_and_unpaired_rows() -> None:
 
 
 def test_round_trip_and_hash_ignores_attributes() -> None:
-    for obj in (CHAT, {"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "completion": "a", "label": True}):
+    for obj in (
+        CHAT,
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "completion": "a", "label": True},
+    ):
         row = parse_row(obj)
         assert Row.from_json(row.to_json()) == row
         assert parse_row(row.to_json()).content_hash == row.content_hash
@@ -67,15 +76,39 @@ def test_row_is_immune_to_caller_mutating_attributes() -> None:
     ("obj", "field", "fragment"),
     [
         ([], "$", "JSON object"),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]}, "messages[1].role", "assistant"),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}, "messages[1].role", "one of"),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}]}, "messages[1].content", "string"),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]}, "messages[1].content", "missing"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]},
+            "messages[1].role",
+            "assistant",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
+            "messages[1].role",
+            "one of",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}]},
+            "messages[1].content",
+            "string",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]},
+            "messages[1].content",
+            "missing",
+        ),
         ({"messages": [{"role": "assistant", "content": "a"}]}, "messages", "prompt"),
         ({"messages": []}, "messages", "empty"),
         ({"messages": "hi"}, "messages", "array"),
-        ({"messages": [{"role": "user", "content": "q", "tool_calls": []}, {"role": "assistant", "content": "a"}]},
-         "messages[0].tool_calls", "unsupported"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "q", "tool_calls": []},
+                    {"role": "assistant", "content": "a"},
+                ]
+            },
+            "messages[0].tool_calls",
+            "unsupported",
+        ),
         ({"prompt": "q"}, "completion", "missing"),
         ({"prompt": 5, "completion": "a"}, "prompt", "string or an array"),
         ({"prompt": [{"role": "assistant", "content": "x"}], "completion": "a"}, "prompt[0].role", "user"),
@@ -86,7 +119,11 @@ def test_row_is_immune_to_caller_mutating_attributes() -> None:
         ({"completion": "a"}, "messages", "missing"),
         ({"prompt": "q", "completion": "a", "attributes": {"k": 1}}, "attributes.k", "string"),
         ({"prompt": "q", "completion": "a", "attributes": {"k": "v" * 65}}, "attributes.k", "64"),
-        ({"prompt": "q", "completion": "a", "attributes": {f"k{i}": "v" for i in range(17)}}, "attributes", "16"),
+        (
+            {"prompt": "q", "completion": "a", "attributes": {f"k{i}": "v" for i in range(17)}},
+            "attributes",
+            "16",
+        ),
         ({"prompt": "q", "completion": "a", "attributes": ["x"]}, "attributes", "object"),
     ],
 )
@@ -101,7 +138,9 @@ def test_errors_name_the_field(obj: object, field: str, fragment: str) -> None:
 def test_feedback_rows_corrections_ratings_and_pairs() -> None:
     prompt = [{"role": "user", "content": "where is my card?"}]
     items = [
-        FeedbackItem("c1", prompt, "no idea", rating=0.0, correction="card_arrival", attributes={"segment": "a"}),
+        FeedbackItem(
+            "c1", prompt, "no idea", rating=0.0, correction="card_arrival", attributes={"segment": "a"}
+        ),
         FeedbackItem("c2", prompt, "card_arrival", rating=1.0, attributes={"segment": "b"}),
         FeedbackItem("c3", prompt, "card_arrival", rating=0.8),  # same output as c2: no pair with c2
         FeedbackItem("c4", [Message("user", "other")], "x", rating=None, correction=None),

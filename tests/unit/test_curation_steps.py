@@ -8,6 +8,7 @@ import pytest
 
 from adapters.curation import steps as S
 from adapters.curation.config import (
+    STEP_NAMES,
     ConflictsConfig,
     CurationConfig,
     ExactDedupeConfig,
@@ -16,7 +17,6 @@ from adapters.curation.config import (
     LengthFilterConfig,
     NearDedupeConfig,
     NormalizeConfig,
-    STEP_NAMES,
     SplitConfig,
 )
 from adapters.curation.pipeline import approx_token_count, run_pipeline
@@ -154,7 +154,12 @@ def test_detect_labels() -> None:
     assert S.detect_labels(free_text, cfg) is None
     long_answers = [sft(f"q{i}", "x" * 101) for i in range(20)]
     assert S.detect_labels(long_answers, cfg) is None
-    assert S.detect_labels(labelled + [Row(kind="preference", prompt=(Message("user", "q"),), chosen="a", rejected="b")], cfg) is None
+    assert (
+        S.detect_labels(
+            labelled + [Row(kind="preference", prompt=(Message("user", "q"),), chosen="a", rejected="b")], cfg
+        )
+        is None
+    )
 
 
 def _imbalanced() -> list[Row]:
@@ -170,7 +175,9 @@ def test_label_balance_oversample_and_undersample() -> None:
     assert over[:42] == rows  # originals first, copies appended
     assert Counter(r.prompt for r in over[42:]) == {rows[40].prompt: 4, rows[41].prompt: 4}  # spread evenly
 
-    under, rep2 = S.label_balance(rows, LabelBalanceConfig(target_ratio=4.0, mode="undersample"), labels, seed=0)
+    under, rep2 = S.label_balance(
+        rows, LabelBalanceConfig(target_ratio=4.0, mode="undersample"), labels, seed=0
+    )
     assert Counter(r.completion for r in under) == {"big": 8, "small": 2} and rep2.removed == 32
     assert under == [r for r in rows if r in under]  # order preserved
     again, _ = S.label_balance(rows, LabelBalanceConfig(target_ratio=4.0, mode="undersample"), labels, seed=0)
@@ -205,9 +212,15 @@ def test_group_balance_kamiran_calders_weights_make_label_independent_of_group()
     assert rep.details["groups"] == {"a": 40, "b": 20} and rep.details["rows_without_attribute"] == 1
 
     _, free_w, _ = S.group_balance(rows, GroupBalanceConfig(attribute="g"), None, seed=0)
-    assert free_w is not None and free_w[0] == pytest.approx(60 / (2 * 40)) and free_w[40] == pytest.approx(60 / (2 * 20))
+    assert (
+        free_w is not None
+        and free_w[0] == pytest.approx(60 / (2 * 40))
+        and free_w[40] == pytest.approx(60 / (2 * 20))
+    )
 
-    under, no_w, rep2 = S.group_balance(rows, GroupBalanceConfig(attribute="g", mode="undersample"), labels, seed=0)
+    under, no_w, rep2 = S.group_balance(
+        rows, GroupBalanceConfig(attribute="g", mode="undersample"), labels, seed=0
+    )
     assert no_w is None and rep2.removed == 20
     assert Counter(r.attributes.get("g") for r in under) == {"a": 20, "b": 20, None: 1}
 
@@ -217,7 +230,9 @@ def test_group_balance_kamiran_calders_weights_make_label_independent_of_group()
 
 # -- split -----------------------------------------------------------------------------------
 def test_split_stratified_with_singletons_and_copies() -> None:
-    rows = [sft(f"x{i}", "x") for i in range(50)] + [sft(f"y{i}", "y") for i in range(20)] + [sft("lonely", "z")]
+    rows = (
+        [sft(f"x{i}", "x") for i in range(50)] + [sft(f"y{i}", "y") for i in range(20)] + [sft("lonely", "z")]
+    )
     rows += [rows[0], rows[0], rows[60]]  # oversampled copies
     labels = [r.completion or "" for r in rows]
     idx, rep = S.split(rows, SplitConfig(validation_fraction=0.2), labels, seed=0)
@@ -240,7 +255,11 @@ def test_split_allocates_per_class_when_sklearn_cannot_stratify() -> None:
     rows = [sft(f"q{c}-{k}", f"c{c}") for c, n in enumerate(sizes) for k in range(n)]
     labels = [r.completion or "" for r in rows]
     idx, rep = S.split(rows, SplitConfig(validation_fraction=0.1), labels, seed=0)
-    assert rep.details["stratified"] and rep.details["method"] == "largest_remainder" and "fallback" in rep.details
+    assert (
+        rep.details["stratified"]
+        and rep.details["method"] == "largest_remainder"
+        and "fallback" in rep.details
+    )
     assert len(idx.validation) == 10 and len(idx.train) == 90
     val = Counter(labels[i] for i in idx.validation)
     assert val["c0"] == 3 and val["c1"] == 2 and val["c2"] == 1 and val["c11"] == 0
@@ -248,7 +267,9 @@ def test_split_allocates_per_class_when_sklearn_cannot_stratify() -> None:
     assert all(train[f"c{c}"] >= 1 for c in range(12))
     assert S.split(rows, SplitConfig(validation_fraction=0.1), labels, seed=0)[0] == idx
     free, rep2 = S.split(rows, SplitConfig(validation_fraction=0.3), None, seed=0)
-    assert len(free.validation) == 30 and not rep2.details["stratified"] and rep2.details["method"] == "random"
+    assert (
+        len(free.validation) == 30 and not rep2.details["stratified"] and rep2.details["method"] == "random"
+    )
     one, _ = S.split(rows[:1], SplitConfig(), labels[:1], seed=0)
     assert one.train == [0] and one.validation == []
 

@@ -116,12 +116,15 @@ def test_fairness_gap_gate() -> None:
 
 
 def test_result_json_roundtrip() -> None:
-    r = _result(9, 8)
-    d = r.to_dict(include_predictions=True)
-    text = json.dumps(d)
-    back = json.loads(text)
+    r = _result(9, 8)  # segment gap 0.1 > 0.05: fails on fairness only
+    back = json.loads(json.dumps(r.to_dict(include_predictions=True)))
     assert back["task"]["candidate"]["accuracy"] == pytest.approx(0.85)
-    assert back["gates"]["passed"] is True and len(back["predictions"]) == 20
+    assert back["gates"]["passed"] is False and len(back["predictions"]) == 20
+    assert [c["passed"] for c in back["gates"]["checks"]] == [True, True, False]
+    cand = back["fairness"][0]["candidate"]
+    assert cand["demographic_parity_difference"] == pytest.approx(0.1)  # accuracy 0.9 vs 0.8
+    # EOD is the worst one-vs-rest class: 'yes' recall is 5/5 in a, 4/5 in b
+    assert cand["equalized_odds_difference"] == pytest.approx(0.2) and cand["max_gap"] == pytest.approx(0.2)
     assert "predictions" not in r.to_dict()
 
 

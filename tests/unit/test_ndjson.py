@@ -17,7 +17,9 @@ def _sft(prompt: str, answer: str) -> dict:
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
 
-def _parse(body: bytes, max_line_bytes: int = 1 << 20, chunk: int | None = None) -> list[tuple[int, Row | RowError]]:
+def _parse(
+    body: bytes, max_line_bytes: int = 1 << 20, chunk: int | None = None
+) -> list[tuple[int, Row | RowError]]:
     chunks = [body] if chunk is None else [body[i : i + chunk] for i in range(0, len(body), chunk)]
     return list(iter_ndjson(chunks, max_line_bytes=max_line_bytes))
 
@@ -40,7 +42,9 @@ def test_every_kind_of_bad_line_becomes_a_row_error_with_its_number() -> None:
             b"{not json",  # 3
             b"[1, 2]",  # 4 not an object
             b'{"prompt": "x", "completion": NaN}',  # 5 NaN is not JSON
-            json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]}).encode(),
+            json.dumps(
+                {"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]}
+            ).encode(),
             b"x" * 200,  # 7 over-long
             b"[" * 100_000,  # 8 deeply nested (over-long too, but checked against a large limit below)
         ]
@@ -91,21 +95,32 @@ def test_async_parser_matches_sync_parser() -> None:
 
     got = asyncio.run(collect())
     want = _parse(body)
-    assert [(n, type(r)) for n, r in got] == [(n, type(r)) for n, r in want] == [(1, Row), (2, RowError), (3, Row)]
+    assert (
+        [(n, type(r)) for n, r in got]
+        == [(n, type(r)) for n, r in want]
+        == [(1, Row), (2, RowError), (3, Row)]
+    )
     assert got[2][1] == want[2][1]
 
 
 texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 rows_strategy = st.lists(
-    st.builds(_sft, texts, texts) | st.builds(lambda p, c, y: {"prompt": p, "completion": c, "label": y}, texts, texts, st.booleans()),
+    st.builds(_sft, texts, texts)
+    | st.builds(lambda p, c, y: {"prompt": p, "completion": c, "label": y}, texts, texts, st.booleans()),
     min_size=1,
     max_size=8,
 )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=rows_strategy, cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12), crlf=st.booleans())
-def test_any_chunking_of_a_valid_body_gives_the_same_rows(rows: list[dict], cuts: list[int], crlf: bool) -> None:
+@given(
+    rows=rows_strategy,
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+    crlf=st.booleans(),
+)
+def test_any_chunking_of_a_valid_body_gives_the_same_rows(
+    rows: list[dict], cuts: list[int], crlf: bool
+) -> None:
     sep = "\r\n" if crlf else "\n"
     body = sep.join(json.dumps(r, ensure_ascii=False) for r in rows).encode("utf-8")
     points = sorted({c % (len(body) + 1) for c in cuts})

@@ -1,0 +1,108 @@
+"""Feedback, datasets, uploads and snapshots: thin routes over `service.core.feedback` / `datasets`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from litestar import Request, Response, get, post
+from litestar.response import Response as LResponse
+
+from service.api.common import ctx_of, json_body, wants_html
+from service.auth import admin_scope, app_scope
+from service.core.datasets import dataset_json, snapshot_json
+from service.core.feedback import feedback_json
+from service.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
+
+NDJSON_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson"}
+
+
+@post("/v1/feedback", guards=[app_scope], status_code=201)
+async def post_feedback(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    ctx = ctx_of(request)
+    body = await json_body(request, ctx.settings.max_request_bytes)
+    ids = await ctx.feedback.submit(body, request.headers.get("idempotency-key"))
+    return {"object": "list", "ids": ids}
+
+
+@get("/v1/feedback", guards=[admin_scope])
+async def list_feedback(request: Request[Any, Any, Any], deployment: str | None = None, since: float | None = None,
+                        cursor: int | None = None, limit: int = 100) -> dict[str, Any]:
+    if not 1 <= limit <= 1000:
+        raise Unprocessable("limit must be in 1..1000", field="limit")
+    rows, next_cursor = await ctx_of(request).feedback.list(deployment, since, cursor, limit)
+    return {"object": "list", "data": [feedback_json(f) for f in rows], "next_cursor": next_cursor,
+            "has_more": next_cursor is not None}
+
+
+@post("/v1/datasets", guards=[admin_scope], status_code=201)
+async def create_dataset(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise Unprocessable("body must be an object {name, deployment}")
+    return dataset_json(await ctx_of(request).datasets.create(body.get("name"), body.get("deployment")), 0)
+
+
+@get("/v1/datasets", guards=[admin_scope])
+async def list_datasets(request: Request[Any, Any, Any], deployment: str | None = None) -> dict[str, Any]:
+    return {"object": "list", "data": [dataset_json(d) for d in await ctx_of(request).datasets.list(deployment)]}
+
+
+@get("/v1/datasets/{dataset_id:str}", guards=[admin_scope])
+async def get_dataset(request: Request[Any, Any, Any], dataset_id: str) -> dict[str, Any]:
+    svc = ctx_of(request).datasets
+    return dataset_json(await svc.get(dataset_id), await svc.record_count(dataset_id))
+
+
+@post("/v1/datasets/{dataset_id:str}/records", guards=[app_scope], status_code=201)
+async def upload_records(request: Request[Any, Any, Any], dataset_id: str, on_error: str = "reject") -> dict[str, Any]:
+    ctx = ctx_of(request)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in NDJSON_TYPES:
+        raise UnsupportedMediaType(f"upload records as application/x-ndjson (one JSON object per line), got {ctype or 'none'}")
+    charset = request.headers.get("content-type", "").lower().partition("charset=")[2].strip()
+    if charset and charset not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType(f"records must be UTF-8, got charset={charset}")
+    limit = ctx.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the upload is larger than the limit of {limit} bytes")
+    await ctx.datasets.get(dataset_id)  # 404 before reading the body
+
+    async def chunks() -> Any:
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                raise PayloadTooLarge(f"the upload is larger than the limit of {limit} bytes")
+            yield chunk
+
+    result = await ctx.datasets.upload(dataset_id, chunks(), on_error)
+    return result.to_json()
+
+
+@post("/v1/datasets/{dataset_id:str}/snapshots", guards=[admin_scope], status_code=201)
+async def create_snapshot(request: Request[Any, Any, Any], dataset_id: str) -> dict[str, Any]:
+    ctx = ctx_of(request)
+    body = await json_body(request) or {}
+    if not isinstance(body, dict):
+        raise Unprocessable("body must be an object {include_feedback?, curation?}")
+    include_feedback = body.get("include_feedback", False)
+    if not isinstance(include_feedback, bool):
+        raise Unprocessable("include_feedback must be a boolean", field="include_feedback")
+    dataset = await ctx.datasets.get(dataset_id)
+    snap = await ctx.datasets.snapshot(dataset.deployment, [dataset_id], include_feedback, body.get("curation"))
+    return snapshot_json(snap)
+
+
+@get("/v1/snapshots/{snapshot_id:str}", guards=[admin_scope])
+async def get_snapshot(request: Request[Any, Any, Any], snapshot_id: str) -> dict[str, Any]:
+    return snapshot_json(await ctx_of(request).datasets.get_snapshot(snapshot_id))
+
+
+@get("/v1/snapshots/{snapshot_id:str}/report", guards=[admin_scope])
+async def snapshot_report(request: Request[Any, Any, Any], snapshot_id: str) -> Response[Any]:
+    snap = await ctx_of(request).datasets.get_snapshot(snapshot_id)
+    if wants_html(request):
+        return LResponse(Path(snap.path, "report.html").read_text(), media_type="text/html")
+    return LResponse({"object": "snapshot.report", "snapshot_id": snap.id, **snap.report})

@@ -1,0 +1,187 @@
+"""Feedback on logged completions: validated, idempotent, durable.
+
+A batch is all-or-nothing: every item is checked (shape, rating range, completion id) before anything is
+stored, so a 422 lists every bad index and stores nothing. A client `id` (or the `Idempotency-Key`
+header) makes retries safe: the unique `client_id` column guarantees one row per id even under races.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from adapters.curation.feedback_rows import FeedbackItem
+from monitoring import metrics
+from service.errors import NotFound, Unprocessable
+from service.storage.models import Completion, Feedback
+
+MAX_BATCH = 1000
+MAX_TEXT = 100_000
+
+
+@dataclass(frozen=True)
+class FeedbackIn:
+    completion_id: str
+    rating: float | None
+    correction: str | None
+    comment: str | None
+    attributes: dict[str, str]
+    client_id: str | None
+
+
+def _validate(item: Any, prefix: str) -> tuple[FeedbackIn | None, list[dict[str, str]]]:
+    errs: list[dict[str, str]] = []
+
+    def bad(field: str, message: str) -> None:
+        errs.append({"field": f"{prefix}{field}", "message": message})
+
+    if not isinstance(item, dict):
+        bad("", "each feedback item must be an object")
+        return None, errs
+    unknown = set(item) - {"completion_id", "rating", "correction", "comment", "attributes", "id"}
+    if unknown:
+        bad(sorted(unknown)[0], f"unknown field(s): {', '.join(sorted(unknown))}")
+    cid = item.get("completion_id")
+    if not isinstance(cid, str) or not cid:
+        bad("completion_id", "completion_id is required (the id returned by the gateway)")
+    rating = item.get("rating")
+    if rating is not None and (isinstance(rating, bool) or not isinstance(rating, int | float)
+                               or not math.isfinite(rating) or not 0 <= rating <= 1):
+        bad("rating", "rating must be a number in [0, 1]")
+    correction = item.get("correction")
+    if correction is not None and (not isinstance(correction, str) or not correction.strip()
+                                   or len(correction) > MAX_TEXT):
+        bad("correction", f"correction must be a non-empty string of at most {MAX_TEXT} characters")
+    if rating is None and correction is None:
+        bad("rating", "at least one of rating or correction is required")
+    comment = item.get("comment")
+    if comment is not None and (not isinstance(comment, str) or len(comment) > MAX_TEXT):
+        bad("comment", "comment must be a string")
+    attrs = item.get("attributes") or {}
+    if not isinstance(attrs, dict) or len(attrs) > 16 or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 128 for k, v in attrs.items()):
+        bad("attributes", "attributes must be at most 16 string keys (≤64 chars) with string values (≤128 chars)")
+    client_id = item.get("id")
+    if client_id is not None and (not isinstance(client_id, str) or not 0 < len(client_id) <= 200):
+        bad("id", "id must be a string of 1..200 characters")
+    if errs:
+        return None, errs
+    return FeedbackIn(cid, None if rating is None else float(rating), correction, comment, dict(attrs), client_id), []
+
+
+def feedback_json(f: Feedback) -> dict[str, Any]:
+    return {"object": "feedback", "id": f.id, "client_id": f.client_id, "completion_id": f.completion_id,
+            "deployment": f.deployment, "rating": f.rating, "correction": f.correction, "comment": f.comment,
+            "attributes": f.attributes, "created_at": f.created_at}
+
+
+class FeedbackService:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.sessions = sessions
+
+    async def submit(self, body: Any, idempotency_key: str | None) -> list[int]:
+        single = isinstance(body, dict)
+        items = [body] if single else body
+        if not isinstance(items, list) or not items:
+            raise Unprocessable("the body must be a feedback object or a non-empty array of them")
+        if len(items) > MAX_BATCH:
+            raise Unprocessable(f"at most {MAX_BATCH} feedback items per request, got {len(items)}")
+        parsed: list[FeedbackIn] = []
+        errors: list[dict[str, Any]] = []
+        for i, item in enumerate(items):
+            if idempotency_key and isinstance(item, dict) and "id" not in item:
+                item = {**item, "id": idempotency_key if single else f"{idempotency_key}:{i}"}
+            fb, errs = _validate(item, "" if single else f"[{i}].")
+            if errs:
+                errors.extend({**e, "index": i} for e in errs)
+            else:
+                assert fb is not None
+                parsed.append(fb)
+        if errors:
+            raise Unprocessable(f"{len({e['index'] for e in errors})} invalid feedback item(s); nothing was stored",
+                                field=errors[0]["field"], errors=errors)
+        async with self.sessions() as s:
+            ids = {f.completion_id for f in parsed}
+            found = {c.id: c for c in (await s.execute(select(Completion).where(Completion.id.in_(ids)))).scalars()}
+        missing = [i for i, f in enumerate(parsed) if f.completion_id not in found]
+        if missing:
+            if single:
+                raise NotFound(f"completion {parsed[0].completion_id!r} does not exist", field="completion_id")
+            raise Unprocessable(f"{len(missing)} item(s) refer to unknown completions; nothing was stored",
+                                field=f"[{missing[0]}].completion_id",
+                                errors=[{"index": i, "field": f"[{i}].completion_id",
+                                         "message": f"unknown completion {parsed[i].completion_id!r}"}
+                                        for i in missing])
+        try:
+            return await self._store(parsed, found)
+        except IntegrityError:
+            # A concurrent retry stored some of these client ids first: store the rest, return all.
+            return await self._store(parsed, found)
+
+    async def _store(self, parsed: list[FeedbackIn], found: dict[str, Completion]) -> list[int]:
+        async with self.sessions() as s, s.begin():
+            client_ids = [f.client_id for f in parsed if f.client_id]
+            existing: dict[str, int] = {}
+            if client_ids:
+                rows = await s.execute(select(Feedback.client_id, Feedback.id).where(Feedback.client_id.in_(client_ids)))
+                existing = {cid: fid for cid, fid in rows.all()}
+            out: list[Feedback | int] = []
+            new: list[tuple[Feedback, Completion]] = []
+            seen_in_batch: dict[str, Feedback] = {}
+            for f in parsed:
+                if f.client_id and f.client_id in existing:
+                    out.append(existing[f.client_id])
+                    continue
+                if f.client_id and f.client_id in seen_in_batch:
+                    out.append(seen_in_batch[f.client_id])
+                    continue
+                c = found[f.completion_id]
+                row = Feedback(client_id=f.client_id, completion_id=c.id, deployment=c.deployment, rating=f.rating,
+                               correction=f.correction, comment=f.comment,
+                               attributes={**(c.attributes or {}), **f.attributes})
+                s.add(row)
+                new.append((row, c))
+                out.append(row)
+                if f.client_id:
+                    seen_in_batch[f.client_id] = row
+            await s.flush()
+            ids = [o if isinstance(o, int) else o.id for o in out]
+        for row, c in new:
+            labels = (c.deployment, c.adapter, c.variant or "")
+            metrics.FEEDBACK.labels(*labels, "correction" if row.correction else "rating").inc()
+            if row.rating is not None:
+                metrics.FEEDBACK_RATING.labels(*labels).observe(row.rating)
+        return ids
+
+    async def list(self, deployment: str | None, since: float | None, cursor: int | None,
+                   limit: int) -> tuple[list[Feedback], int | None]:
+        q = select(Feedback).order_by(Feedback.id).limit(limit + 1)
+        if deployment:
+            q = q.where(Feedback.deployment == deployment)
+        if since is not None:
+            q = q.where(Feedback.created_at >= since)
+        if cursor is not None:
+            q = q.where(Feedback.id > cursor)
+        async with self.sessions() as s:
+            rows = list((await s.execute(q)).scalars())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (rows[-1].id if more and rows else None)
+
+    async def items_for_training(self, deployment: str) -> tuple[list[FeedbackItem], list[int] | None]:
+        """Feedback joined to its completions, as curation input, plus the id range it covers."""
+        async with self.sessions() as s:
+            rows = (await s.execute(select(Feedback, Completion).join(Completion, Feedback.completion_id == Completion.id)
+                                    .where(Feedback.deployment == deployment).order_by(Feedback.id))).all()
+        items = []
+        for f, c in rows:
+            prompt = c.prompt if c.kind == "chat" else [{"role": "user", "content": c.prompt}]
+            items.append(FeedbackItem(completion_id=c.id, prompt_messages=prompt, output=c.output, rating=f.rating,
+                                      correction=f.correction, attributes=f.attributes or {}))
+        ids = [f.id for f, _ in rows]
+        return items, ([min(ids), max(ids)] if ids else None)

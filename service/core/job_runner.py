@@ -1,0 +1,225 @@
+"""Runs claimed jobs in the worker process: training in a subprocess, events into the database.
+
+Training runs as `python -m adapters.training.run spec.json` so that a cancel (SIGTERM → stop after the
+current optimizer step) and a crash never take the worker down, and so that the kernel kills the trainer
+if the worker dies (PDEATHSIG): the job is then re-queued by heartbeat timeout and resumes from its
+last checkpoint, because the spec and its output directory are the same on every attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select, update
+
+from adapters.base_model import model_hash, prepare_base_model
+from monitoring import metrics
+from service.process import parent_death_signal
+from service.storage.models import Adapter, Job, JobEvent, Snapshot
+
+if TYPE_CHECKING:
+    from service.worker import WorkerContext
+
+log = logging.getLogger("tuneloop.jobs")
+EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
+_EVENT_FLUSH_SECONDS = 1.0
+
+
+def _message(ev: dict[str, Any]) -> str:
+    t = ev.get("type")
+    if t == "step":
+        return (f"step {ev.get('step')}/{ev.get('total_steps')}: loss {ev.get('loss', float('nan')):.4f}, "
+                f"lr {ev.get('learning_rate', 0):.2e}, {ev.get('tokens_per_second', 0):.0f} tok/s, "
+                f"eta {ev.get('eta_seconds', 0):.0f}s")
+    if t == "validation":
+        return f"step {ev.get('step')}: validation loss {ev.get('val_loss', float('nan')):.4f}"
+    if t == "trial":
+        return f"trial {ev.get('trial')}: {ev.get('state', '')} {ev.get('value', '')}"
+    return str(ev.get("message") or t)
+
+
+async def _add_events(ctx: WorkerContext, job_id: str, events: list[dict[str, Any]]) -> None:
+    if not events:
+        return
+    async with ctx.sessions() as s, s.begin():
+        s.add_all([JobEvent(job_id=job_id, type=str(e.get("type", "info"))[:32],
+                            level="error" if e.get("type") == "error" else "info", message=_message(e)[:2000],
+                            data=e) for e in events])
+
+
+async def _finish(ctx: WorkerContext, job_id: str, **values: Any) -> None:
+    async with ctx.sessions() as s, s.begin():
+        await s.execute(update(Job).where(Job.id == job_id).values(finished_at=time.time(), **values))
+    metrics.JOBS_FINISHED.labels("fine_tune", values.get("status", "?")).inc()
+
+
+def _job_dir(ctx: WorkerContext, job: Job) -> Path:
+    return (ctx.settings.data_dir / "jobs" / job.id).resolve()
+
+
+async def _resolve_hyperparameters(ctx: WorkerContext, job: Job, snap: Snapshot, base_path: str) -> dict[str, Any]:
+    if job.hyperparameters:
+        return dict(job.hyperparameters)
+    from adapters.training.config import auto_hyperparameters
+
+    train = Path(snap.path) / "train.jsonl"
+    n, chars = 0, 0
+    with train.open() as f:
+        for line in f:
+            n += 1
+            chars += len(line)
+    cfg = json.loads((Path(base_path) / "config.json").read_text()) if Path(base_path, "config.json").exists() else {}
+    params = int(cfg.get("hidden_size", 576) ** 2 * 12 * cfg.get("num_hidden_layers", 30))
+    hp = auto_hyperparameters(n, chars / max(n, 1) / 4, params).to_dict()
+    if job.spec.get("seed") is not None:
+        hp["seed"] = job.spec["seed"]
+    async with ctx.sessions() as s, s.begin():
+        await s.execute(update(Job).where(Job.id == job.id).values(hyperparameters=hp))
+    await _add_events(ctx, job.id, [{"type": "info", "message": f"auto hyperparameters for {n} rows: {hp}"}])
+    return hp
+
+
+async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
+    """Run one fine-tuning job to a terminal state (or back to the queue if this worker is stopping)."""
+    started = time.time()
+    async with ctx.sessions() as s:
+        snap = await s.get(Snapshot, job.snapshot_id) if job.snapshot_id else None
+    if snap is None:
+        await _finish(ctx, job.id, status="failed", error={"message": "the job's snapshot is missing"})
+        return
+    base_path = await asyncio.to_thread(prepare_base_model, ctx.settings.base_model, ctx.settings.data_dir)
+    hp = await _resolve_hyperparameters(ctx, job, snap, base_path)
+    jdir = _job_dir(ctx, job)
+    jdir.mkdir(parents=True, exist_ok=True)
+    validation = Path(snap.path) / "validation.jsonl"
+    has_val = validation.exists() and validation.stat().st_size > 0
+    if not has_val:
+        hp["early_stopping_patience"] = 0
+    spec = {"method": job.spec.get("method", "sft"), "base_model_path": base_path,
+            "train_path": str(Path(snap.path) / "train.jsonl"),
+            "validation_path": str(validation) if has_val else None,
+            "output_dir": str(jdir / "output"), "hyperparameters": hp, "search": job.spec.get("search")}
+    spec_path = jdir / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    resumed = any((jdir / "output" / "checkpoints").glob("step-*")) if (jdir / "output").exists() else False
+    await _add_events(ctx, job.id, [{"type": "started", "message":
+                                     f"attempt {job.attempts} on worker {ctx.worker_id}"
+                                     + (" (resuming from checkpoint)" if resumed else "")}])
+
+    with (jdir / "train.log").open("ab") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "adapters.training.run", str(spec_path), stdout=asyncio.subprocess.PIPE,
+            stderr=stderr, preexec_fn=parent_death_signal, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    last: dict[str, Any] = {}
+    error: str | None = None
+    pending: list[dict[str, Any]] = []
+    flushed = time.monotonic()
+    cancelled_by_user = False
+
+    async def watch() -> None:
+        """Heartbeat; forward a cancel (or this worker's shutdown) to the trainer as SIGTERM."""
+        nonlocal cancelled_by_user
+        from service.worker import heartbeat
+
+        while proc.returncode is None:
+            cancel = await heartbeat(ctx.sessions, job.id, ctx.worker_id)
+            if (cancel or ctx.stopping.is_set()) and proc.returncode is None:
+                cancelled_by_user = cancel
+                proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(min(ctx.settings.heartbeat_seconds, 1.0 if cancel else ctx.settings.heartbeat_seconds))
+
+    watcher = asyncio.create_task(watch())
+    assert proc.stdout is not None
+    async for raw in proc.stdout:
+        try:
+            ev = json.loads(raw)
+        except ValueError:
+            continue
+        pending.append(ev)
+        t = ev.get("type")
+        if t == "step":
+            last["loss"] = ev.get("loss")
+            metrics.TRAIN_LOSS.labels(job.deployment, "train").set(ev.get("loss") or 0)
+        elif t == "validation":
+            last["val_loss"] = ev.get("val_loss")
+            metrics.TRAIN_LOSS.labels(job.deployment, "validation").set(ev.get("val_loss") or 0)
+        elif t == "error":
+            error = ev.get("message")
+        if time.monotonic() - flushed > _EVENT_FLUSH_SECONDS or t in ("checkpoint", "error", "done", "cancelled"):
+            await _add_events(ctx, job.id, pending)
+            pending, flushed = [], time.monotonic()
+    code = await proc.wait()
+    watcher.cancel()
+    await _add_events(ctx, job.id, pending)
+    metrics.JOB_DURATION.labels(job.deployment, "fine_tune").set(time.time() - started)
+
+    if code == EXIT_CANCELLED or (code != EXIT_OK and ctx.stopping.is_set()):
+        if ctx.stopping.is_set() and not cancelled_by_user:
+            # This worker is shutting down: hand the job back; the next worker resumes the checkpoint.
+            async with ctx.sessions() as s, s.begin():
+                await s.execute(update(Job).where(Job.id == job.id).values(status="queued", worker_id=None))
+            await _add_events(ctx, job.id, [{"type": "requeued", "message": "worker stopped; job re-queued"}])
+            return
+        await _finish(ctx, job.id, status="cancelled")
+        await _add_events(ctx, job.id, [{"type": "cancelled", "message": "job cancelled"}])
+        return
+    if code != EXIT_OK:
+        await _finish(ctx, job.id, status="failed",
+                      error={"message": error or f"trainer exited with code {code}", "code": "training_error"})
+        return
+    result = json.loads((jdir / "output" / "result.json").read_text())
+    adapter = await register_adapter(ctx, job, snap, base_path, jdir / "output" / "adapter", result)
+    await _finish(ctx, job.id, status="succeeded", adapter_id=adapter.id,
+                  trained_tokens=int(result.get("trained_tokens") or 0),
+                  metrics=_clean({**(result.get("metrics") or {}), **{f"last_{k}": v for k, v in last.items()}}))
+    await _add_events(ctx, job.id, [{"type": "succeeded", "message": f"adapter {adapter.id} v{adapter.version}",
+                                     "adapter_id": adapter.id}])
+    await enqueue_evaluation(ctx, adapter, job)
+
+
+def _clean(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=str))
+
+
+async def register_adapter(ctx: WorkerContext, job: Job, snap: Snapshot, base_path: str, src: Path,
+                           result: dict[str, Any]) -> Adapter:
+    """Copy the PEFT dir to `<data>/adapters/<deployment>/<version>/` and record its lineage."""
+    async with ctx.sessions() as s:
+        version = int((await s.execute(select(func.coalesce(func.max(Adapter.version), 0))
+                                       .where(Adapter.deployment == job.deployment))).scalar_one()) + 1
+    dest = (ctx.settings.data_dir / "adapters" / job.deployment / str(version)).resolve()
+    tmp = dest.with_name(f".{version}.{uuid.uuid4().hex[:6]}")
+    shutil.copytree(src, tmp)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)
+    adapter = Adapter(id="adp-" + uuid.uuid4().hex[:16], deployment=job.deployment, version=version, path=str(dest),
+                      status="candidate", method=job.spec.get("method", "sft"), base_model=base_path,
+                      base_model_hash=await asyncio.to_thread(model_hash, Path(base_path)), job_id=job.id,
+                      snapshot_id=snap.id, feedback_range=snap.feedback_range,
+                      hyperparameters=result.get("hyperparameters") or {}, metrics=_clean(result.get("metrics") or {}))
+    async with ctx.sessions() as s, s.begin():
+        s.add(adapter)
+    return adapter
+
+
+async def enqueue_evaluation(ctx: WorkerContext, adapter: Adapter, job: Job | None) -> str | None:
+    """Queue the evaluation of a new adapter (run by a worker, never in a request)."""
+    from service.core.evaluations import queue_evaluation
+
+    return await queue_evaluation(ctx.sessions, adapter, source_job=job)
+
+
+async def run_evaluation_job(ctx: WorkerContext, job: Job) -> None:
+    from service.core.evaluations import run_evaluation
+
+    await run_evaluation(ctx, job)

@@ -1,0 +1,174 @@
+"""Fine-tuning jobs (OpenAI fine-tuning shaped): validation at creation, queue, events, cancel.
+
+Creating a job validates everything that can be validated without training (deployment, snapshot,
+method, hyperparameters with field and range, search space) so a bad request is a 422 and no job exists.
+The worker process runs it (see `service.core.job_runner`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from adapters.training.config import METHODS, Hyperparameters, SearchSpec
+from service.core.datasets import DatasetService
+from service.errors import Conflict, NotFound, Unprocessable
+from service.storage.models import Deployment, Job, JobEvent, Snapshot
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*)")
+
+
+def _field_of(exc: Exception, prefix: str) -> str:
+    m = _FIELD.match(str(exc))
+    name = m.group(1) if m else ""
+    if name in ("hyperparameters", "unknown", "space", "search"):
+        return prefix
+    return f"{prefix}.{name}" if name else prefix
+
+
+def job_json(j: Job) -> dict[str, Any]:
+    return {"object": "fine_tuning.job", "id": j.id, "status": j.status, "deployment": j.deployment,
+            "model": j.deployment, "method": j.spec.get("method"), "snapshot_id": j.snapshot_id,
+            "created_at": int(j.created_at), "started_at": None if j.started_at is None else int(j.started_at),
+            "finished_at": None if j.finished_at is None else int(j.finished_at),
+            "hyperparameters": j.hyperparameters, "trained_tokens": j.trained_tokens, "metrics": j.metrics,
+            "adapter_id": j.adapter_id, "fine_tuned_model": j.adapter_id, "error": j.error,
+            "attempts": j.attempts, "suffix": j.spec.get("suffix"), "seed": j.spec.get("seed"),
+            "search": j.spec.get("search"), "auto_deploy": j.spec.get("auto_deploy")}
+
+
+def event_json(e: JobEvent) -> dict[str, Any]:
+    return {"object": "fine_tuning.job.event", "id": e.id, "created_at": e.created_at, "type": e.type,
+            "level": e.level, "message": e.message, "data": e.data}
+
+
+class JobService:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], datasets: DatasetService) -> None:
+        self.sessions = sessions
+        self.datasets = datasets
+
+    async def create(self, body: Any) -> Job:
+        if not isinstance(body, dict):
+            raise Unprocessable("body must be an object")
+        allowed = {"deployment", "snapshot_id", "datasets", "include_feedback", "method", "search", "suffix", "seed",
+                   "auto_deploy", "curation"}
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise Unprocessable(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
+        deployment = body.get("deployment")
+        async with self.sessions() as s:
+            if not isinstance(deployment, str) or await s.get(Deployment, deployment) is None:
+                raise NotFound(f"deployment {deployment!r} does not exist", field="deployment")
+        method = body.get("method") or {"type": "sft"}
+        if not isinstance(method, dict) or method.get("type", "sft") not in METHODS:
+            raise Unprocessable(f"method.type must be one of {', '.join(METHODS)}", field="method.type")
+        mtype = method.get("type", "sft")
+        hp = method.get("hyperparameters", "auto")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
+            raise Unprocessable("seed must be an integer in [0, 2**31)", field="seed")
+        hyper: dict[str, Any] | str
+        if hp == "auto" or hp is None:
+            hyper = "auto"
+        else:
+            if not isinstance(hp, dict):
+                raise Unprocessable('method.hyperparameters must be an object or "auto"', field="method.hyperparameters")
+            try:
+                params = dict(hp)
+                if seed is not None:
+                    params.setdefault("seed", seed)
+                hyper = Hyperparameters.from_dict(params).to_dict()
+            except (ValueError, TypeError) as exc:
+                raise Unprocessable(str(exc), field=_field_of(exc, "method.hyperparameters")) from exc
+        search = body.get("search")
+        if search is not None:
+            if not isinstance(search, dict):
+                raise Unprocessable("search must be an object {n_trials, space?}", field="search")
+            try:
+                search = SearchSpec(**search).to_dict()
+            except (ValueError, TypeError) as exc:
+                raise Unprocessable(str(exc), field=_field_of(exc, "search")) from exc
+        suffix = body.get("suffix")
+        if suffix is not None and (not isinstance(suffix, str) or not re.fullmatch(r"[a-z0-9_-]{1,40}", suffix)):
+            raise Unprocessable("suffix must match [a-z0-9_-]{1,40}", field="suffix")
+        auto_deploy = body.get("auto_deploy")
+        if auto_deploy is not None and not isinstance(auto_deploy, dict):
+            raise Unprocessable("auto_deploy must be an object {experiment: {...}}", field="auto_deploy")
+
+        snapshot_id = body.get("snapshot_id")
+        if snapshot_id is not None:
+            snap = await self.datasets.get_snapshot(snapshot_id) if isinstance(snapshot_id, str) else None
+            if snap is None or snap.deployment != deployment:
+                raise Unprocessable("snapshot_id must name a snapshot of this deployment", field="snapshot_id")
+        else:
+            ds = body.get("datasets") or []
+            include_feedback = bool(body.get("include_feedback", False))
+            if not isinstance(ds, list) or not all(isinstance(d, str) for d in ds) or (not ds and not include_feedback):
+                raise Unprocessable("give snapshot_id, or datasets (a list of dataset ids) and/or include_feedback",
+                                    field="snapshot_id")
+            snap = await self.datasets.snapshot(deployment, ds, include_feedback, body.get("curation"))
+            snapshot_id = snap.id
+        if snap.counts.get("train", 0) < 1:
+            raise Unprocessable("the snapshot has no training rows", field="snapshot_id")
+        if search is not None and snap.counts.get("validation", 0) < 1:
+            raise Unprocessable("search ranks trials on validation loss: the snapshot needs a validation split",
+                                field="search")
+
+        spec = {"method": mtype, "hyperparameters": hyper, "search": search, "suffix": suffix, "seed": seed,
+                "auto_deploy": auto_deploy, "include_feedback": bool(body.get("include_feedback", False))}
+        job = Job(id="ftjob-" + uuid.uuid4().hex[:20], kind="fine_tune", deployment=deployment, status="queued",
+                  spec=spec, hyperparameters=hyper if isinstance(hyper, dict) else {}, snapshot_id=snapshot_id)
+        async with self.sessions() as s, s.begin():
+            s.add(job)
+            s.add(JobEvent(job_id=job.id, type="created", message=f"{mtype} job queued on snapshot {snapshot_id}",
+                           data={"snapshot_id": snapshot_id}))
+        return job
+
+    async def get(self, job_id: str, kind: str = "fine_tune") -> Job:
+        async with self.sessions() as s:
+            job = await s.get(Job, job_id)
+        if job is None or job.kind != kind:
+            raise NotFound(f"job {job_id!r} does not exist")
+        return job
+
+    async def list(self, deployment: str | None, after: str | None, limit: int) -> list[Job]:
+        q = select(Job).where(Job.kind == "fine_tune").order_by(Job.created_at.desc()).limit(limit)
+        if deployment:
+            q = q.where(Job.deployment == deployment)
+        if after:
+            ref = await self.get(after)
+            q = q.where(Job.created_at < ref.created_at)
+        async with self.sessions() as s:
+            return list((await s.execute(q)).scalars())
+
+    async def events(self, job_id: str, after: int | None = None, limit: int = 1000) -> list[JobEvent]:
+        q = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit)
+        if after is not None:
+            q = q.where(JobEvent.id > after)
+        async with self.sessions() as s:
+            return list((await s.execute(q)).scalars())
+
+    async def cancel(self, job_id: str) -> Job:
+        job = await self.get(job_id)
+        if job.status in TERMINAL:
+            raise Conflict(f"job {job_id} is already {job.status}")
+        async with self.sessions() as s, s.begin():
+            # A queued job is cancelled at once; a running one when its worker sees the flag (≤ one step).
+            await s.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                            .values(status="cancelled", finished_at=time.time(), cancel_requested=True))
+            await s.execute(update(Job).where(Job.id == job_id, Job.status == "running")
+                            .values(cancel_requested=True))
+            s.add(JobEvent(job_id=job_id, type="cancel_requested", message="cancellation requested"))
+        return await self.get(job_id)
+
+    async def snapshot_of(self, job: Job) -> Snapshot | None:
+        if not job.snapshot_id:
+            return None
+        async with self.sessions() as s:
+            return await s.get(Snapshot, job.snapshot_id)

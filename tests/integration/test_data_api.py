@@ -1,0 +1,157 @@
+"""Feedback and dataset ingestion through the real service (real SQLite, real vLLM for the completions)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from examples.banking77.prepare import read_rows, to_chat
+
+CHAT = {"model": "default", "messages": [{"role": "user", "content": "Where is my card?"}], "max_tokens": 4}
+
+
+def _completion(c, **extra) -> str:
+    r = c.post("/v1/chat/completions", json={**CHAT, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def _ndjson(rows) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+
+
+@pytest.fixture(scope="module")
+def banking_rows(banking77_dir):
+    rows = read_rows(banking77_dir / "train.csv")
+    random.Random(7).shuffle(rows)
+    return [to_chat(t, c) for t, c in rows[:400]]
+
+
+def test_feedback_is_stored_once_per_client_id(service) -> None:
+    with service.client() as c:
+        cid = _completion(c, user="u1", metadata={"segment": "retail"})
+        body = {"completion_id": cid, "rating": 0.9, "comment": "good", "id": "fb-once-1"}
+        first = c.post("/v1/feedback", json=body)
+        assert first.status_code == 201, first.text
+        again = c.post("/v1/feedback", json=body)
+        assert again.status_code == 201 and again.json()["ids"] == first.json()["ids"]
+        hdr = c.post("/v1/feedback", json={"completion_id": cid, "rating": 0.1}, headers={"Idempotency-Key": "k-77"})
+        hdr2 = c.post("/v1/feedback", json={"completion_id": cid, "rating": 0.1}, headers={"Idempotency-Key": "k-77"})
+        assert hdr.json()["ids"] == hdr2.json()["ids"]
+        listed = c.get("/v1/feedback", params={"deployment": "default", "limit": 1000}).json()["data"]
+    mine = [f for f in listed if f["completion_id"] == cid]
+    assert len(mine) == 2
+    stored = next(f for f in mine if f["client_id"] == "fb-once-1")
+    assert stored["attributes"] == {"segment": "retail"}  # the completion's attributes travel with it
+
+
+def test_feedback_validation_stores_nothing_from_a_bad_batch(service) -> None:
+    with service.client() as c:
+        cid = _completion(c)
+        before = len(c.get("/v1/feedback", params={"limit": 1000}).json()["data"])
+        r = c.post("/v1/feedback", json=[{"completion_id": cid, "rating": 0.5},
+                                          {"completion_id": "chatcmpl-nope", "rating": 1},
+                                          {"completion_id": cid, "rating": 3},
+                                          {"completion_id": cid}])
+        assert r.status_code == 422
+        problem = r.json()
+        assert problem["field"] == "[2].rating"
+        assert {e["index"] for e in problem["errors"]} == {2, 3}
+        r = c.post("/v1/feedback", json=[{"completion_id": cid, "rating": 0.5},
+                                          {"completion_id": "chatcmpl-nope", "rating": 1}])
+        assert r.status_code == 422 and r.json()["errors"][0]["index"] == 1
+        assert c.post("/v1/feedback", json={"completion_id": "chatcmpl-nope", "rating": 1}).status_code == 404
+        assert c.post("/v1/feedback", json=[{}] * 1001).status_code == 422
+        after = len(c.get("/v1/feedback", params={"limit": 1000}).json()["data"])
+    assert after == before
+
+
+def test_feedback_pagination(service) -> None:
+    with service.client() as c:
+        cid = _completion(c)
+        r = c.post("/v1/feedback", json=[{"completion_id": cid, "rating": i / 10} for i in range(7)])
+        assert r.status_code == 201 and len(r.json()["ids"]) == 7
+        seen, cursor = [], None
+        while True:
+            page = c.get("/v1/feedback", params={"limit": 3, **({"cursor": cursor} if cursor else {})}).json()
+            seen += [f["id"] for f in page["data"]]
+            cursor = page["next_cursor"]
+            if not page["has_more"]:
+                break
+    assert seen == sorted(seen) and set(r.json()["ids"]) <= set(seen)
+
+
+def test_upload_reject_skip_duplicates_and_errors(service, banking_rows) -> None:
+    with service.client() as c:
+        ds = c.post("/v1/datasets", json={"name": "b77", "deployment": "default"}).json()
+        url = f"/v1/datasets/{ds['id']}/records"
+        good = _ndjson(banking_rows[:50])
+        bad = good + b'{"messages": [{"role": "user", "content": "x"}]}\nnot json\n' + _ndjson(banking_rows[50:60])
+        r = c.post(url, content=bad, headers={"content-type": "application/x-ndjson"})
+        assert r.status_code == 422
+        assert [e["line"] for e in r.json()["errors"]] == [51, 52]
+        assert c.get(f"/v1/datasets/{ds['id']}").json()["records"] == 0  # nothing stored
+        r = c.post(url, params={"on_error": "skip"}, content=bad, headers={"content-type": "application/x-ndjson"})
+        assert r.status_code == 201
+        assert (r.json()["accepted"], r.json()["rejected"], r.json()["duplicates"]) == (60, 2, 0)
+        r = c.post(url, content=_ndjson(banking_rows[55:70]), headers={"content-type": "application/x-ndjson"})
+        assert (r.json()["accepted"], r.json()["duplicates"]) == (10, 5)
+        assert c.get(f"/v1/datasets/{ds['id']}").json()["records"] == 70
+        assert c.post(url, content=good, headers={"content-type": "text/csv"}).status_code == 415
+        assert c.post(url, content=good, headers={"content-type": "application/x-ndjson; charset=latin-1"}).status_code == 415
+        assert c.post("/v1/datasets/ds-missing/records", content=good,
+                      headers={"content-type": "application/x-ndjson"}).status_code == 404
+        assert c.post("/v1/datasets", json={"name": "x", "deployment": "missing"}).status_code == 404
+
+
+def test_snapshot_curates_and_reports(service, banking_rows) -> None:
+    rows = list(banking_rows[:300])
+    rows += rows[:5]  # exact duplicates
+    long_q = ("I ordered a new card three weeks ago and it still has not arrived at my home address, "
+              "what should I do about it now please")
+    rows.append({"messages": [{"role": "user", "content": long_q}, {"role": "assistant", "content": "card_arrival"}]})
+    rows.append({"messages": [{"role": "user", "content": long_q.replace("please", "thanks")},
+                              {"role": "assistant", "content": "card_arrival"}]})  # near duplicate
+    with service.client() as c:
+        ds = c.post("/v1/datasets", json={"name": "snap", "deployment": "default"}).json()
+        r = c.post(f"/v1/datasets/{ds['id']}/records", params={"on_error": "skip"}, content=_ndjson(rows),
+                   headers={"content-type": "application/x-ndjson"})
+        assert r.json()["duplicates"] == 5
+        curation = {"near_dedupe": {"threshold": 0.8}, "split": {"validation_fraction": 0.1}, "seed": 3}
+        snap = c.post(f"/v1/datasets/{ds['id']}/snapshots", json={"curation": curation})
+        assert snap.status_code == 201, snap.text
+        s = snap.json()
+        assert s["counts"]["train"] + s["counts"]["validation"] <= 301
+        assert s["counts"]["validation"] >= 25
+        again = c.post(f"/v1/datasets/{ds['id']}/snapshots", json={"curation": curation}).json()
+        assert again["id"] == s["id"]  # content-addressed
+        report = c.get(f"/v1/snapshots/{s['id']}/report").json()
+        steps = {st["name"]: st for st in report["steps"]}
+        assert steps["near_dedupe"]["removed"] >= 1
+        html = c.get(f"/v1/snapshots/{s['id']}/report", headers={"accept": "text/html"})
+        assert html.headers["content-type"].startswith("text/html") and "<html" in html.text.lower()
+        bad = c.post(f"/v1/datasets/{ds['id']}/snapshots", json={"curation": {"near_dedupe": {"bogus": 1}}})
+        assert bad.status_code == 422 and bad.json()["field"] == "curation" and "bogus" in bad.json()["detail"]
+
+
+def test_feedback_becomes_training_rows(service) -> None:
+    with service.client() as c:
+        c.post("/v1/deployments", json={"name": "fbrows"})
+        # same prompt, different outputs (1 vs 6 greedy tokens): the two ratings form a preference pair
+        ids = [_completion(c, model="fbrows", temperature=0, max_tokens=n) for n in (3, 1, 6)]
+        r = c.post("/v1/feedback", json=[{"completion_id": ids[0], "correction": "card_arrival"},
+                                          {"completion_id": ids[1], "rating": 1.0},
+                                          {"completion_id": ids[2], "rating": 0.0}])
+        assert r.status_code == 201
+        ds = c.post("/v1/datasets", json={"name": "fb-only", "deployment": "fbrows"}).json()
+        snap = c.post(f"/v1/datasets/{ds['id']}/snapshots",
+                      json={"include_feedback": True, "curation": {"split": {"validation_fraction": 0.0}}})
+        assert snap.status_code == 201, snap.text
+        s = snap.json()
+    assert s["feedback_range"] == [min(r.json()["ids"]), max(r.json()["ids"])]
+    with open(f"{service.data_dir}/snapshots/{s['id']}/train.jsonl") as f:
+        kinds = sorted(json.loads(line)["kind"] for line in f)
+    # correction → sft; two ratings → two unpaired rows + one preference pair (same prompt, different ratings)
+    assert kinds == ["preference", "sft", "unpaired", "unpaired"]

@@ -11,7 +11,7 @@ from litestar.config.app import AppConfig  # noqa: F401 - documented extension p
 from litestar.exceptions import HTTPException
 from litestar.openapi.config import OpenAPIConfig
 
-from service.api import data, deployments, health, inference, keys
+from service.api import data, deployments, health, inference, keys, training
 from service.context import AppContext
 from service.errors import ServiceError, problem_response
 from service.settings import Settings
@@ -23,6 +23,10 @@ ROUTES = [
     inference.chat_completions, inference.completions, inference.list_models, inference.get_completion,
     data.post_feedback, data.list_feedback, data.create_dataset, data.list_datasets, data.get_dataset,
     data.upload_records, data.create_snapshot, data.get_snapshot, data.snapshot_report,
+    training.create_job, training.list_jobs, training.get_job, training.cancel_job, training.job_events,
+    training.job_checkpoints, training.list_adapters, training.get_adapter, training.request_evaluation,
+    training.adapter_evaluations, training.get_evaluation, training.evaluation_report,
+    training.promote, training.rollback, training.history,
 ]
 
 

@@ -23,9 +23,12 @@ from service.auth import KeyStore
 from service.core.completion_log import CompletionLog
 from service.core.datasets import DatasetService
 from service.core.deployments import DeploymentService
+from service.core.evaluations import EvaluationService
 from service.core.feedback import FeedbackService
+from service.core.jobs import JobService
 from service.core.gateway import Gateway
-from service.core.routing import Router, Target, served_name
+from service.core.routing import BASE_NAME, Router, Target
+from service.core.serving import Serving, fresh_name
 from service.settings import Settings
 from service.storage import migrate
 from service.storage.db import make_engine, make_sessionmaker
@@ -66,6 +69,9 @@ class AppContext:
     gateway: Gateway
     feedback: FeedbackService
     datasets: DatasetService
+    jobs: JobService
+    evaluations: EvaluationService
+    serving: Serving
     supervisor: VLLMSupervisor | None = None
     worker: asyncio.subprocess.Process | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -111,7 +117,8 @@ class AppContext:
         ctx = cls(settings=settings, engine=engine, sessions=sessions, keys=keys, base_model_path=base_path,
                   base_model_hash=base_hash, router=router, pool=pool, completions=completions,
                   deployments=deployments, gateway=gateway, feedback=feedback, datasets=datasets,
-                  supervisor=supervisor)
+                  jobs=JobService(sessions, datasets), evaluations=EvaluationService(sessions),
+                  serving=Serving(sessions, pool, router), supervisor=supervisor)
         await deployments.ensure_default()
         swept = await datasets.sweep_abandoned_uploads()
         if swept:
@@ -149,8 +156,10 @@ class AppContext:
     async def start_worker(self) -> None:
         from service.process import parent_death_signal
 
+        vllm_urls = self.settings.vllm_urls or ((self.supervisor.base_url,) if self.supervisor else ())
         env = {**os.environ, "TUNELOOP_DATA_DIR": str(self.settings.data_dir.resolve()),
-               "TUNELOOP_DATABASE_URL": self.settings.database, "TUNELOOP_BASE_MODEL": self.settings.base_model}
+               "TUNELOOP_DATABASE_URL": self.settings.database, "TUNELOOP_BASE_MODEL": self.settings.base_model,
+               "TUNELOOP_VLLM_URLS": ",".join(vllm_urls)}
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / "worker.log", "ab")  # noqa: SIM115 - owned by the child
@@ -166,11 +175,11 @@ class AppContext:
             deps = list((await s.execute(select(Deployment))).scalars())
             for d in deps:
                 self.deployments.names.add(d.name)
-                target = Target(served_name(d.name, None), None)
+                target = Target(BASE_NAME, None)
                 if d.production_adapter_id:
                     a = await s.get(Adapter, d.production_adapter_id)
                     if a is not None:
-                        target = Target(served_name(d.name, a.id), a.id, a.path)
+                        target = Target(fresh_name(d.name, a.id), a.id, a.path)
                 self.router.set_production(d.name, target)
 
     async def reload_adapters(self) -> None:

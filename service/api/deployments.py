@@ -9,6 +9,7 @@ from litestar import Request, get, post
 from service.api.common import ctx_of, json_body
 from service.auth import admin_scope, app_scope
 from service.core.deployments import deployment_json
+from service.core.routing import BASE_NAME, Target
 from service.errors import Unprocessable
 
 
@@ -19,9 +20,7 @@ async def create_deployment(request: Request[Any, Any, Any]) -> dict[str, Any]:
         raise Unprocessable("body must be an object {name, base_model?}")
     ctx = ctx_of(request)
     dep = await ctx.deployments.create(body.get("name"), body.get("base_model"), body.get("config"))
-    from service.core.routing import Target, served_name
-
-    ctx.router.set_production(dep.name, Target(served_name(dep.name, None), None))
+    ctx.router.set_production(dep.name, Target(BASE_NAME, None))
     return deployment_json(dep)
 
 

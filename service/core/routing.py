@@ -17,11 +17,6 @@ from dataclasses import dataclass, field
 BASE_NAME = "base"
 
 
-def served_name(deployment: str, adapter_id: str | None) -> str:
-    """vLLM model name of an adapter: versioned and never reused, so vLLM's caches can't mix versions."""
-    return BASE_NAME if adapter_id is None else f"{deployment}--{adapter_id}"
-
-
 @dataclass(frozen=True)
 class Target:
     served_name: str

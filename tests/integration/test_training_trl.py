@@ -60,8 +60,8 @@ def test_preference_recipes_train_and_save_a_peft_adapter(root: Path, method: st
 def test_dpo_stop_flag_cancels_after_the_current_step(root: Path) -> None:
     events: list[dict] = []
     hp = Hyperparameters(n_epochs=1, batch_size=2, max_steps=4, lora_r=4, lora_alpha=8)
-    result = run_spec(spec(root, "dpo", "dpo-cancel", hyperparameters=hp), events.append,
-                      lambda: any(e["type"] == "step" for e in events))
+    # A stop requested before the first step ends takes effect right after that optimizer step.
+    result = run_spec(spec(root, "dpo", "dpo-cancel", hyperparameters=hp), events.append, lambda: True)
     assert result.status == "cancelled"
     assert events[-1] == {"type": "cancelled", "step": 1}
 

@@ -310,3 +310,33 @@ def test_pipeline_is_deterministic_and_maps_weights_to_train_rows() -> None:
     assert a.validation_weights is not None and len(a.validation_weights) == len(a.validation)
     c = run_pipeline(rows, CurationConfig.from_dict({"group_balance": {"attribute": "g"}, "seed": 8}))
     assert c.content_hash() != a.content_hash()
+
+
+_DETERMINISM_SCRIPT = """
+from adapters.curation import CurationConfig, Message, Row, run_pipeline
+rows = [
+    Row(kind="sft", prompt=(Message("user", f"how do I do thing {i % 40} {'now' if i % 3 else 'today'}"),),
+        completion=f"intent_{i % 7 if i % 11 else 0}", attributes={"seg": "abc"[i % 3]})
+    for i in range(150)
+]
+cfg = CurationConfig.from_dict({"group_balance": {"attribute": "seg"}, "label_balance": {"target_ratio": 1.5}})
+print(run_pipeline(rows, cfg).content_hash())
+"""
+
+
+def test_same_input_gives_the_same_snapshot_in_other_processes() -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    hashes = set()
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(root))
+        proc = subprocess.run(
+            [sys.executable, "-c", _DETERMINISM_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr
+        hashes.add(proc.stdout.strip())
+    assert len(hashes) == 1 and len(hashes.pop()) == 64

@@ -1,0 +1,174 @@
+"""Fine-tuning jobs, adapters and evaluations: thin routes over the core services."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from litestar import Request, Response, get, post
+from litestar.response import Stream
+from sqlalchemy import select
+
+from service.api.common import ctx_of, json_body, wants_html
+from service.auth import admin_scope
+from service.core.evaluations import evaluation_json
+from service.core.jobs import TERMINAL, event_json, job_json
+from service.errors import NotFound, Unprocessable
+from service.storage.models import Adapter
+
+
+def adapter_json(a: Adapter) -> dict[str, Any]:
+    return {"object": "adapter", "id": a.id, "deployment": a.deployment, "version": a.version, "status": a.status,
+            "method": a.method, "path": a.path, "base_model": a.base_model, "base_model_hash": a.base_model_hash,
+            "job_id": a.job_id, "snapshot_id": a.snapshot_id, "feedback_range": a.feedback_range,
+            "hyperparameters": a.hyperparameters, "metrics": a.metrics, "evaluation_id": a.evaluation_id,
+            "created_at": int(a.created_at)}
+
+
+# --- jobs -------------------------------------------------------------------------------------------------
+@post("/v1/fine_tuning/jobs", guards=[admin_scope], status_code=201)
+async def create_job(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    return job_json(await ctx_of(request).jobs.create(await json_body(request)))
+
+
+@get("/v1/fine_tuning/jobs", guards=[admin_scope])
+async def list_jobs(request: Request[Any, Any, Any], deployment: str | None = None, after: str | None = None,
+                    limit: int = 20) -> dict[str, Any]:
+    if not 1 <= limit <= 100:
+        raise Unprocessable("limit must be in 1..100", field="limit")
+    jobs = await ctx_of(request).jobs.list(deployment, after, limit + 1)
+    return {"object": "list", "data": [job_json(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
+
+
+@get("/v1/fine_tuning/jobs/{job_id:str}", guards=[admin_scope])
+async def get_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
+    return job_json(await ctx_of(request).jobs.get(job_id))
+
+
+@post("/v1/fine_tuning/jobs/{job_id:str}/cancel", guards=[admin_scope], status_code=200)
+async def cancel_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
+    return job_json(await ctx_of(request).jobs.cancel(job_id))
+
+
+@get("/v1/fine_tuning/jobs/{job_id:str}/events", guards=[admin_scope])
+async def job_events(request: Request[Any, Any, Any], job_id: str, after: int | None = None, limit: int = 1000,
+                     stream: bool = False) -> Response[Any]:
+    """Events as a JSON list, or as a server-sent event stream (`?stream=true` or `Accept: text/event-stream`)."""
+    ctx = ctx_of(request)
+    job = await ctx.jobs.get(job_id, kind=(await _kind(ctx, job_id)))
+    if stream or "text/event-stream" in request.headers.get("accept", ""):
+        async def sse() -> AsyncIterator[bytes]:
+            cursor = after
+            while True:
+                events = await ctx.jobs.events(job.id, cursor, 500)
+                for e in events:
+                    cursor = e.id
+                    yield f"id: {e.id}\nevent: {e.type}\ndata: {json.dumps(event_json(e))}\n\n".encode()
+                current = await ctx.jobs.get(job.id, kind=job.kind)
+                if current.status in TERMINAL and not events:
+                    yield f"event: end\ndata: {json.dumps(job_json(current))}\n\n".encode()
+                    return
+                if not events:
+                    await asyncio.sleep(1.0)
+        return Stream(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    events = await ctx.jobs.events(job.id, after, min(max(limit, 1), 10_000))
+    return Response({"object": "list", "data": [event_json(e) for e in events],
+                     "has_more": len(events) == limit})
+
+
+async def _kind(ctx: Any, job_id: str) -> str:
+    return "evaluation" if job_id.startswith("evjob-") else "fine_tune"
+
+
+@get("/v1/fine_tuning/jobs/{job_id:str}/checkpoints", guards=[admin_scope])
+async def job_checkpoints(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
+    ctx = ctx_of(request)
+    job = await ctx.jobs.get(job_id)
+    events = [e for e in await ctx.jobs.events(job.id, None, 10_000) if e.type == "checkpoint"]
+    data = [{"object": "fine_tuning.job.checkpoint", "id": f"{job.id}:{e.data.get('step')}", "step_number":
+             e.data.get("step"), "path": e.data.get("path"), "metrics": {k: v for k, v in e.data.items()
+                                                                         if k not in ("type", "step", "path")},
+             "exists": bool(e.data.get("path")) and Path(str(e.data.get("path"))).exists(),
+             "created_at": int(e.created_at)} for e in events]
+    return {"object": "list", "data": data}
+
+
+# --- adapters ---------------------------------------------------------------------------------------------
+@get("/v1/adapters", guards=[admin_scope])
+async def list_adapters(request: Request[Any, Any, Any], deployment: str | None = None) -> dict[str, Any]:
+    q = select(Adapter).order_by(Adapter.created_at)
+    if deployment:
+        q = q.where(Adapter.deployment == deployment)
+    async with ctx_of(request).sessions() as s:
+        return {"object": "list", "data": [adapter_json(a) for a in (await s.execute(q)).scalars()]}
+
+
+@get("/v1/adapters/{adapter_id:str}", guards=[admin_scope])
+async def get_adapter(request: Request[Any, Any, Any], adapter_id: str) -> dict[str, Any]:
+    async with ctx_of(request).sessions() as s:
+        a = await s.get(Adapter, adapter_id)
+    if a is None:
+        raise NotFound(f"adapter {adapter_id!r} does not exist")
+    return adapter_json(a)
+
+
+@post("/v1/adapters/{adapter_id:str}/evaluations", guards=[admin_scope], status_code=201)
+async def request_evaluation(request: Request[Any, Any, Any], adapter_id: str) -> dict[str, Any]:
+    return evaluation_json(await ctx_of(request).evaluations.request(adapter_id))
+
+
+@get("/v1/adapters/{adapter_id:str}/evaluations", guards=[admin_scope])
+async def adapter_evaluations(request: Request[Any, Any, Any], adapter_id: str) -> dict[str, Any]:
+    return {"object": "list", "data": [evaluation_json(e) for e in
+                                       await ctx_of(request).evaluations.for_adapter(adapter_id)]}
+
+
+@get("/v1/evaluations/{evaluation_id:str}", guards=[admin_scope])
+async def get_evaluation(request: Request[Any, Any, Any], evaluation_id: str) -> dict[str, Any]:
+    return evaluation_json(await ctx_of(request).evaluations.get(evaluation_id))
+
+
+@get("/v1/evaluations/{evaluation_id:str}/report", guards=[admin_scope])
+async def evaluation_report(request: Request[Any, Any, Any], evaluation_id: str) -> Response[Any]:
+    ev = await ctx_of(request).evaluations.get(evaluation_id)
+    if ev.status in ("queued", "running"):
+        raise NotFound(f"evaluation {evaluation_id} is {ev.status}; the report exists once it has finished",
+                       headers={"Retry-After": "30"})
+    html_path = (ev.result or {}).get("html_path")
+    if wants_html(request) and html_path and Path(html_path).exists():
+        return Response(Path(html_path).read_text(), media_type="text/html")
+    return Response({"object": "evaluation.report", "id": ev.id, "status": ev.status, "reasons": ev.reasons,
+                     **{k: v for k, v in (ev.result or {}).items() if k != "html_path"}})
+
+
+# --- serving: promote / rollback / history --------------------------------------------------------------
+@post("/v1/deployments/{name:str}/promote", guards=[admin_scope], status_code=200)
+async def promote(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
+    from service.core.serving import history_json
+
+    body = await json_body(request)
+    if not isinstance(body, dict) or "adapter_id" not in body:
+        raise Unprocessable("body must be {adapter_id, force?}", field="adapter_id")
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise Unprocessable("force must be a boolean", field="force")
+    event = await ctx_of(request).serving.promote(name, body["adapter_id"], force=force,
+                                                  reason=str(body.get("reason", "promoted via API"))[:500])
+    return history_json(event)
+
+
+@post("/v1/deployments/{name:str}/rollback", guards=[admin_scope], status_code=200)
+async def rollback(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
+    from service.core.serving import history_json
+
+    return history_json(await ctx_of(request).serving.rollback(name))
+
+
+@get("/v1/deployments/{name:str}/history", guards=[admin_scope])
+async def history(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
+    from service.core.serving import history_json
+
+    return {"object": "list", "data": [history_json(e) for e in await ctx_of(request).serving.history(name)]}

@@ -1,0 +1,156 @@
+"""Zero-downtime adapter swaps: load → probe → route → drain → unload, one lock per deployment.
+
+vLLM's runtime LoRA endpoints race with in-flight requests and keep prefix-cache entries across
+same-named reloads, so an adapter is always loaded under a fresh served name
+(`<deployment>--<adapter id>--<generation>`), made routable only after it answered a probe on every vLLM
+server, and unloaded only after the requests already routed to it have finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from monitoring import metrics
+from service.core.routing import BASE_NAME, Router, Target
+from service.errors import Conflict, NotFound, Unavailable
+from service.storage.models import Adapter, Deployment, DeploymentEvent
+from service.vllm.pool import VLLMPool
+
+log = logging.getLogger("tuneloop.serving")
+_generation = itertools.count(int(time.time()) % 100_000)
+
+
+def fresh_name(deployment: str, adapter_id: str) -> str:
+    return f"{deployment}--{adapter_id}--g{next(_generation)}"
+
+
+def history_json(e: DeploymentEvent) -> dict[str, Any]:
+    return {"object": "deployment.event", "id": e.id, "deployment": e.deployment, "type": e.type,
+            "adapter_id": e.adapter_id, "previous_adapter_id": e.previous_adapter_id, "forced": e.forced,
+            "reason": e.reason, "created_at": e.created_at}
+
+
+class Serving:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], pool: VLLMPool, router: Router) -> None:
+        self.sessions = sessions
+        self.pool = pool
+        self.router = router
+        self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._unloading: set[asyncio.Task[None]] = set()
+
+    async def load(self, deployment: str, adapter: Adapter) -> Target:
+        """Load an adapter on every vLLM server under a fresh name and probe it there."""
+        if not self.pool.ready:
+            raise Unavailable("vLLM is not ready; the adapter can't be loaded now")
+        target = Target(fresh_name(deployment, adapter.id), adapter.id, adapter.path)
+        await self.pool.load_adapter(target.served_name, adapter.path)
+        try:
+            await self.pool.probe(target.served_name)
+        except Exception:
+            await self.pool.unload_adapter(target.served_name)
+            raise
+        return target
+
+    def retire(self, target: Target) -> None:
+        """Unload `target` once nothing routes to it and its in-flight requests have drained."""
+        if target.adapter_id is None:
+            return
+
+        async def drain_and_unload() -> None:
+            await asyncio.sleep(0)  # let requests that already chose this target register
+            if target.served_name in self.router.routable():
+                return
+            if not await self.router.drain(target.served_name, timeout=600):
+                log.warning("%s still had requests in flight after 600 s; unloading anyway", target.served_name)
+            if target.served_name in self.router.routable():
+                return
+            try:
+                await self.pool.unload_adapter(target.served_name)
+            except Exception:  # noqa: BLE001 - an unload failure must not break serving
+                log.exception("unloading %s failed", target.served_name)
+            self._gauge()
+
+        task = asyncio.create_task(drain_and_unload())
+        self._unloading.add(task)
+        task.add_done_callback(self._unloading.discard)
+
+    def _gauge(self) -> None:
+        counts: defaultdict[str, int] = defaultdict(int)
+        for name in self.router.routable():
+            counts[name.split("--", 1)[0]] += 1
+        for dep in set(self.router.production) | set(counts):
+            metrics.ADAPTERS_LOADED.labels(dep).set(counts.get(dep, 0))
+
+    async def _adapter(self, s: AsyncSession, deployment: str, adapter_id: Any) -> Adapter:
+        if not isinstance(adapter_id, str):
+            raise NotFound("adapter_id must name an adapter", field="adapter_id")
+        adapter = await s.get(Adapter, adapter_id)
+        if adapter is None or adapter.deployment != deployment:
+            raise NotFound(f"adapter {adapter_id!r} does not exist for deployment {deployment!r}", field="adapter_id")
+        return adapter
+
+    async def promote(self, deployment: str, adapter_id: Any, *, force: bool = False, reason: str = "",
+                      event_type: str = "promote") -> DeploymentEvent:
+        async with self.locks[deployment]:
+            async with self.sessions() as s:
+                dep = await s.get(Deployment, deployment)
+                if dep is None:
+                    raise NotFound(f"deployment {deployment!r} does not exist")
+                adapter = await self._adapter(s, deployment, adapter_id) if adapter_id is not None else None
+            if adapter is not None and adapter.status == "rejected" and not force:
+                raise Conflict(f"adapter {adapter.id} failed its evaluation gates; promote it with "
+                               '"force": true to override (recorded)', field="adapter_id")
+            if adapter is not None and adapter.id == dep.production_adapter_id:
+                raise Conflict(f"adapter {adapter.id} already serves {deployment}", field="adapter_id")
+            new = await self.load(deployment, adapter) if adapter is not None else Target(BASE_NAME, None)
+            old = self.router.production.get(deployment)
+            previous = dep.production_adapter_id
+            async with self.sessions() as s, s.begin():
+                await s.execute(update(Deployment).where(Deployment.name == deployment)
+                                .values(production_adapter_id=new.adapter_id))
+                if previous:
+                    await s.execute(update(Adapter).where(Adapter.id == previous).values(status="retired"))
+                if adapter is not None:
+                    await s.execute(update(Adapter).where(Adapter.id == adapter.id).values(status="production"))
+                event = DeploymentEvent(deployment=deployment, type=event_type, adapter_id=new.adapter_id,
+                                        previous_adapter_id=previous, forced=bool(force and adapter is not None
+                                                                                  and adapter.status == "rejected"),
+                                        reason=reason)
+                s.add(event)
+            # The atomic switch: requests after this line see the new target.
+            self.router.set_production(deployment, new)
+            if old is not None:
+                self.retire(old)
+            self._gauge()
+            metrics.DEPLOY_EVENTS.labels(deployment, event_type).inc()
+            log.info("%s: %s → %s (%s)", deployment, old.served_name if old else None, new.served_name, event_type)
+            return event
+
+    async def rollback(self, deployment: str, reason: str = "manual rollback") -> DeploymentEvent:
+        """Serve the previous production adapter (or the base model) again."""
+        async with self.sessions() as s:
+            dep = await s.get(Deployment, deployment)
+            if dep is None:
+                raise NotFound(f"deployment {deployment!r} does not exist")
+            last = (await s.execute(select(DeploymentEvent).where(
+                DeploymentEvent.deployment == deployment, DeploymentEvent.adapter_id.is_not_distinct_from(
+                    dep.production_adapter_id)).order_by(DeploymentEvent.id.desc()).limit(1))).scalar_one_or_none()
+        if last is None or dep.production_adapter_id is None:
+            raise Conflict(f"{deployment} has no previous production to roll back to")
+        target = last.previous_adapter_id
+        return await self.promote(deployment, target, force=True, reason=reason, event_type="rollback")
+
+    async def history(self, deployment: str) -> list[DeploymentEvent]:
+        async with self.sessions() as s:
+            if await s.get(Deployment, deployment) is None:
+                raise NotFound(f"deployment {deployment!r} does not exist")
+            return list((await s.execute(select(DeploymentEvent).where(DeploymentEvent.deployment == deployment)
+                                         .order_by(DeploymentEvent.id))).scalars())

@@ -11,7 +11,7 @@ from litestar.config.app import AppConfig  # noqa: F401 - documented extension p
 from litestar.exceptions import HTTPException
 from litestar.openapi.config import OpenAPIConfig
 
-from service.api import data, deployments, health, inference, keys, training
+from service.api import data, deployments, experiments, health, inference, keys, monitoring, training
 from service.context import AppContext
 from service.errors import ServiceError, problem_response
 from service.settings import Settings
@@ -27,6 +27,9 @@ ROUTES = [
     training.job_checkpoints, training.list_adapters, training.get_adapter, training.request_evaluation,
     training.adapter_evaluations, training.get_evaluation, training.evaluation_report,
     training.promote, training.rollback, training.history,
+    experiments.create_experiment, experiments.list_experiments, experiments.get_experiment,
+    experiments.stop_experiment,
+    monitoring.drift_history, monitoring.drift_report, monitoring.fairness, monitoring.triggers, monitoring.run_now,
 ]
 
 

@@ -24,6 +24,7 @@ from service.core.completion_log import CompletionLog
 from service.core.datasets import DatasetService
 from service.core.deployments import DeploymentService
 from service.core.evaluations import EvaluationService
+from service.core.experiments import ExperimentService
 from service.core.feedback import FeedbackService
 from service.core.jobs import JobService
 from service.core.gateway import Gateway
@@ -72,6 +73,7 @@ class AppContext:
     jobs: JobService
     evaluations: EvaluationService
     serving: Serving
+    experiments: ExperimentService
     supervisor: VLLMSupervisor | None = None
     worker: asyncio.subprocess.Process | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -118,12 +120,14 @@ class AppContext:
                   base_model_hash=base_hash, router=router, pool=pool, completions=completions,
                   deployments=deployments, gateway=gateway, feedback=feedback, datasets=datasets,
                   jobs=JobService(sessions, datasets), evaluations=EvaluationService(sessions),
-                  serving=Serving(sessions, pool, router), supervisor=supervisor)
+                  serving=(serving := Serving(sessions, pool, router)),
+                  experiments=ExperimentService(sessions, serving, router), supervisor=supervisor)
         await deployments.ensure_default()
         swept = await datasets.sweep_abandoned_uploads()
         if swept:
             log.warning("removed %d upload(s) that never completed", swept)
         await ctx.load_routes()
+        await ctx.experiments.restore()
         completions.start()
         if supervisor is not None:
             supervisor.on_ready = ctx.reload_adapters
@@ -132,14 +136,21 @@ class AppContext:
             ctx.tasks.append(asyncio.create_task(
                 pool.health_loop(interval=1.0, on_server_ready=ctx.reload_adapters_on), name="vllm-health"))
         ctx.tasks.append(asyncio.create_task(ctx._vllm_up_loop(), name="vllm-up"))
+        if settings.start_monitor:
+            from service.core.monitor import Monitor
+
+            ctx.extras["monitor"] = Monitor(ctx)
+            ctx.tasks.append(asyncio.create_task(ctx.extras["monitor"].run(), name="monitor"))
         if settings.start_worker:
             await ctx.start_worker()
+            ctx.tasks.append(asyncio.create_task(ctx._keep_worker_alive(), name="worker-supervisor"))
         return ctx
 
     async def stop(self) -> None:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.serving.close()
         if self.worker is not None and self.worker.returncode is None:
             self.worker.terminate()
             try:
@@ -167,6 +178,15 @@ class AppContext:
             sys.executable, "-m", "service.cli", "worker", env=env, stdout=out, stderr=out,
             preexec_fn=parent_death_signal)
         out.close()
+
+    async def _keep_worker_alive(self) -> None:
+        """Restart the worker if it dies; its running job is re-queued by heartbeat timeout and resumes."""
+        while True:
+            assert self.worker is not None
+            code = await self.worker.wait()
+            log.warning("worker exited with %s; restarting it", code)
+            await asyncio.sleep(1.0)
+            await self.start_worker()
 
     # -- routing ----------------------------------------------------------------------------------------
     async def load_routes(self) -> None:

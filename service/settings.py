@@ -54,7 +54,8 @@ class Settings:
     heartbeat_timeout_seconds: float = 30.0
     eval_backend: str = "hf_merged"
     # monitor
-    monitor_interval_seconds: float = 60.0
+    monitor_interval_seconds: float = 60.0  # drift, fairness, retraining triggers
+    experiment_interval_seconds: float = 5.0  # experiment decisions, job gauges
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -156,6 +156,7 @@ def stop_service(svc: Service, sig: int = signal.SIGTERM, timeout: float = 60.0)
 def service(tmp_path_factory: pytest.TempPathFactory, base_model_dir: str, vllm_supervisor: object) -> Iterator[Service]:
     """A real `tuneloop serve` on SQLite, in front of the session's real vLLM server."""
     svc = start_service(tmp_path_factory.mktemp("service"), base_model_dir,
-                        [vllm_supervisor.base_url])  # type: ignore[attr-defined]
+                        [vllm_supervisor.base_url],  # type: ignore[attr-defined]
+                        env={"TUNELOOP_HEARTBEAT_SECONDS": "1", "TUNELOOP_HEARTBEAT_TIMEOUT_SECONDS": "8"})
     yield svc
     stop_service(svc)

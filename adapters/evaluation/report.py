@@ -112,7 +112,7 @@ def _headline(r: EvaluationResult) -> str:
     ax.set_ylim(0, 1)
     ax.set_ylabel("score (0-1)")
     ax.set_title("Headline metrics: candidate vs reference")
-    ax.legend()
+    _legend(ax)
     return ("<h2>Headline metrics</h2>" + _table(["metric", r.candidate.label, r.reference.label, "delta"], rows,
                                                  numeric={1, 2, 3}) + _img(fig, "headline metrics chart"))
 
@@ -132,7 +132,7 @@ def _per_class(r: EvaluationResult) -> str:
     ax.set_xlim(0, 1)
     ax.set_xlabel("accuracy")
     ax.set_title("Per-class accuracy" + (f" (worst {len(shown)} of {len(cand)} classes)" if len(cand) > len(shown) else ""))
-    ax.legend(loc="lower right")
+    _legend(ax)
     return "<h2>Per-class accuracy</h2>" + _img(fig, "per-class accuracy chart")
 
 
@@ -193,7 +193,7 @@ def _fairness(r: EvaluationResult) -> str:
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy")
         ax.set_title(f"Accuracy by {comp.attribute}")
-        ax.legend()
+        _legend(ax)
         out.append(_img(fig, f"accuracy by {comp.attribute}"))
     return "".join(out)
 
@@ -212,8 +212,13 @@ def _loss(curve: dict[str, list[dict[str, float]]]) -> str:
     ax.set_ylabel("loss")
     ax.set_title("Training loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend(ax)
     return "<h2>Training loss</h2>" + _img(fig, "training loss curve")
+
+
+def _legend(ax: Any) -> None:
+    """Legend outside the axes, so it never hides a bar or a point."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
 def _figure(w: float, h: float) -> Any:

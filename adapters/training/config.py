@@ -77,7 +77,7 @@ class Hyperparameters:
     def from_dict(cls, data: dict[str, Any]) -> Hyperparameters:
         """Build from a plain dict, rejecting unknown keys by name (typos must not silently use defaults)."""
         if not isinstance(data, dict):
-            raise ValueError(f"hyperparameters must be an object, got {type(data).__name__}")
+            raise ValueError(f"hyperparameters must be an object, got {type(data).__name__}")  # noqa: TRY004
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -232,7 +232,7 @@ class TrainingJobSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingJobSpec:
         if not isinstance(data, dict):
-            raise ValueError("training job spec must be a JSON object")
+            raise ValueError("training job spec must be a JSON object")  # noqa: TRY004
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

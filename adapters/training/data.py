@@ -33,7 +33,7 @@ def read_rows(path: str | Path, method: str) -> list[dict[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: a row must be a JSON object")
+                raise ValueError(f"{path}:{lineno}: a row must be a JSON object")  # noqa: TRY004
             if row.get("kind", kind) != kind:
                 continue
             for name in REQUIRED_FIELDS[kind]:

@@ -16,8 +16,9 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
         spec = TrainingJobSpec.load(argv[0])
         result = run_spec(spec, emit, stop.is_set)
-    except Exception as exc:  # the worker needs a message, the log gets the trace
+    except Exception as exc:  # noqa: BLE001 - the worker needs a message, the log gets the trace
         traceback.print_exc(file=sys.stderr)
         emit({"type": "error", "message": f"{type(exc).__name__}: {exc}"})
         return EXIT_ERROR

@@ -12,8 +12,9 @@ import dataclasses
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from adapters.training.common import (
     ADAPTER_DIR,

@@ -245,9 +245,8 @@ class SFTRecipe:
             self._save_adapter()
         else:
             self.bad_evals += 1
-        if improved or self.step % self.ckpt_every == 0:
-            if self.step < self.total_steps:
-                self._save_checkpoint()
+        if (improved or self.step % self.ckpt_every == 0) and self.step < self.total_steps:
+            self._save_checkpoint()
         patience = self.hp.early_stopping_patience
         return bool(patience and self.bad_evals >= patience)
 

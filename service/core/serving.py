@@ -46,6 +46,11 @@ class Serving:
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._unloading: set[asyncio.Task[None]] = set()
 
+    async def close(self) -> None:
+        for t in list(self._unloading):
+            t.cancel()
+        await asyncio.gather(*self._unloading, return_exceptions=True)
+
     async def load(self, deployment: str, adapter: Adapter) -> Target:
         """Load an adapter on every vLLM server under a fresh name and probe it there."""
         if not self.pool.ready:

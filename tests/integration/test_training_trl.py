@@ -21,7 +21,7 @@ def root(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("trl")
     make_tiny_model(SMOL, root / "tiny")
-    prompt = lambda i: [{"role": "user", "content": f"question {i}"}]  # noqa: E731
+    prompt = lambda i: [{"role": "user", "content": f"question {i}"}]
     rows = {
         "dpo": [{"kind": "preference", "prompt": prompt(i), "chosen": "good answer", "rejected": "bad"}
                 for i in range(8)],

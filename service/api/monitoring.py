@@ -1,0 +1,80 @@
+"""Drift, fairness and retraining-trigger history; the latest evidently drift report."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from litestar import Request, Response, get, post
+from sqlalchemy import select
+
+from service.api.common import ctx_of
+from service.auth import admin_scope
+from service.errors import NotFound, Unprocessable
+from service.storage.models import Deployment, MonitorRun
+
+
+async def _runs(request: Request[Any, Any, Any], deployment: str, kind: str, limit: int) -> list[MonitorRun]:
+    if not 1 <= limit <= 1000:
+        raise Unprocessable("limit must be in 1..1000", field="limit")
+    async with ctx_of(request).sessions() as s:
+        if await s.get(Deployment, deployment) is None:
+            raise NotFound(f"deployment {deployment!r} does not exist", field="deployment")
+        return list((await s.execute(select(MonitorRun).where(MonitorRun.deployment == deployment,
+                                                              MonitorRun.kind == kind)
+                                     .order_by(MonitorRun.id.desc()).limit(limit))).scalars())
+
+
+def _run_json(r: MonitorRun) -> dict[str, Any]:
+    return {"id": r.id, "deployment": r.deployment, "kind": r.kind, "created_at": r.created_at, **(r.data or {})}
+
+
+@get("/v1/monitoring/drift", guards=[admin_scope])
+async def drift_history(request: Request[Any, Any, Any], deployment: str, limit: int = 50) -> dict[str, Any]:
+    return {"object": "list", "data": [_run_json(r) for r in await _runs(request, deployment, "drift", limit)]}
+
+
+@get("/v1/monitoring/drift/report", guards=[admin_scope])
+async def drift_report(request: Request[Any, Any, Any], deployment: str) -> Response[str]:
+    runs = [r for r in await _runs(request, deployment, "drift", 20) if r.html_path and Path(r.html_path).exists()]
+    if not runs:
+        raise NotFound(f"no drift report for {deployment} yet (it needs traffic; see GET /v1/monitoring/drift)")
+    return Response(Path(runs[0].html_path).read_text(), media_type="text/html")  # type: ignore[arg-type]
+
+
+@get("/v1/monitoring/fairness", guards=[admin_scope])
+async def fairness(request: Request[Any, Any, Any], deployment: str, attribute: str | None = None,
+                   limit: int = 20) -> dict[str, Any]:
+    out = []
+    for r in await _runs(request, deployment, "fairness", limit):
+        item = _run_json(r)
+        if attribute is not None:
+            item["attributes"] = {k: v for k, v in item.get("attributes", {}).items() if k == attribute}
+        out.append(item)
+    return {"object": "list", "data": out}
+
+
+@get("/v1/monitoring/triggers", guards=[admin_scope])
+async def triggers(request: Request[Any, Any, Any], deployment: str, limit: int = 50) -> dict[str, Any]:
+    return {"object": "list", "data": [_run_json(r) for r in await _runs(request, deployment, "trigger", limit)]}
+
+
+@post("/v1/monitoring/run", guards=[admin_scope], status_code=202)
+async def run_now(request: Request[Any, Any, Any], deployment: str) -> dict[str, Any]:
+    """Run drift, fairness and the triggers for one deployment now (in the background)."""
+    from service.core.monitor import Monitor
+
+    ctx = ctx_of(request)
+    await ctx.deployments.get(deployment)
+    monitor = ctx.extras.setdefault("monitor", Monitor(ctx))
+
+    async def run() -> None:
+        await monitor.drift(deployment)
+        await monitor.fairness(deployment)
+        await monitor.triggers(deployment)
+
+    task = asyncio.create_task(run())
+    ctx.extras.setdefault("background", set()).add(task)
+    task.add_done_callback(ctx.extras["background"].discard)
+    return {"status": "accepted", "deployment": deployment}

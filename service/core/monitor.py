@@ -1,0 +1,281 @@
+"""The periodic monitor of the API process: experiment decisions, job gauges, drift, fairness, triggers.
+
+Fast tick (`experiment_interval_seconds`): experiment decisions and job-state gauges.
+Slow tick (`monitor_interval_seconds`), per deployment: drift (evidently, in a separate process so it never
+holds the API's event loop or GIL), fairness over recent traffic and feedback (fairlearn), then the
+retraining triggers. Every run is stored (`monitor_runs`) and exported to Prometheus.
+
+Drift reference: the first window of traffic served by the current production target (after its
+promotion); without enough of it, the production adapter's training snapshot (its prompts and answers);
+without a production adapter, the deployment's first window of traffic. Current: the last window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+
+from monitoring import metrics
+from service.storage.models import Adapter, Completion, Deployment, DeploymentEvent, Feedback, Job, MonitorRun, Snapshot
+
+if TYPE_CHECKING:
+    from service.context import AppContext
+
+log = logging.getLogger("tuneloop.monitor")
+MIN_ROWS = 30
+
+
+def _drift_in_subprocess(reference: list[dict[str, Any]], current: list[dict[str, Any]], attribute_keys: list[str],
+                         html: bool) -> dict[str, Any]:
+    """Runs in the monitor's process pool (evidently is imported once there)."""
+    import os
+
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from monitoring.drift import DriftSpec, compute_drift, traffic_frame
+
+    spec = DriftSpec.default(attribute_keys, render_html=html)
+    result = compute_drift(traffic_frame(reference, attribute_keys), traffic_frame(current, attribute_keys), spec)
+    return {**result.as_dict(), "html": result.html}
+
+
+def _last_user(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt or [] if isinstance(m, dict) and m.get("role") == "user"]
+    return str(users[-1]) if users else ""
+
+
+class Monitor:
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self.pool: ProcessPoolExecutor | None = None
+        self.window = int(ctx.settings.extra.get("drift_window", 500))
+
+    async def run(self) -> None:
+        last_slow = time.monotonic()
+        try:
+            while True:
+                await asyncio.sleep(self.ctx.settings.experiment_interval_seconds)
+                await self._safe(self.ctx.experiments.tick())
+                await self._safe(self.job_gauges())
+                if time.monotonic() - last_slow >= self.ctx.settings.monitor_interval_seconds:
+                    last_slow = time.monotonic()
+                    await self._safe(self.run_all())
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(cancel_futures=True)
+
+    async def _safe(self, coro: Any) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the monitor must keep running
+            log.exception("monitor step failed")
+
+    async def job_gauges(self) -> None:
+        async with self.ctx.sessions() as s:
+            rows = (await s.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status))).all()
+        for kind in ("fine_tune", "evaluation"):
+            for state in ("queued", "running", "succeeded", "failed", "cancelled"):
+                metrics.JOBS.labels(kind, state).set(0)
+        for kind, state, n in rows:
+            metrics.JOBS.labels(kind, state).set(n)
+
+    async def run_all(self) -> None:
+        async with self.ctx.sessions() as s:
+            names = list((await s.execute(select(Deployment.name))).scalars())
+        for name in names:
+            await self._safe(self.drift(name))
+            await self._safe(self.fairness(name))
+            await self._safe(self.triggers(name))
+
+    # -- data ---------------------------------------------------------------------------------------------
+    async def _records(self, deployment: str, *, newest: bool, since: float | None = None,
+                       adapter: str | None = None) -> list[dict[str, Any]]:
+        q = select(Completion.id, Completion.prompt, Completion.output, Completion.attributes, Completion.adapter) \
+            .where(Completion.deployment == deployment, Completion.error.is_(None))
+        if since is not None:
+            q = q.where(Completion.created_at >= since)
+        if adapter is not None:
+            q = q.where(Completion.adapter_id == adapter)
+        q = q.order_by(Completion.created_at.desc() if newest else Completion.created_at).limit(self.window)
+        async with self.ctx.sessions() as s:
+            rows = (await s.execute(q)).all()
+            ratings = dict((await s.execute(select(Feedback.completion_id, Feedback.rating).where(
+                Feedback.completion_id.in_([r.id for r in rows]), Feedback.rating.is_not(None)))).all())
+        return [{"prompt": _last_user(r.prompt), "output": r.output, "attributes": r.attributes or {},
+                 "rating": ratings.get(r.id)} for r in rows]
+
+    async def _reference(self, dep: Deployment) -> tuple[list[dict[str, Any]], str]:
+        if dep.production_adapter_id:
+            async with self.ctx.sessions() as s:
+                promoted = (await s.execute(select(func.max(DeploymentEvent.created_at)).where(
+                    DeploymentEvent.deployment == dep.name,
+                    DeploymentEvent.adapter_id == dep.production_adapter_id))).scalar_one_or_none()
+                adapter = await s.get(Adapter, dep.production_adapter_id)
+                snap = await s.get(Snapshot, adapter.snapshot_id) if adapter and adapter.snapshot_id else None
+            first = await self._records(dep.name, newest=False, since=promoted, adapter=dep.production_adapter_id)
+            if len(first) >= MIN_ROWS:
+                return first, "first traffic window after promotion"
+            if snap is not None:
+                rows = []
+                with (Path(snap.path) / "train.jsonl").open() as f:
+                    for line in f:
+                        r = json.loads(line)
+                        rows.append({"prompt": _last_user(r.get("prompt")), "output": r.get("completion") or
+                                     r.get("chosen") or "", "attributes": r.get("attributes") or {}})
+                        if len(rows) >= self.window:
+                            break
+                return rows, "training snapshot of the production adapter"
+        return await self._records(dep.name, newest=False), "first traffic window"
+
+    @staticmethod
+    def _label_like(records: list[dict[str, Any]]) -> bool:
+        outputs = [str(r.get("output") or "").strip() for r in records]
+        return bool(outputs) and len(set(outputs)) <= max(2, 0.2 * len(outputs))
+
+    @staticmethod
+    def _attribute_keys(records: list[dict[str, Any]], max_cardinality: int = 20) -> list[str]:
+        values: dict[str, set[str]] = {}
+        for r in records:
+            for k, v in (r.get("attributes") or {}).items():
+                values.setdefault(k, set()).add(v)
+        return sorted(k for k, v in values.items() if 2 <= len(v) <= max_cardinality)
+
+    # -- drift --------------------------------------------------------------------------------------------
+    async def drift(self, deployment: str) -> dict[str, Any] | None:
+        async with self.ctx.sessions() as s:
+            dep = await s.get(Deployment, deployment)
+        if dep is None:
+            return None
+        reference, source = await self._reference(dep)
+        current = await self._records(deployment, newest=True)
+        if len(reference) < MIN_ROWS or len(current) < MIN_ROWS:
+            return None
+        label_like = self._label_like(reference)
+        for r in reference + current:
+            r["label"] = str(r.get("output") or "").strip() if label_like else None
+        keys = self._attribute_keys(reference + current)
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(max_workers=1)
+        result = await asyncio.get_running_loop().run_in_executor(self.pool, _drift_in_subprocess, reference,
+                                                                   current, keys, True)
+        html = result.pop("html", None)
+        html_path = None
+        if html:
+            out = self.ctx.settings.data_dir / "drift" / deployment
+            out.mkdir(parents=True, exist_ok=True)
+            html_path = str(out / f"{int(time.time())}.html")
+            Path(html_path).write_text(html)
+        result["reference_source"] = source
+        async with self.ctx.sessions() as s, s.begin():
+            s.add(MonitorRun(deployment=deployment, kind="drift", data=result, html_path=html_path))
+        for f in result["features"]:
+            if f["score"] is not None:
+                metrics.DRIFT_SCORE.labels(deployment, f["feature"], f["method"]).set(f["score"])
+                metrics.DRIFT_DETECTED.labels(deployment, f["feature"]).set(1 if f["drifted"] else 0)
+        metrics.DRIFT_SHARE.labels(deployment).set(result["share"])
+        return result
+
+    # -- fairness -----------------------------------------------------------------------------------------
+    async def fairness(self, deployment: str) -> dict[str, Any] | None:
+        import pandas as pd
+
+        from monitoring.fairness import group_report
+
+        async with self.ctx.sessions() as s:
+            rows = (await s.execute(select(Completion.output, Completion.attributes, Feedback.rating,
+                                           Feedback.correction).join(Feedback, Feedback.completion_id == Completion.id)
+                                    .where(Completion.deployment == deployment)
+                                    .order_by(Feedback.id.desc()).limit(self.window * 4))).all()
+        if len(rows) < MIN_ROWS:
+            return None
+        records = [{"output": o, "attributes": a or {}} for o, a, _, _ in rows]
+        keys = self._attribute_keys(records)
+        if not keys:
+            return None
+        frame = pd.DataFrame([{
+            **{f"attr_{k}": (a or {}).get(k, "(missing)") for k in keys},
+            "rating": r, "y_pred": (o or "").strip(),
+            # corrections give labels; a positive rating without correction confirms the answer
+            "y_true": c.strip() if c else ((o or "").strip() if r is not None and r >= 0.5 else None),
+        } for o, a, r, c in rows])
+        has_labels = frame["y_true"].notna().sum() >= MIN_ROWS
+        reports = {}
+        for k in keys:
+            rep = await asyncio.to_thread(group_report, frame, f"attr_{k}", "y_true" if has_labels else None,
+                                          "y_pred" if has_labels else None, "rating", 20, None, 5)
+            reports[k] = rep
+            for g in rep["groups"]:
+                if g.get("mean_rating") is not None:
+                    metrics.FAIRNESS_GROUP_RATING.labels(deployment, k, str(g["group"])).set(g["mean_rating"])
+            for metric, value in rep["gaps"].items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    metrics.FAIRNESS_GAP.labels(deployment, k, metric).set(value)
+        data = json.loads(json.dumps({"attributes": reports, "rows": len(rows)}, default=str))
+        async with self.ctx.sessions() as s, s.begin():
+            s.add(MonitorRun(deployment=deployment, kind="fairness", data=data))
+        return data
+
+    # -- retraining triggers ------------------------------------------------------------------------------
+    async def triggers(self, deployment: str) -> dict[str, Any] | None:
+        """Per-deployment `config.triggers`: {corrections, drift_share, schedule_seconds, job: {...}}."""
+        async with self.ctx.sessions() as s:
+            dep = await s.get(Deployment, deployment)
+            cfg = (dep.config or {}).get("triggers") if dep else None
+            if not cfg:
+                return None
+            busy = (await s.execute(select(func.count()).select_from(Job).where(
+                Job.deployment == deployment, Job.kind == "fine_tune",
+                Job.status.in_(("queued", "running"))))).scalar_one()
+            last = (await s.execute(select(MonitorRun).where(MonitorRun.deployment == deployment,
+                                                             MonitorRun.kind == "trigger")
+                                    .order_by(MonitorRun.id.desc()).limit(1))).scalar_one_or_none()
+            last_fb = int((last.data or {}).get("feedback_max_id") or 0) if last else 0
+            new_corrections = (await s.execute(select(func.count()).select_from(Feedback).where(
+                Feedback.deployment == deployment, Feedback.correction.is_not(None), Feedback.id > last_fb)
+            )).scalar_one()
+            fb_max = (await s.execute(select(func.max(Feedback.id)).where(Feedback.deployment == deployment)
+                                      )).scalar_one() or 0
+            drift = (await s.execute(select(MonitorRun).where(MonitorRun.deployment == deployment,
+                                                              MonitorRun.kind == "drift")
+                                     .order_by(MonitorRun.id.desc()).limit(1))).scalar_one_or_none()
+        if busy:
+            return None
+        reasons = []
+        if cfg.get("corrections") and new_corrections >= int(cfg["corrections"]):
+            reasons.append(f"{new_corrections} new corrections (threshold {cfg['corrections']})")
+        if cfg.get("drift_share") is not None and drift is not None and \
+                (drift.created_at > (last.created_at if last else 0)) and \
+                drift.data.get("share", 0) >= float(cfg["drift_share"]):
+            reasons.append(f"drift share {drift.data['share']:.2f} ≥ {cfg['drift_share']}")
+        if cfg.get("schedule_seconds") and time.time() - (last.created_at if last else dep.created_at) \
+                >= float(cfg["schedule_seconds"]):
+            reasons.append(f"schedule: every {cfg['schedule_seconds']} s")
+        if not reasons:
+            return None
+        body = {"deployment": deployment, "include_feedback": True, **(cfg.get("job") or {})}
+        data: dict[str, Any] = {"reasons": reasons, "feedback_max_id": fb_max}
+        try:
+            job = await self.ctx.jobs.create(body)
+            data["job_id"] = job.id
+            outcome = "job_created"
+        except Exception as exc:  # noqa: BLE001 - recorded as the trigger's outcome
+            data["error"] = str(exc)
+            outcome = "failed"
+        data["outcome"] = outcome
+        async with self.ctx.sessions() as s, s.begin():
+            s.add(MonitorRun(deployment=deployment, kind="trigger", data=data))
+        for r in reasons:
+            metrics.TRIGGERS.labels(deployment, r.split(" ")[0] if not r[0].isdigit() else "corrections").inc()
+        log.info("%s: retraining trigger (%s) → %s", deployment, "; ".join(reasons), outcome)
+        return data
+

@@ -1,0 +1,172 @@
+"""Training through the public API: a real (small) LoRA run on SmolLM2 by the real worker, lineage,
+evaluation, promotion into the real vLLM, cancel, and resume after the worker is SIGKILLed."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+
+import psutil
+import pytest
+
+from examples.banking77.prepare import read_rows, to_chat
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+SMALL = {"n_epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "lora_r": 8, "lora_alpha": 16,
+         "target_modules": ["q_proj", "v_proj"], "max_seq_len": 128, "warmup_ratio": 0.0}
+
+
+def _wait(c, job_id: str, states=("succeeded", "failed", "cancelled"), timeout: float = 900) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = c.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] in states:
+            return job
+        assert time.monotonic() < deadline, f"job stuck in {job['status']}"
+        time.sleep(1)
+
+
+def _events(c, job_id: str) -> list[dict]:
+    return c.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+
+
+@pytest.fixture(scope="module")
+def snapshot_id(service, banking77_dir) -> str:
+    rows = read_rows(banking77_dir / "train.csv")
+    random.Random(1).shuffle(rows)
+    intents = sorted({c for _, c in rows})[:4]  # a small 4-intent task
+    sample = [to_chat(t, c) for t, c in rows if c in intents][:120]
+    with service.client() as c:
+        assert c.post("/v1/deployments", json={"name": "trainer", "config": {
+            "eval_max_rows": 8, "retention_rows": 4, "gates": {"min_task_delta": -1.0,
+                                                               "max_retention_increase": 10.0}}}).status_code == 201
+        ds = c.post("/v1/datasets", json={"name": "b77-small", "deployment": "trainer"}).json()
+        body = b"".join(json.dumps(r).encode() + b"\n" for r in sample)
+        assert c.post(f"/v1/datasets/{ds['id']}/records", content=body,
+                      headers={"content-type": "application/x-ndjson"}).status_code == 201
+        snap = c.post(f"/v1/datasets/{ds['id']}/snapshots", json={"curation": {"split": {"validation_fraction": 0.15}}})
+        assert snap.status_code == 201, snap.text
+        return snap.json()["id"]
+
+
+def test_bad_hyperparameters_are_rejected_before_a_job_exists(service, snapshot_id) -> None:
+    with service.client() as c:
+        before = len(c.get("/v1/fine_tuning/jobs", params={"deployment": "trainer", "limit": 100}).json()["data"])
+        r = c.post("/v1/fine_tuning/jobs", json={"deployment": "trainer", "snapshot_id": snapshot_id,
+                                                 "method": {"type": "sft", "hyperparameters": {"learning_rate": 5}}})
+        assert r.status_code == 422
+        assert r.json()["field"] == "method.hyperparameters.learning_rate"
+        assert "1e-06" in r.json()["detail"] or "0.01" in r.json()["detail"]  # the allowed range is named
+        r = c.post("/v1/fine_tuning/jobs", json={"deployment": "trainer", "snapshot_id": snapshot_id,
+                                                 "method": {"type": "sft", "hyperparameters": {"lora_rank": 8}}})
+        assert r.status_code == 422 and "lora_rank" in r.json()["detail"]
+        r = c.post("/v1/fine_tuning/jobs", json={"deployment": "trainer", "snapshot_id": snapshot_id,
+                                                 "method": {"type": "ppo"}})
+        assert r.status_code == 422 and r.json()["field"] == "method.type"
+        after = len(c.get("/v1/fine_tuning/jobs", params={"deployment": "trainer", "limit": 100}).json()["data"])
+    assert after == before
+
+
+def test_train_evaluate_promote_and_serve(service, snapshot_id) -> None:
+    with service.client() as c:
+        r = c.post("/v1/fine_tuning/jobs", json={"deployment": "trainer", "snapshot_id": snapshot_id, "seed": 3,
+                                                 "method": {"type": "sft", "hyperparameters": {**SMALL, "n_epochs": 2}}})
+        assert r.status_code == 201, r.text
+        job = _wait(c, r.json()["id"])
+        assert job["status"] == "succeeded", job
+        assert job["trained_tokens"] > 0 and job["adapter_id"]
+        events = _events(c, job["id"])
+        steps = [e["data"] for e in events if e["type"] == "step"]
+        vals = [e["data"]["val_loss"] for e in events if e["type"] == "validation"]
+        assert steps and {"loss", "learning_rate", "tokens_per_second", "eta_seconds"} <= set(steps[-1])
+        assert len(vals) >= 2 and min(vals[1:]) < vals[0]  # validation loss falls
+
+        adapter = c.get(f"/v1/adapters/{job['adapter_id']}").json()
+        assert adapter["snapshot_id"] == snapshot_id and adapter["job_id"] == job["id"]
+        assert adapter["version"] >= 1 and len(adapter["base_model_hash"]) == 64
+        assert adapter["path"].endswith(f"/adapters/trainer/{adapter['version']}")
+        assert any(a["id"] == adapter["id"] for a in c.get("/v1/adapters", params={"deployment": "trainer"}).json()["data"])
+
+        # the evaluation is queued automatically and run by the worker
+        deadline = time.monotonic() + 900
+        while True:
+            evs = c.get(f"/v1/adapters/{adapter['id']}/evaluations").json()["data"]
+            if evs and evs[0]["status"] not in ("queued", "running"):
+                break
+            assert time.monotonic() < deadline
+            time.sleep(2)
+        ev = evs[0]
+        assert ev["status"] == "passed", ev
+        report = c.get(f"/v1/evaluations/{ev['id']}/report").json()
+        assert report["evaluation"]["rows"] >= 1 and report["loss_curve"]["train"]
+        html = c.get(f"/v1/evaluations/{ev['id']}/report", headers={"accept": "text/html"})
+        assert html.headers["content-type"].startswith("text/html") and "<img" in html.text
+
+        prompt = {"model": "trainer", "temperature": 0, "max_tokens": 12,
+                  "messages": [{"role": "user", "content": "My card still hasn't arrived, what do I do?"}]}
+        base = c.post("/v1/chat/completions", json=prompt)
+        assert base.headers["x-tuneloop-adapter"] == "base"
+        promoted = c.post("/v1/deployments/trainer/promote", json={"adapter_id": adapter["id"]})
+        assert promoted.status_code == 200, promoted.text
+        tuned = c.post("/v1/chat/completions", json=prompt)
+        assert tuned.status_code == 200
+        assert tuned.headers["x-tuneloop-adapter"].startswith(f"trainer--{adapter['id']}")
+        assert tuned.json()["choices"][0]["message"]["content"] != base.json()["choices"][0]["message"]["content"]
+        assert c.get(f"/v1/adapters/{adapter['id']}").json()["status"] == "production"
+        assert c.post("/v1/deployments/trainer/rollback").status_code == 200
+        assert c.post("/v1/chat/completions", json=prompt).headers["x-tuneloop-adapter"] == "base"
+        types = [h["type"] for h in c.get("/v1/deployments/trainer/history").json()["data"]]
+        assert types[-2:] == ["promote", "rollback"]
+
+
+def test_cancel_stops_a_running_job(service, snapshot_id) -> None:
+    with service.client() as c:
+        r = c.post("/v1/fine_tuning/jobs", json={"deployment": "trainer", "snapshot_id": snapshot_id,
+                                                 "method": {"type": "sft", "hyperparameters": {**SMALL, "n_epochs": 20}}})
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + 600
+        while not any(e["type"] == "step" for e in _events(c, job_id)):
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert c.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] in ("running", "cancelled")
+        cancelled_at = max(e["data"].get("step", 0) for e in _events(c, job_id) if e["type"] == "step")
+        job = _wait(c, job_id, timeout=300)
+        assert job["status"] == "cancelled" and job["adapter_id"] is None
+        last = max(e["data"].get("step", 0) for e in _events(c, job_id) if e["type"] == "step")
+        assert last <= cancelled_at + 2  # stopped within the step in flight (events may lag by one flush)
+        assert c.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").status_code == 409
+
+
+def _worker(service) -> psutil.Process:
+    procs = [p for p in psutil.Process(service.proc.pid).children()
+             if "service.cli" in " ".join(p.cmdline()) and "worker" in p.cmdline()]
+    assert len(procs) == 1
+    return procs[0]
+
+
+def test_worker_sigkill_resumes_from_checkpoint(service, snapshot_id) -> None:
+    with service.client() as c:
+        r = c.post("/v1/fine_tuning/jobs", json={"deployment": "trainer", "snapshot_id": snapshot_id,
+                                                 "method": {"type": "sft", "hyperparameters": {**SMALL, "n_epochs": 3}}})
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + 600
+        while not any(e["type"] == "checkpoint" for e in _events(c, job_id)):
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        ckpt_step = max(e["data"]["step"] for e in _events(c, job_id) if e["type"] == "checkpoint")
+        worker = _worker(service)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+        job = _wait(c, job_id, timeout=900)
+        assert job["status"] == "succeeded", job
+        assert job["attempts"] == 2
+        events = _events(c, job_id)
+        starts = [e for e in events if e["type"] == "started"]
+        assert len(starts) == 2 and "resuming from checkpoint" in starts[1]["message"]
+        after_restart = [e["data"]["step"] for e in events if e["type"] == "step" and e["id"] > starts[1]["id"]]
+        assert after_restart and min(after_restart) > ckpt_step - 1  # not from step 0
+        assert len([a for a in c.get("/v1/adapters", params={"deployment": "trainer"}).json()["data"]
+                    if a["job_id"] == job_id]) == 1  # succeeded once

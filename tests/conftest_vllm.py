@@ -44,7 +44,9 @@ def vllm_test_options(log_path: Path, **overrides: object) -> VLLMOptions:
     return VLLMOptions(**settings)  # type: ignore[arg-type]
 
 
-def make_random_lora(base_dir: Path, out_dir: Path, *, rank: int = 8, seed: int = 0, std: float = 0.2) -> Path:
+def make_random_lora(
+    base_dir: Path, out_dir: Path, *, rank: int = 8, seed: int = 0, std: float = 0.2
+) -> Path:
     """A PEFT LoRA dir on q_proj/v_proj whose lora_B is random, so its answers differ from the base's.
 
     (PEFT initialises lora_B to zero, which would make the adapter a no-op.)
@@ -55,13 +57,15 @@ def make_random_lora(base_dir: Path, out_dir: Path, *, rank: int = 8, seed: int 
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+    )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, std)
-    peft_model.save_pretrained(out_dir)
+    peft_model.save_pretrained(str(out_dir))
     del peft_model, model
     return out_dir
 

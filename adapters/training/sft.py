@@ -206,13 +206,19 @@ class SFTRecipe:
         atomic_dir(self.output_dir / ADAPTER_DIR, lambda tmp: self.model.save_pretrained(tmp))
 
     # --- loop --------------------------------------------------------------------------------------
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if getattr(self, "_order_epoch", None) != epoch:
+            self._order = epoch_batches(self.lengths, self.hp.batch_size, self.hp.seed, epoch)
+            self._order_epoch = epoch
+        return self._order
+
     def _next_window(self) -> list[list[int]]:
         """Micro-batches of the next optimizer step; advances (epoch, batch_pos)."""
-        batches = epoch_batches(self.lengths, self.hp.batch_size, self.hp.seed, self.epoch)
+        batches = self._batches(self.epoch)
         if self.batch_pos >= len(batches):
             self.epoch += 1
             self.batch_pos = 0
-            batches = epoch_batches(self.lengths, self.hp.batch_size, self.hp.seed, self.epoch)
+            batches = self._batches(self.epoch)
         window = batches[self.batch_pos:self.batch_pos + self.hp.gradient_accumulation_steps]
         self.batch_pos += len(window)
         return window

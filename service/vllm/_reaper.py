@@ -50,7 +50,8 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, ignore)
     signal.signal(signal.SIGINT, ignore)
-    child = subprocess.Popen(cmd, preexec_fn=lambda: _prctl_pdeathsig(libc, signal.SIGKILL))
+    # this keeper is single-threaded, so preexec_fn is safe here
+    child = subprocess.Popen(cmd, preexec_fn=lambda: _prctl_pdeathsig(libc, signal.SIGKILL))  # noqa: PLW1509
     while True:
         code = child.poll()
         if code is not None:

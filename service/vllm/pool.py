@@ -107,7 +107,9 @@ class VLLMServer:
 class VLLMPool:
     """Round-robin over ready servers; adapter admin on every server (one lock per adapter name)."""
 
-    def __init__(self, urls: Iterable[str] | None = None, *, servers: Iterable[VLLMServer] | None = None) -> None:
+    def __init__(
+        self, urls: Iterable[str] | None = None, *, servers: Iterable[VLLMServer] | None = None
+    ) -> None:
         self.servers: list[VLLMServer] = [VLLMServer(u) for u in (urls or ())] + list(servers or ())
         if not self.servers:
             raise ValueError("urls: at least one vLLM server URL is required")
@@ -203,7 +205,9 @@ class VLLMPool:
         except httpx.HTTPError as exc:
             raise VLLMRequestError(target.base_url, "list models", None, str(exc)) from exc
         if response.status_code != 200:
-            raise VLLMRequestError(target.base_url, "list models", response.status_code, _error_detail(response))
+            raise VLLMRequestError(
+                target.base_url, "list models", response.status_code, _error_detail(response)
+            )
         return [m["id"] for m in response.json().get("data", [])]
 
     # -- health of external servers -----------------------------------------------------------

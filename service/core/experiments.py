@@ -21,8 +21,16 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from monitoring import metrics
-from monitoring.experiments import (Decision, Guardrail, Policy, VariantData, decide, ramp_weights, summarize,
-                                    thompson_weights)
+from monitoring.experiments import (
+    Decision,
+    Guardrail,
+    Policy,
+    VariantData,
+    decide,
+    ramp_weights,
+    summarize,
+    thompson_weights,
+)
 from service.core.routing import BASE_NAME, ExperimentRoute, Router, Target, Variant
 from service.core.serving import Serving
 from service.errors import Conflict, NotFound, Unprocessable
@@ -267,7 +275,7 @@ class ExperimentService:
                     if exp.id not in self.targets:
                         continue
                     await self._decide(exp)
-                except Exception:  # noqa: BLE001 - one experiment's trouble must not stop the others
+                except Exception:
                     log.exception("experiment %s tick failed", exp.id)
 
     async def _decide(self, exp: Experiment) -> None:

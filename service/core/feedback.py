@@ -45,7 +45,7 @@ def _validate(item: Any, prefix: str) -> tuple[FeedbackIn | None, list[dict[str,
         return None, errs
     unknown = set(item) - {"completion_id", "rating", "correction", "comment", "attributes", "id"}
     if unknown:
-        bad(sorted(unknown)[0], f"unknown field(s): {', '.join(sorted(unknown))}")
+        bad(min(unknown), f"unknown field(s): {', '.join(sorted(unknown))}")
     cid = item.get("completion_id")
     if not isinstance(cid, str) or not cid:
         bad("completion_id", "completion_id is required (the id returned by the gateway)")

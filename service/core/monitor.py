@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from monitoring import metrics
-from service.storage.models import Adapter, Completion, Deployment, DeploymentEvent, Feedback, Job, MonitorRun, Snapshot
+from service.storage.models import (
+    Adapter,
+    Completion,
+    Deployment,
+    DeploymentEvent,
+    Feedback,
+    Job,
+    MonitorRun,
+    Snapshot,
+)
 
 if TYPE_CHECKING:
     from service.context import AppContext
@@ -77,7 +86,7 @@ class Monitor:
             await coro
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - the monitor must keep running
+        except Exception:
             log.exception("monitor step failed")
 
     async def job_gauges(self) -> None:

@@ -79,7 +79,7 @@ class Serving:
                 return
             try:
                 await self.pool.unload_adapter(target.served_name)
-            except Exception:  # noqa: BLE001 - an unload failure must not break serving
+            except Exception:
                 log.exception("unloading %s failed", target.served_name)
             self._gauge()
 

@@ -7,9 +7,20 @@ OpenAI-style integer timestamps. Free-form payloads (messages, hyperparameters, 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # BIGINT primary keys on PostgreSQL, INTEGER (rowid alias, autoincrement) on SQLite.
@@ -21,7 +32,7 @@ def now() -> float:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
 class ApiKey(Base):

@@ -61,7 +61,10 @@ class VLLMOptions:
     log_path: str | None = None  # None: a file in the temp dir (see VLLMSupervisor.log_path)
     python: str = field(default_factory=lambda: sys.executable)
     preload_libraries: bool = True  # LD_PRELOAD tcmalloc + the venv's libiomp5 when they exist
-    start_timeout_s: float = 600.0  # a start that is not healthy by then is killed and retried
+    start_timeout_s: float = 900.0  # a start that is not healthy by then is killed and retried
+    # a start whose log stays silent this long is stuck (seen once: a spawned vLLM worker hung before its
+    # first line, for minutes); a normal start writes at least every ~60 s even on a loaded machine
+    start_stall_s: float = 240.0
     health_interval_s: float = 5.0
     health_timeout_s: float = 10.0
     unhealthy_after: int = 3  # consecutive failed health checks of a running server before a restart
@@ -94,6 +97,7 @@ class VLLMOptions:
             raise ValueError(f"dtype: must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         for name in (
             "start_timeout_s",
+            "start_stall_s",
             "health_interval_s",
             "health_timeout_s",
             "stop_grace_s",
@@ -312,6 +316,12 @@ class VLLMSupervisor:
         else:
             self._ready_event.clear()
 
+    def _log_size(self) -> int:
+        try:
+            return os.stat(self._log_path).st_size
+        except OSError:
+            return -1
+
     def _open_log(self, cmd: list[str]) -> BinaryIO:
         Path(self._log_path).parent.mkdir(parents=True, exist_ok=True)
         log = open(self._log_path, "ab")  # noqa: SIM115  # handed to the child, closed by _spawn
@@ -401,13 +411,20 @@ class VLLMSupervisor:
         """Bring one process to ready and watch it; returns (when it died or hung) whether it was ready."""
         exited = asyncio.ensure_future(proc.wait())
         try:
-            # 1. wait for /health while the process lives
-            deadline = time.monotonic() + self.options.start_timeout_s
+            # 1. wait for /health while the process lives and makes progress (its log grows)
+            started = last_change = time.monotonic()
+            last_size = self._log_size()
             while not await self._health(client):
                 if exited.done():
                     return False
-                if time.monotonic() > deadline:
+                now, size = time.monotonic(), self._log_size()
+                if size != last_size:
+                    last_size, last_change = size, now
+                if now - started > self.options.start_timeout_s:
                     logger.error("vLLM not healthy after %.0f s: killing it", self.options.start_timeout_s)
+                    return False
+                if now - last_change > self.options.start_stall_s:
+                    logger.error("vLLM start stuck (no log output for %.0f s): killing it", now - last_change)
                     return False
                 await asyncio.wait({exited}, timeout=1.0)
             self._healthy = True

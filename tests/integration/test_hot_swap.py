@@ -4,7 +4,6 @@ adapter that was routable for the deployment at that moment."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time

@@ -49,5 +49,5 @@ def test_managed_vllm_restart_and_clean_shutdown(tmp_path, base_model_dir) -> No
     finally:
         code = stop_service(svc, signal.SIGTERM)
     assert code == 0
-    gone, alive = psutil.wait_procs(descendants, timeout=30)
+    _, alive = psutil.wait_procs(descendants, timeout=30)
     assert not alive, f"orphans after SIGTERM: {[p.cmdline() for p in alive]}"

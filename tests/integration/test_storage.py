@@ -7,6 +7,7 @@ import time
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from service.core.completion_log import CompletionLog
 from service.storage.models import Completion, Job
@@ -39,7 +40,7 @@ async def test_completion_log_reports_a_failed_commit(sessions) -> None:
     log.start()
     try:
         await log.write(_row(1))
-        with pytest.raises(Exception):  # duplicate primary key: the waiter learns the write failed
+        with pytest.raises(IntegrityError):  # duplicate primary key: the waiter learns the write failed
             await log.write(_row(1))
         await log.write(_row(2))  # the writer survives a failed batch
     finally:

@@ -1,0 +1,133 @@
+"""Hot-swap cost: time from `promote` to the first response served by the new adapter, and p99 latency of
+live traffic during swaps vs without swaps, measured in one run against a real service and vLLM.
+
+Run: .venv/bin/python benchmarks/hot_swap.py [--swaps 20] [--clients 4] [--vllm-url URL]
+
+Without --vllm-url it starts `tuneloop serve` with its managed vLLM (a minute or two). Two random LoRA
+adapters (rank 8) are put into the registry directly (the benchmark measures swapping, not training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import free_port
+from tests.conftest_vllm import make_random_lora
+
+
+def p(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 2 else max(values)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--swaps", type=int, default=20)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=30, help="duration of the no-swap phase")
+    ap.add_argument("--vllm-url", default=None)
+    args = ap.parse_args()
+
+    from adapters.base_model import BUILTIN_SMOLLM2, prepare_base_model
+
+    base = prepare_base_model(BUILTIN_SMOLLM2, ROOT / "var")
+    tmp = Path(tempfile.mkdtemp(prefix="tuneloop-swap-"))
+    key, port = "bench-" + uuid.uuid4().hex, free_port()
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(tmp), "--base-model", base]
+    if args.vllm_url:
+        cmd += ["--vllm-url", args.vllm_url]
+    env = {**os.environ, "TUNELOOP_ADMIN_KEY": key, "TUNELOOP_START_WORKER": "false",
+           "TUNELOOP_VLLM_KV_CACHE_GIB": "2"}
+    with (tmp / "serve.log").open("wb") as log:
+        svc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    h = {"Authorization": f"Bearer {key}"}
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            try:
+                if httpx.get(url + "/ready", timeout=3).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and svc.poll() is None, "service did not become ready"
+            time.sleep(1)
+        httpx.post(url + "/v1/deployments", json={"name": "swap"}, headers=h)
+        adapters = []
+        for seed in (1, 2):
+            path = make_random_lora(Path(base), tmp / f"lora{seed}", seed=seed)
+            aid = "adp-" + uuid.uuid4().hex[:16]
+            with sqlite3.connect(tmp / "tuneloop.db") as db:
+                db.execute("INSERT INTO adapters (id, deployment, version, path, status, method, base_model, "
+                           "base_model_hash, hyperparameters, metrics, created_at) VALUES "
+                           "(?, 'swap', ?, ?, 'candidate', 'sft', ?, ?, '{}', '{}', ?)",
+                           (aid, seed, str(path), base, "0" * 64, time.time()))
+            adapters.append(aid)
+
+        samples: list[tuple[float, float, str]] = []  # (start, latency, adapter header)
+        stop = threading.Event()
+
+        def client(k: int) -> None:
+            with httpx.Client(base_url=url, headers=h, timeout=120) as c:
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    r = c.post("/v1/chat/completions", json={"model": "swap", "max_tokens": 4, "user": f"u{k}",
+                                                             "messages": [{"role": "user", "content": "Hello"}]})
+                    assert r.status_code == 200, r.text
+                    samples.append((t0, time.monotonic() - t0, r.headers["x-tuneloop-adapter"]))
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+        for t in threads:
+            t.start()
+        with httpx.Client(base_url=url, headers=h, timeout=300) as c:
+            # warm up both adapters once, then measure the steady state on the first one
+            for a in adapters:
+                c.post("/v1/deployments/swap/promote", json={"adapter_id": a})
+            time.sleep(5)
+            quiet_start = time.monotonic()
+            time.sleep(args.seconds)
+            quiet_end = time.monotonic()
+            to_first: list[float] = []
+            for i in range(args.swaps):
+                target = adapters[i % 2]
+                t0 = time.monotonic()
+                r = c.post("/v1/deployments/swap/promote", json={"adapter_id": target})
+                assert r.status_code == 200, r.text
+                while True:  # the first response whose request started after the promote returned
+                    hits = [s for s in samples if s[0] >= t0 and s[2].startswith(f"swap--{target}")]
+                    if hits:
+                        to_first.append(min(s[0] + s[1] for s in hits) - t0)
+                        break
+                    time.sleep(0.01)
+            swap_end = time.monotonic()
+        stop.set()
+        for t in threads:
+            t.join()
+        quiet = [s[1] for s in samples if quiet_start <= s[0] < quiet_end]
+        swapping = [s[1] for s in samples if quiet_end <= s[0] < swap_end]
+        print(f"promote → first response from the new adapter: median {statistics.median(to_first):.3f} s, "
+              f"max {max(to_first):.3f} s over {len(to_first)} swaps (target ≤ 1 s)")
+        print(f"p99 latency without swaps {p(quiet, 99):.3f} s ({len(quiet)} requests), during swaps "
+              f"{p(swapping, 99):.3f} s ({len(swapping)} requests): ratio {p(swapping, 99) / p(quiet, 99):.2f}x")
+    finally:
+        svc.terminate()
+        svc.wait(60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -173,7 +173,7 @@ class AppContext:
                "TUNELOOP_VLLM_URLS": ",".join(vllm_urls)}
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        with (logs / "worker.log").open("ab") as out:  # noqa: ASYNC230 - opening a log file is instant
+        with (logs / "worker.log").open("ab") as out:
             self.worker = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "service.cli", "worker", env=env, stdout=out, stderr=out,
                 preexec_fn=parent_death_signal)

@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=30, help="training steps of the triggered job")
     p.add_argument("--experiment-rounds", type=int, default=12, help="rounds of A/B traffic at most")
     p.add_argument("--round-requests", type=int, default=60)
+    p.add_argument("--min-samples", type=int, default=40, help="ratings per variant before the A/B test may decide")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-service", action="store_true",
                    help="leave a service this script started running at the end (default: ask if interactive)")
@@ -240,7 +241,7 @@ def run_demo(api: Api, args: argparse.Namespace) -> dict[str, Any]:
     hp = {"n_epochs": 3, "batch_size": 8, "learning_rate": 2e-3, "lora_r": 8, "lora_alpha": 16,
           "target_modules": "all-linear", "max_seq_len": 96, "max_steps": args.max_steps, "warmup_ratio": 0.05,
           "early_stopping_patience": 0, "seed": args.seed}
-    policy = {"min_samples_per_variant": 40, "auto_promote": True, "auto_rollback": True, "alpha": 0.05,
+    policy = {"min_samples_per_variant": args.min_samples, "auto_promote": True, "auto_rollback": True, "alpha": 0.05,
               "cs_tuning_n": 200, "guardrail_min_samples": 20, "max_duration_seconds": 1500}
     config = {
         "eval_dataset_id": eval_ds["id"], "eval_dataset_max_rows": 60, "eval_max_rows": 60, "retention_rows": 10,
@@ -338,7 +339,8 @@ def run_demo(api: Api, args: argparse.Namespace) -> dict[str, Any]:
         exp = api.get(f"/v1/experiments/{exp['id']}")
         per_var = {}
         for v in (exp.get("summary") or {}).get("variants", []):
-            per_var[v.get("name")] = (v.get("ratings") or v.get("n_ratings") or v.get("samples"), v.get("mean_rating"))
+            mean = v.get("mean_rating")
+            per_var[v.get("name")] = (v.get("feedback_count"), None if mean is None else round(mean, 3))
         dec = exp.get("decision") or {}
         say(f"   status {exp['status']}; per variant (ratings, mean rating) {per_var}; decision "
             f"{dec.get('action')}: {dec.get('reason')}")

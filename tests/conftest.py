@@ -37,12 +37,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def base_model_dir() -> str:
-    """The bundled SmolLM2, converted once into the repo's ./var (the same place `make run` uses)."""
+def _prepare_base_model() -> str:
     from adapters.base_model import BUILTIN_SMOLLM2, prepare_base_model
 
     return prepare_base_model(BUILTIN_SMOLLM2, ROOT / "var")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Convert the bundled SmolLM2 once, before any fixture (tests/conftest_vllm.py reads ./var/models)."""
+    _prepare_base_model()
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> str:
+    """The bundled SmolLM2, converted once into the repo's ./var (the same place `make run` uses)."""
+    return _prepare_base_model()
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,39 @@ so every API process reports the same numbers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+class DatabaseCounter(Collector):
+    """A counter whose value is a count kept in the database (finished jobs, evaluations).
+
+    Jobs finish in the worker process, which nobody scrapes; the API process's monitor loop reads the
+    counts from the database and sets them here, so every API replica exports the same monotonic totals.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labelnames = name.removesuffix("_total"), documentation, list(labelnames)
+        self._values: dict[tuple[str, ...], float] = {}
+        registry.register(self)
+
+    def set_all(self, values: dict[tuple[str, ...], float]) -> None:
+        self._values = dict(values)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in sorted(self._values.items()):
+            family.add_metric(list(labels), value)
+        yield family
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -37,16 +67,16 @@ FEEDBACK_RATING = Histogram("tuneloop_feedback_rating", "Ratings received (0..1)
 DATASET_ROWS = Counter("tuneloop_dataset_rows_total", "Dataset rows received by outcome.",
                        ["deployment", "outcome"], registry=REGISTRY)
 
-# --- training and evaluation ---------------------------------------------------------------------------
+# --- training and evaluation (set by the API's monitor loop from the database) --------------------------
 JOBS = Gauge("tuneloop_jobs", "Jobs by kind and state.", ["kind", "state"], registry=REGISTRY)
-JOBS_FINISHED = Counter("tuneloop_jobs_finished_total", "Finished jobs by outcome.", ["kind", "state"],
-                        registry=REGISTRY)
+JOBS_FINISHED = DatabaseCounter("tuneloop_jobs_finished_total", "Finished jobs by outcome.", ["kind", "state"],
+                                REGISTRY)
 JOB_DURATION = Gauge("tuneloop_job_last_duration_seconds", "Duration of the last finished job.",
                      ["deployment", "kind"], registry=REGISTRY)
 TRAIN_LOSS = Gauge("tuneloop_training_last_loss", "Last training and validation loss of the latest job.",
                    ["deployment", "split"], registry=REGISTRY)
-EVALUATIONS = Counter("tuneloop_evaluations_total", "Evaluations by gate outcome.", ["deployment", "outcome"],
-                      registry=REGISTRY)
+EVALUATIONS = DatabaseCounter("tuneloop_evaluations_total", "Evaluations by gate outcome.", ["deployment", "outcome"],
+                              REGISTRY)
 EVALUATION_METRIC = Gauge("tuneloop_evaluation_metric", "Latest evaluation metrics, candidate vs reference.",
                           ["deployment", "metric", "model"], registry=REGISTRY)
 

@@ -161,6 +161,7 @@ def setup(api: Api, args: argparse.Namespace, test_rows: list[tuple[str, str]]) 
         if dep["config"].get("eval_dataset_id") != eval_ds["id"]:
             say("   note: its eval_dataset_id differs from this run's test sample; use --deployment NAME for a "
                 "fresh deployment if that matters")
+    dep = api.get(f"/v1/deployments/{args.deployment}")  # with what serves it now
     say(f"   serving now: {dep.get('serving')}, production adapter: {dep.get('production_adapter_id')}")
     return {"deployment": dep, "eval_dataset": eval_ds, "config": dep["config"] if not created else config}
 
@@ -200,10 +201,14 @@ def train(api: Api, args: argparse.Namespace, body: dict[str, Any]) -> dict[str,
         f"trained tokens {job.get('trained_tokens')}, metrics {json.dumps(job.get('metrics'))}")
     if job["status"] != "succeeded":
         raise RuntimeError(f"training job {job['id']} {job['status']}: {job.get('error')}")
-    return {"id": job["id"], "status": job["status"], "seconds": secs, "wall_seconds": round(wall, 1),
-            "trained_tokens": job.get("trained_tokens"), "metrics": job.get("metrics"),
-            "hyperparameters": job["hyperparameters"], "adapter_id": job["adapter_id"],
-            "snapshot_id": job["snapshot_id"]}
+    return {**job_record(job), "wall_seconds": round(wall, 1)}
+
+
+def job_record(job: dict[str, Any]) -> dict[str, Any]:
+    secs = (job["finished_at"] - job["started_at"]) if job.get("started_at") and job.get("finished_at") else None
+    return {"id": job["id"], "status": job["status"], "seconds": secs, "trained_tokens": job.get("trained_tokens"),
+            "metrics": job.get("metrics"), "hyperparameters": job["hyperparameters"],
+            "adapter_id": job["adapter_id"], "snapshot_id": job["snapshot_id"]}
 
 
 def evaluate_and_promote(api: Api, args: argparse.Namespace, adapter_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -318,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             adapter = api.get(f"/v1/adapters/{args.adapter_id}")
             say(f"\nusing adapter {adapter['id']} v{adapter['version']} ({adapter['status']}), no training")
             results["adapter_id"] = adapter["id"]
+            if adapter.get("job_id"):
+                results["job"] = job_record(api.get(f"/v1/fine_tuning/jobs/{adapter['job_id']}"))
         elif args.mode == "full":
             step("2. training data: train.csv as chat rows (user = query, assistant = intent)")
             train_ds = ensure_rows(api, args.deployment, f"banking77-train-{tag(args.limit_train, args.seed)}",

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from monitoring import metrics
 from service.errors import NotFound
 from service.storage.models import (
     Adapter,
@@ -59,9 +58,11 @@ async def queue_evaluation(sessions: async_sessionmaker[AsyncSession], adapter: 
                   spec={"adapter_id": adapter.id, "reference": reference,
                         "source_job_id": source_job.id if source_job else None, **(extra or {})},
                   snapshot_id=adapter.snapshot_id)
+        s.add(job)
+        await s.flush()  # the job row first: the evaluation references it
         ev = Evaluation(id="eval-" + uuid.uuid4().hex[:20], adapter_id=adapter.id, job_id=job.id,
                         reference=reference, status="queued")
-        s.add_all([job, ev])
+        s.add(ev)
         await s.flush()
         s.add(JobEvent(job_id=job.id, type="created", message=f"evaluation {ev.id} of {adapter.id} vs {reference}"))
         await s.execute(update(Adapter).where(Adapter.id == adapter.id).values(evaluation_id=ev.id))
@@ -196,15 +197,10 @@ async def run_evaluation(ctx: WorkerContext, job: Job) -> None:
     payload["html_path"] = str(html_path)
     payload["seconds"] = time.time() - started
     await _close(ctx, job, ev, "passed" if passed else "failed", payload, list(outcome.reasons) if outcome else [])
-    for model in ("candidate", "reference"):
-        for name, value in (result.task[model].to_dict() if model in result.task else {}).items():
-            if isinstance(value, int | float) and name in ("accuracy", "macro_f1", "chrf", "bleu", "mean_nll"):
-                metrics.EVALUATION_METRIC.labels(job.deployment, name, model).set(value)
     if not passed:
         async with ctx.sessions() as s, s.begin():
             await s.execute(update(Adapter).where(Adapter.id == adapter.id, Adapter.status == "candidate")
                             .values(status="rejected"))
-    metrics.EVALUATIONS.labels(job.deployment, "passed" if passed else "failed").inc()
     if passed and job.spec.get("source_job_id"):
         await _auto_deploy(ctx, job.spec["source_job_id"], adapter)
 

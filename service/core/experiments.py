@@ -345,8 +345,8 @@ class ExperimentService:
         for v in summary.get("variants", []):
             name = v.get("name")
             rating = v.get("mean_rating")
-            ci = v.get("rating_ci") or {}
-            for stat, value in (("mean", rating), ("lower", ci.get("lower")), ("upper", ci.get("upper"))):
+            lower, upper = v.get("mean_rating_ci") or (None, None)
+            for stat, value in (("mean", rating), ("lower", lower), ("upper", upper)):
                 if isinstance(value, int | float):
                     metrics.EXPERIMENT_RATING.labels(exp.deployment, name, stat).set(value)
         srm = summary.get("srm_pvalue")

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select, update
 
 from adapters.base_model import model_hash, prepare_base_model
-from monitoring import metrics
 from service.process import parent_death_signal
 from service.storage.models import Adapter, Job, JobEvent, Snapshot
 
@@ -60,7 +59,6 @@ async def _add_events(ctx: WorkerContext, job_id: str, events: list[dict[str, An
 async def _finish(ctx: WorkerContext, job_id: str, **values: Any) -> None:
     async with ctx.sessions() as s, s.begin():
         await s.execute(update(Job).where(Job.id == job_id).values(finished_at=time.time(), **values))
-    metrics.JOBS_FINISHED.labels("fine_tune", values.get("status", "?")).inc()
 
 
 def _job_dir(ctx: WorkerContext, job: Job) -> Path:
@@ -91,7 +89,6 @@ async def _resolve_hyperparameters(ctx: WorkerContext, job: Job, snap: Snapshot,
 
 async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
     """Run one fine-tuning job to a terminal state (or back to the queue if this worker is stopping)."""
-    started = time.time()
     async with ctx.sessions() as s:
         snap = await s.get(Snapshot, job.snapshot_id) if job.snapshot_id else None
     if snap is None:
@@ -149,10 +146,8 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
         t = ev.get("type")
         if t == "step":
             last["loss"] = ev.get("loss")
-            metrics.TRAIN_LOSS.labels(job.deployment, "train").set(ev.get("loss") or 0)
         elif t == "validation":
             last["val_loss"] = ev.get("val_loss")
-            metrics.TRAIN_LOSS.labels(job.deployment, "validation").set(ev.get("val_loss") or 0)
         elif t == "error":
             error = ev.get("message")
         if time.monotonic() - flushed > _EVENT_FLUSH_SECONDS or t in ("checkpoint", "error", "done", "cancelled"):
@@ -161,7 +156,6 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
     code = await proc.wait()
     watcher.cancel()
     await _add_events(ctx, job.id, pending)
-    metrics.JOB_DURATION.labels(job.deployment, "fine_tune").set(time.time() - started)
 
     if code == EXIT_CANCELLED or (code != EXIT_OK and ctx.stopping.is_set()):
         if ctx.stopping.is_set() and not cancelled_by_user:

@@ -90,13 +90,43 @@ class Monitor:
             log.exception("monitor step failed")
 
     async def job_gauges(self) -> None:
+        """Training and evaluation metrics from the database (the worker process is not scraped)."""
         async with self.ctx.sessions() as s:
             rows = (await s.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status))).all()
+            evals = (await s.execute(select(Job.deployment, Evaluation.status, func.count())
+                                     .join(Job, Job.id == Evaluation.job_id)
+                                     .where(Evaluation.status.in_(("passed", "failed")))
+                                     .group_by(Job.deployment, Evaluation.status))).all()
+            latest = {}
+            for job in (await s.execute(select(Job).where(Job.kind == "fine_tune", Job.finished_at.is_not(None))
+                                        .order_by(Job.finished_at))).scalars():
+                latest[job.deployment] = job
+            last_eval = {}
+            for dep, result in (await s.execute(select(Job.deployment, Evaluation.result)
+                                                .join(Job, Job.id == Evaluation.job_id)
+                                                .where(Evaluation.status.in_(("passed", "failed")))
+                                                .order_by(Evaluation.finished_at))).all():
+                last_eval[dep] = result
         for kind in ("fine_tune", "evaluation"):
             for state in ("queued", "running", "succeeded", "failed", "cancelled"):
                 metrics.JOBS.labels(kind, state).set(0)
         for kind, state, n in rows:
             metrics.JOBS.labels(kind, state).set(n)
+        metrics.JOBS_FINISHED.set_all({(k, st): n for k, st, n in rows if st in ("succeeded", "failed", "cancelled")})
+        metrics.EVALUATIONS.set_all({(dep, st): n for dep, st, n in evals})
+        for dep, job in latest.items():
+            if job.started_at:
+                metrics.JOB_DURATION.labels(dep, "fine_tune").set(job.finished_at - job.started_at)
+            for split, key in (("train", "last_loss"), ("validation", "last_val_loss")):
+                value = (job.metrics or {}).get(key)
+                if isinstance(value, int | float):
+                    metrics.TRAIN_LOSS.labels(dep, split).set(value)
+        for dep, result in last_eval.items():
+            task = ((result or {}).get("evaluation") or {}).get("task") or {}
+            for model in ("candidate", "reference"):
+                for name, value in (task.get(model) or {}).items():
+                    if isinstance(value, int | float) and not isinstance(value, bool):
+                        metrics.EVALUATION_METRIC.labels(dep, name, model).set(value)
 
     async def run_all(self) -> None:
         async with self.ctx.sessions() as s:

@@ -20,6 +20,7 @@ ROUTES = [
     health.health, health.ready,
     keys.create_key,
     deployments.create_deployment, deployments.list_deployments, deployments.get_deployment,
+    deployments.update_deployment,
     inference.chat_completions, inference.completions, inference.list_models, inference.get_completion,
     data.post_feedback, data.list_feedback, data.create_dataset, data.list_datasets, data.get_dataset,
     data.upload_records, data.create_snapshot, data.get_snapshot, data.snapshot_report,

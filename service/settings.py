@@ -6,7 +6,7 @@ CLI flags override the environment (see `service.cli`); nothing else in the code
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ class Settings:
     # monitor
     monitor_interval_seconds: float = 60.0  # drift, fairness, retraining triggers
     experiment_interval_seconds: float = 5.0  # experiment decisions, job gauges
-    extra: dict[str, Any] = field(default_factory=dict)
+    drift_window: int = 500  # completions per drift window (reference and current)
 
     @property
     def database(self) -> str:
@@ -73,8 +73,6 @@ class Settings:
         """Defaults, then `TUNELOOP_<FIELD>` variables, then explicit (non-None) overrides."""
         values: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name == "extra":
-                continue
             raw = os.environ.get(f"TUNELOOP_{f.name.upper()}")
             if raw is None:
                 continue

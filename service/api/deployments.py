@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Request, get, post
+from litestar import Request, get, patch, post
 
 from service.api.common import ctx_of, json_body
 from service.auth import admin_scope, app_scope
@@ -21,7 +21,16 @@ async def create_deployment(request: Request[Any, Any, Any]) -> dict[str, Any]:
     ctx = ctx_of(request)
     dep = await ctx.deployments.create(body.get("name"), body.get("base_model"), body.get("config"))
     ctx.router.set_production(dep.name, Target(BASE_NAME, None))
-    return deployment_json(dep)
+    return {**deployment_json(dep), "serving": BASE_NAME}
+
+
+@patch("/v1/deployments/{name:str}", guards=[admin_scope])
+async def update_deployment(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
+    """Merge `config` keys (gates, eval_dataset_id, triggers, …) into the deployment's config."""
+    body = await json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("config"), dict) or set(body) - {"config"}:
+        raise Unprocessable("body must be {\"config\": {...}}", field="config")
+    return deployment_json(await ctx_of(request).deployments.update_config(name, body["config"]))
 
 
 @get("/v1/deployments", guards=[app_scope])

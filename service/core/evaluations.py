@@ -154,7 +154,7 @@ async def run_evaluation(ctx: WorkerContext, job: Job) -> None:
     stop = threading.Event()
 
     def progress(event: dict[str, Any]) -> None:
-        asyncio.run_coroutine_threadsafe(_event(ctx, job.id, {"type": "progress", **event}), loop)
+        asyncio.run_coroutine_threadsafe(_event(ctx, job.id, {**event, "type": "progress"}), loop)
 
     async def beat() -> None:
         while True:

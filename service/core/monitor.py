@@ -65,7 +65,7 @@ class Monitor:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.pool: ProcessPoolExecutor | None = None
-        self.window = int(ctx.settings.extra.get("drift_window", 500))
+        self.window = ctx.settings.drift_window
 
     async def run(self) -> None:
         last_slow = time.monotonic()
@@ -79,7 +79,10 @@ class Monitor:
                     await self._safe(self.run_all())
         finally:
             if self.pool is not None:
-                self.pool.shutdown(cancel_futures=True)
+                # never block shutdown on a drift computation in progress: kill the pool's process
+                for proc in list(getattr(self.pool, "_processes", {}).values()):
+                    proc.kill()
+                self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def _safe(self, coro: Any) -> None:
         try:

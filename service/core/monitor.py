@@ -28,6 +28,7 @@ from service.storage.models import (
     Completion,
     Deployment,
     DeploymentEvent,
+    Evaluation,
     Feedback,
     Job,
     MonitorRun,

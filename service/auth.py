@@ -35,8 +35,10 @@ def new_key() -> str:
 class KeyStore:
     """Looks up keys by hash with a short positive cache, so auth costs no DB round trip per request."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession],
+                 readonly: async_sessionmaker[AsyncSession] | None = None) -> None:
         self._sessions = sessions
+        self._readonly = readonly or sessions
         self._cache: dict[str, tuple[str, float]] = {}
 
     async def scope_of(self, key: str) -> str | None:
@@ -44,7 +46,7 @@ class KeyStore:
         hit = self._cache.get(digest)
         if hit and hit[1] > time.monotonic():
             return hit[0]
-        async with self._sessions() as s:
+        async with self._readonly() as s:
             row = (await s.execute(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)))
                    ).scalar_one_or_none()
         if row is None:

@@ -32,7 +32,7 @@ from service.core.routing import BASE_NAME, Router, Target
 from service.core.serving import Serving, fresh_name
 from service.settings import Settings
 from service.storage import migrate
-from service.storage.db import make_engine, make_sessionmaker
+from service.storage.db import make_engine, make_readonly_sessionmaker, make_sessionmaker
 from service.storage.models import Adapter, Deployment
 from service.vllm.pool import VLLMPool
 from service.vllm.supervisor import VLLMOptions, VLLMSupervisor
@@ -86,7 +86,8 @@ class AppContext:
         await asyncio.to_thread(migrate.upgrade, settings.database)
         engine = make_engine(settings.database)
         sessions = make_sessionmaker(engine)
-        keys = KeyStore(sessions)
+        readonly = make_readonly_sessionmaker(engine)
+        keys = KeyStore(sessions, readonly)
         if settings.admin_key:
             await keys.ensure("admin (TUNELOOP_ADMIN_KEY)", "admin", settings.admin_key)
         base_path = await asyncio.to_thread(prepare_base_model, settings.base_model, settings.data_dir)
@@ -114,7 +115,7 @@ class AppContext:
             pool = VLLMPool.from_supervisor(supervisor)
         gateway = Gateway(pool, router, completions, names, settings.max_metadata_keys,
                           settings.max_metadata_value_chars)
-        feedback = FeedbackService(sessions)
+        feedback = FeedbackService(sessions, readonly)
         datasets = DatasetService(sessions, settings.data_dir, feedback, token_counter(base_path))
         ctx = cls(settings=settings, engine=engine, sessions=sessions, keys=keys, base_model_path=base_path,
                   base_model_hash=base_hash, router=router, pool=pool, completions=completions,
@@ -129,6 +130,7 @@ class AppContext:
         await ctx.load_routes()
         await ctx.experiments.restore()
         completions.start()
+        feedback.writer.start()
         if supervisor is not None:
             supervisor.on_ready = ctx.reload_adapters
             await supervisor.start()
@@ -159,6 +161,7 @@ class AppContext:
                 self.worker.kill()
                 await self.worker.wait()
         await self.completions.stop()
+        await self.feedback.writer.stop()
         if self.supervisor is not None:
             await self.supervisor.stop()
         await self.pool.aclose()

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.curation.feedback_rows import FeedbackItem
 from monitoring import metrics
+from service.core.group_commit import GroupCommit
 from service.errors import NotFound, Unprocessable
 from service.storage.models import Completion, Feedback
 
@@ -81,8 +81,13 @@ def feedback_json(f: Feedback) -> dict[str, Any]:
 
 
 class FeedbackService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession],
+                 readonly: async_sessionmaker[AsyncSession] | None = None) -> None:
         self.sessions = sessions
+        self.readonly = readonly or sessions
+        # Concurrent posts share one transaction and one fsync; each waits for its own commit.
+        self.writer: GroupCommit[tuple[list[FeedbackIn], dict[str, Completion]], list[int]] = \
+            GroupCommit(sessions, self._apply)
 
     async def submit(self, body: Any, idempotency_key: str | None) -> list[int]:
         single = isinstance(body, dict)
@@ -105,7 +110,7 @@ class FeedbackService:
         if errors:
             raise Unprocessable(f"{len({e['index'] for e in errors})} invalid feedback item(s); nothing was stored",
                                 field=errors[0]["field"], errors=errors)
-        async with self.sessions() as s:
+        async with self.readonly() as s:
             ids = {f.completion_id for f in parsed}
             found = {c.id: c for c in (await s.execute(select(Completion).where(Completion.id.in_(ids)))).scalars()}
         missing = [i for i, f in enumerate(parsed) if f.completion_id not in found]
@@ -117,46 +122,46 @@ class FeedbackService:
                                 errors=[{"index": i, "field": f"[{i}].completion_id",
                                          "message": f"unknown completion {parsed[i].completion_id!r}"}
                                         for i in missing])
-        try:
-            return await self._store(parsed, found)
-        except IntegrityError:
-            # A concurrent retry stored some of these client ids first: store the rest, return all.
-            return await self._store(parsed, found)
+        return await self.writer.submit((parsed, found))
 
-    async def _store(self, parsed: list[FeedbackIn], found: dict[str, Completion]) -> list[int]:
-        async with self.sessions() as s, s.begin():
-            client_ids = [f.client_id for f in parsed if f.client_id]
-            existing: dict[str, int] = {}
-            if client_ids:
-                rows = await s.execute(select(Feedback.client_id, Feedback.id).where(Feedback.client_id.in_(client_ids)))
-                existing = {cid: fid for cid, fid in rows.all()}
-            out: list[Feedback | int] = []
-            new: list[tuple[Feedback, Completion]] = []
-            seen_in_batch: dict[str, Feedback] = {}
-            for f in parsed:
-                if f.client_id and f.client_id in existing:
-                    out.append(existing[f.client_id])
-                    continue
-                if f.client_id and f.client_id in seen_in_batch:
-                    out.append(seen_in_batch[f.client_id])
-                    continue
-                c = found[f.completion_id]
-                row = Feedback(client_id=f.client_id, completion_id=c.id, deployment=c.deployment, rating=f.rating,
-                               correction=f.correction, comment=f.comment,
-                               attributes={**(c.attributes or {}), **f.attributes})
-                s.add(row)
-                new.append((row, c))
-                out.append(row)
-                if f.client_id:
-                    seen_in_batch[f.client_id] = row
-            await s.flush()
-            ids = [o if isinstance(o, int) else o.id for o in out]
+    async def _apply(self, s: AsyncSession,
+                     batches: list[tuple[list[FeedbackIn], dict[str, Completion]]]) -> list[list[int]]:
+        """Store several requests' feedback in one transaction (the group commit's unit of work)."""
+        out = [await self._store(s, parsed, found) for parsed, found in batches]
+        return out
+
+    async def _store(self, s: AsyncSession, parsed: list[FeedbackIn], found: dict[str, Completion]) -> list[int]:
+        client_ids = [f.client_id for f in parsed if f.client_id]
+        existing: dict[str, int] = {}
+        if client_ids:
+            rows = await s.execute(select(Feedback.client_id, Feedback.id).where(Feedback.client_id.in_(client_ids)))
+            existing = {cid: fid for cid, fid in rows.all()}
+        out: list[Feedback | int] = []
+        new: list[tuple[Feedback, Completion]] = []
+        seen_in_batch: dict[str, Feedback] = {}
+        for f in parsed:
+            if f.client_id and f.client_id in existing:
+                out.append(existing[f.client_id])
+                continue
+            if f.client_id and f.client_id in seen_in_batch:
+                out.append(seen_in_batch[f.client_id])
+                continue
+            c = found[f.completion_id]
+            row = Feedback(client_id=f.client_id, completion_id=c.id, deployment=c.deployment, rating=f.rating,
+                           correction=f.correction, comment=f.comment,
+                           attributes={**(c.attributes or {}), **f.attributes})
+            s.add(row)
+            new.append((row, c))
+            out.append(row)
+            if f.client_id:
+                seen_in_batch[f.client_id] = row
+        await s.flush()  # assigns ids; later requests in the same transaction see these rows
         for row, c in new:
             labels = (c.deployment, c.adapter, c.variant or "")
             metrics.FEEDBACK.labels(*labels, "correction" if row.correction else "rating").inc()
             if row.rating is not None:
                 metrics.FEEDBACK_RATING.labels(*labels).observe(row.rating)
-        return ids
+        return [o if isinstance(o, int) else o.id for o in out]
 
     async def list(self, deployment: str | None, since: float | None, cursor: int | None,
                    limit: int) -> tuple[list[Feedback], int | None]:

@@ -32,9 +32,11 @@ def make_engine(url: str) -> AsyncEngine:
             dbapi_conn.isolation_level = None
 
         @event.listens_for(engine.sync_engine, "begin")
-        def _begin_immediate(conn: Any) -> None:
-            # Take the write lock at BEGIN: avoids SQLITE_BUSY upgrade deadlocks between processes.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(conn: Any) -> None:
+            # Writers take the write lock at BEGIN (no SQLITE_BUSY on a read→write upgrade between
+            # processes); read-only sessions (see `make_readonly_sessionmaker`) never block anyone in WAL mode.
+            readonly = conn.get_execution_options().get("tuneloop_readonly", False)
+            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
@@ -42,3 +44,8 @@ def make_engine(url: str) -> AsyncEngine:
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def make_readonly_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions for hot read paths (auth, lookups): on SQLite they don't take the write lock."""
+    return async_sessionmaker(engine.execution_options(tuneloop_readonly=True), expire_on_commit=False)

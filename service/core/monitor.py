@@ -50,9 +50,16 @@ def _drift_in_subprocess(reference: list[dict[str, Any]], current: list[dict[str
     os.environ.setdefault("DO_NOT_TRACK", "1")
     from monitoring.drift import DriftSpec, compute_drift, traffic_frame
 
-    spec = DriftSpec.default(attribute_keys, render_html=html)
-    result = compute_drift(traffic_frame(reference, attribute_keys), traffic_frame(current, attribute_keys), spec)
-    return {**result.as_dict(), "html": result.html}
+    ref, cur = traffic_frame(reference, attribute_keys), traffic_frame(current, attribute_keys)
+    note = None
+    try:
+        result = compute_drift(ref, cur, DriftSpec.default(attribute_keys, render_html=html))
+    except ValueError as exc:
+        # Degenerate prompt text (e.g. one repeated prompt) leaves the text classifier no vocabulary:
+        # report the other features rather than nothing.
+        note = f"text drift skipped: {exc}"
+        result = compute_drift(ref, cur, DriftSpec.default(attribute_keys, render_html=html, text=()))
+    return {**result.as_dict(), "html": result.html, "note": note}
 
 
 def _last_user(prompt: Any) -> str:

@@ -20,8 +20,10 @@ CHAT = {"model": "default", "messages": [{"role": "user", "content": "Hi"}], "ma
 
 
 def _vllm_children(pid: int) -> list[psutil.Process]:
+    """The vLLM API server processes (not the supervisor's reaper, whose command line names vLLM too)."""
     return [p for p in psutil.Process(pid).children(recursive=True)
-            if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())]
+            if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())
+            and "_reaper.py" not in " ".join(p.cmdline())]
 
 
 def test_managed_vllm_restart_and_clean_shutdown(tmp_path, base_model_dir) -> None:

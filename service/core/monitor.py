@@ -123,8 +123,13 @@ class Monitor:
                 metrics.JOBS.labels(kind, state).set(0)
         for kind, state, n in rows:
             metrics.JOBS.labels(kind, state).set(n)
-        metrics.JOBS_FINISHED.set_all({(k, st): n for k, st, n in rows if st in ("succeeded", "failed", "cancelled")})
-        metrics.EVALUATIONS.set_all({(dep, st): n for dep, st, n in evals})
+        # every known label set is exported (zero included) so that increase() sees the first event
+        finished = {(k, st): 0 for k in ("fine_tune", "evaluation") for st in ("succeeded", "failed", "cancelled")}
+        finished.update({(k, st): n for k, st, n in rows if (k, st) in finished})
+        metrics.JOBS_FINISHED.set_all(finished)
+        outcomes = {(dep, st): 0 for dep in {d for d, _, _ in evals} | set(latest) for st in ("passed", "failed")}
+        outcomes.update({(dep, st): n for dep, st, n in evals})
+        metrics.EVALUATIONS.set_all(outcomes)
         for dep, job in latest.items():
             if job.started_at:
                 metrics.JOB_DURATION.labels(dep, "fine_tune").set(job.finished_at - job.started_at)

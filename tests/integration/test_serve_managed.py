@@ -50,6 +50,8 @@ def test_managed_vllm_restart_and_clean_shutdown(tmp_path, base_model_dir) -> No
             descendants = psutil.Process(svc.proc.pid).children(recursive=True)
     finally:
         code = stop_service(svc, signal.SIGTERM)
-    assert code == 0
+    # uvicorn re-raises the SIGTERM after a graceful shutdown, so the exit status is the signal's
+    assert code in (0, -signal.SIGTERM), code
+    assert "Application shutdown complete" in svc.log_text()
     _, alive = psutil.wait_procs(descendants, timeout=30)
     assert not alive, f"orphans after SIGTERM: {[p.cmdline() for p in alive]}"

@@ -35,4 +35,5 @@ async def json_body(request: Request[Any, Any, Any], max_bytes: int | None = Non
 def wants_html(request: Request[Any, Any, Any]) -> bool:
     """Content negotiation for reports: HTML only when the client prefers it over JSON."""
     accept = request.headers.get("accept", "")
-    return "text/html" in accept and accept.find("text/html") < (accept.find("application/json") % 10**6)
+    html, json_ = accept.find("text/html"), accept.find("application/json")
+    return html >= 0 and (json_ < 0 or html < json_)

@@ -224,19 +224,14 @@ class ExperimentService:
         out = []
         for v, w in zip(exp.variants, weights, strict=True):
             mine = [c for c in comps if c.variant == v["name"]]
-            stage = [c for c in mine if c.created_at >= stage_start]
             out.append(VariantData(
                 name=v["name"], is_control=v["is_control"], weight=float(w),
                 ratings=np.array([r for name, r in ratings if name == v["name"]], dtype=float),
-                errors=sum(1 for c in mine if c.error), requests=len(stage) if stage else 0,
+                errors=sum(1 for c in mine if c.error), requests=len(mine),
                 latencies=np.array([c.latency_seconds for c in mine], dtype=float),
                 output_tokens=np.array([c.completion_tokens for c in mine], dtype=float),
-                units=len({c.user for c in stage if c.user})))
-        # errors are counted over the whole experiment, requests over the stage (SRM); keep them consistent
-        for d, v in zip(out, exp.variants, strict=True):
-            total = sum(1 for c in comps if c.variant == v["name"])
-            if d.errors > d.requests:
-                d.requests = total
+                # SRM compares units assigned under the current weights (the current ramp stage)
+                units=len({c.user for c in mine if c.user and c.created_at >= stage_start})))
         return out
 
     async def summary(self, exp: Experiment) -> dict[str, Any]:

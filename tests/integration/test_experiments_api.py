@@ -89,31 +89,30 @@ def test_sample_ratio_mismatch_holds_the_experiment(service) -> None:
         assert any(ev["type"] == "decision:hold_srm" for ev in e["events"])
 
 
+def _run_to_decision(c, deployment: str, liked: str) -> tuple[dict, dict]:
+    """80 users; users of the `liked` variant rate 1, the others 0; wait for the experiment's decision."""
+    exp = _experiment(c, deployment)
+    feedback = []
+    for i in range(80):
+        variant, cid = _ask(c, deployment, f"{deployment}-{i}")
+        feedback.append({"completion_id": cid, "rating": 1.0 if variant == liked else 0.0})
+    assert c.post("/v1/feedback", json=feedback).status_code == 201
+    return exp, _wait_status(c, exp["id"], ("rolled_back", "promoted", "inconclusive"))
+
+
 def test_guardrail_trip_rolls_back(service) -> None:
     with service.client() as c:
-        exp = _experiment(c, "ab-guard")
-        feedback = []
-        for i in range(80):
-            variant, cid = _ask(c, "ab-guard", f"g-{i}")
-            feedback.append({"completion_id": cid, "rating": 1.0 if variant == "control" else 0.0})
-        assert c.post("/v1/feedback", json=feedback).status_code == 201
-        done = _wait_status(c, exp["id"], ("rolled_back", "promoted", "inconclusive"))
+        exp, done = _run_to_decision(c, "ab-guard", liked="control")
         assert done["status"] == "rolled_back", done
         assert any(ev["type"] == "decision:rollback" and ev["data"]["numbers"] for ev in
                    c.get(f"/v1/experiments/{exp['id']}").json()["events"])
-        r = c.post("/v1/chat/completions", json={"model": "ab-guard", "user": "g-1", "max_tokens": 1,
+        r = c.post("/v1/chat/completions", json={"model": "ab-guard", "user": "ab-guard-1", "max_tokens": 1,
                                                  "messages": [{"role": "user", "content": "Hi"}]})
         assert r.headers["x-tuneloop-adapter"] == "base" and "x-tuneloop-variant" not in r.headers
 
 
 def test_clear_winner_is_promoted(service) -> None:
     with service.client() as c:
-        exp = _experiment(c, "ab-win")
-        feedback = []
-        for i in range(80):
-            variant, cid = _ask(c, "ab-win", f"w-{i}")
-            feedback.append({"completion_id": cid, "rating": 1.0 if variant == "treatment" else 0.0})
-        assert c.post("/v1/feedback", json=feedback).status_code == 201
-        done = _wait_status(c, exp["id"], ("rolled_back", "promoted", "inconclusive"))
+        _, done = _run_to_decision(c, "ab-win", liked="treatment")
         assert done["status"] == "promoted", done
         assert done["decision"]["winner"] == "treatment"

@@ -16,6 +16,7 @@ from service.api.common import ctx_of, json_body, wants_html
 from service.auth import admin_scope
 from service.core.evaluations import evaluation_json
 from service.core.jobs import TERMINAL, event_json, job_json
+from service.core.serving import history_json
 from service.errors import NotFound, Unprocessable
 from service.storage.models import Adapter
 
@@ -147,8 +148,6 @@ async def evaluation_report(request: Request[Any, Any, Any], evaluation_id: str)
 # --- serving: promote / rollback / history --------------------------------------------------------------
 @post("/v1/deployments/{name:str}/promote", guards=[admin_scope], status_code=200)
 async def promote(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
-    from service.core.serving import history_json
-
     body = await json_body(request)
     if not isinstance(body, dict) or "adapter_id" not in body:
         raise Unprocessable("body must be {adapter_id, force?}", field="adapter_id")
@@ -162,13 +161,9 @@ async def promote(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
 
 @post("/v1/deployments/{name:str}/rollback", guards=[admin_scope], status_code=200)
 async def rollback(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
-    from service.core.serving import history_json
-
     return history_json(await ctx_of(request).serving.rollback(name))
 
 
 @get("/v1/deployments/{name:str}/history", guards=[admin_scope])
 async def history(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
-    from service.core.serving import history_json
-
     return {"object": "list", "data": [history_json(e) for e in await ctx_of(request).serving.history(name)]}

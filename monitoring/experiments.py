@@ -37,6 +37,7 @@ true value ever leaves one side is at most the probability it ever leaves either
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Sequence
@@ -414,7 +415,7 @@ class Policy:
         object.__setattr__(self, "ramp", ramp)
         if any(not 0 < r <= 1 for r in ramp):
             raise ValueError(f"policy.ramp values must be in (0, 1], got {list(ramp)}")
-        if any(b <= a for a, b in zip(ramp, ramp[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(ramp)):
             raise ValueError(f"policy.ramp must be strictly increasing, got {list(ramp)}")
         object.__setattr__(self, "guardrails", tuple(self.guardrails))
         if any(not isinstance(g, Guardrail) for g in self.guardrails):

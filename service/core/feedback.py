@@ -11,11 +11,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.curation.feedback_rows import FeedbackItem
 from monitoring import metrics
+from service.core.completion_log import CompletionLog, CompletionRef
 from service.core.group_commit import GroupCommit
 from service.errors import NotFound, Unprocessable
 from service.storage.models import Completion, Feedback
@@ -81,12 +82,11 @@ def feedback_json(f: Feedback) -> dict[str, Any]:
 
 
 class FeedbackService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession],
-                 readonly: async_sessionmaker[AsyncSession] | None = None) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], completions: CompletionLog) -> None:
         self.sessions = sessions
-        self.readonly = readonly or sessions
+        self.completions = completions
         # Concurrent posts share one transaction and one fsync; each waits for its own commit.
-        self.writer: GroupCommit[tuple[list[FeedbackIn], dict[str, Completion]], list[int]] = \
+        self.writer: GroupCommit[tuple[list[FeedbackIn], dict[str, CompletionRef]], list[tuple[int, bool]]] = \
             GroupCommit(sessions, self._apply)
 
     async def submit(self, body: Any, idempotency_key: str | None) -> list[int]:
@@ -110,9 +110,7 @@ class FeedbackService:
         if errors:
             raise Unprocessable(f"{len({e['index'] for e in errors})} invalid feedback item(s); nothing was stored",
                                 field=errors[0]["field"], errors=errors)
-        async with self.readonly() as s:
-            ids = {f.completion_id for f in parsed}
-            found = {c.id: c for c in (await s.execute(select(Completion).where(Completion.id.in_(ids)))).scalars()}
+        found = await self.completions.refs({f.completion_id for f in parsed})
         missing = [i for i, f in enumerate(parsed) if f.completion_id not in found]
         if missing:
             if single:
@@ -122,46 +120,54 @@ class FeedbackService:
                                 errors=[{"index": i, "field": f"[{i}].completion_id",
                                          "message": f"unknown completion {parsed[i].completion_id!r}"}
                                         for i in missing])
-        return await self.writer.submit((parsed, found))
+        stored = await self.writer.submit((parsed, found))
+        # Counted after the commit, and only for new rows, so retries and replays never count twice.
+        for f, (_, new) in zip(parsed, stored, strict=True):
+            if new:
+                c = found[f.completion_id]
+                labels = (c.deployment, c.adapter, c.variant or "")
+                metrics.FEEDBACK.labels(*labels, "correction" if f.correction else "rating").inc()
+                if f.rating is not None:
+                    metrics.FEEDBACK_RATING.labels(*labels).observe(f.rating)
+        return [fid for fid, _ in stored]
 
     async def _apply(self, s: AsyncSession,
-                     batches: list[tuple[list[FeedbackIn], dict[str, Completion]]]) -> list[list[int]]:
-        """Store several requests' feedback in one transaction (the group commit's unit of work)."""
-        out = [await self._store(s, parsed, found) for parsed, found in batches]
-        return out
+                     batches: list[tuple[list[FeedbackIn], dict[str, CompletionRef]]]) -> list[list[tuple[int, bool]]]:
+        """Store several requests' feedback in one transaction (the group commit's unit of work).
 
-    async def _store(self, s: AsyncSession, parsed: list[FeedbackIn], found: dict[str, Completion]) -> list[int]:
-        client_ids = [f.client_id for f in parsed if f.client_id]
+        One query finds client ids stored before, one multi-row INSERT ... RETURNING stores the rest; a
+        client id repeated within the transaction maps to the row of its first occurrence. Each item comes
+        back as (feedback id, whether this item created the row).
+        """
+        client_ids = {f.client_id for parsed, _ in batches for f in parsed if f.client_id}
         existing: dict[str, int] = {}
         if client_ids:
             rows = await s.execute(select(Feedback.client_id, Feedback.id).where(Feedback.client_id.in_(client_ids)))
             existing = {cid: fid for cid, fid in rows.all()}
-        out: list[Feedback | int] = []
-        new: list[tuple[Feedback, Completion]] = []
-        seen_in_batch: dict[str, Feedback] = {}
-        for f in parsed:
-            if f.client_id and f.client_id in existing:
-                out.append(existing[f.client_id])
-                continue
-            if f.client_id and f.client_id in seen_in_batch:
-                out.append(seen_in_batch[f.client_id])
-                continue
-            c = found[f.completion_id]
-            row = Feedback(client_id=f.client_id, completion_id=c.id, deployment=c.deployment, rating=f.rating,
-                           correction=f.correction, comment=f.comment,
-                           attributes={**(c.attributes or {}), **f.attributes})
-            s.add(row)
-            new.append((row, c))
-            out.append(row)
-            if f.client_id:
-                seen_in_batch[f.client_id] = row
-        await s.flush()  # assigns ids; later requests in the same transaction see these rows
-        for row, c in new:
-            labels = (c.deployment, c.adapter, c.variant or "")
-            metrics.FEEDBACK.labels(*labels, "correction" if row.correction else "rating").inc()
-            if row.rating is not None:
-                metrics.FEEDBACK_RATING.labels(*labels).observe(row.rating)
-        return [o if isinstance(o, int) else o.id for o in out]
+        new_rows: list[dict[str, Any]] = []
+        first_of: dict[str, int] = {}  # client id -> index in new_rows
+        slots: list[list[int | tuple[int, bool]]] = []  # per request: stored id, or (index in new_rows, first)
+        for parsed, found in batches:
+            slot: list[int | tuple[int, bool]] = []
+            for f in parsed:
+                if f.client_id and f.client_id in existing:
+                    slot.append(existing[f.client_id])
+                elif f.client_id and f.client_id in first_of:
+                    slot.append((first_of[f.client_id], False))
+                else:
+                    c = found[f.completion_id]
+                    if f.client_id:
+                        first_of[f.client_id] = len(new_rows)
+                    slot.append((len(new_rows), True))
+                    new_rows.append({"client_id": f.client_id, "completion_id": c.id, "deployment": c.deployment,
+                                     "rating": f.rating, "correction": f.correction, "comment": f.comment,
+                                     "attributes": {**c.attributes, **f.attributes}})
+            slots.append(slot)
+        new_ids: list[int] = []
+        if new_rows:
+            stmt = insert(Feedback).returning(Feedback.id, sort_by_parameter_order=True)
+            new_ids = list((await s.execute(stmt, new_rows)).scalars())
+        return [[(x, False) if isinstance(x, int) else (new_ids[x[0]], x[1]) for x in slot] for slot in slots]
 
     async def list(self, deployment: str | None, since: float | None, cursor: int | None,
                    limit: int) -> tuple[list[Feedback], int | None]:

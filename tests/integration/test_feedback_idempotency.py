@@ -1,6 +1,7 @@
 """Property: however feedback is submitted and retried (single objects, batches, repeated client ids,
-Idempotency-Key), each client id is stored exactly once and always maps to the same stored id.
-Runs the real FeedbackService on a real SQLite file."""
+Idempotency-Key), each client id is stored (and counted in Prometheus) exactly once and always maps to the
+same stored id.
+Runs the real FeedbackService on a real SQLite file and on the real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,27 +12,40 @@ import uuid
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import create_engine, func, insert, select
+from sqlalchemy import func, insert, select
 
+from monitoring import metrics
+from service.core.completion_log import CompletionLog
 from service.core.feedback import FeedbackService
 from service.storage.db import make_engine, make_sessionmaker
 from service.storage.migrate import upgrade
 from service.storage.models import Completion, Feedback
+from tests.conftest import PG_URL, _reset_pg
 
 COMPLETIONS = [f"chatcmpl-prop-{i}" for i in range(3)]
 
 
-@pytest.fixture(scope="module")
-def db_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('fb') / 'tuneloop.db'}"
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A migrated real SQLite file or the real PostgreSQL `test` database, with three completions."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('fb') / 'tuneloop.db'}"
+    else:
+        _reset_pg()
+        url = PG_URL
     upgrade(url)
-    with create_engine(url.replace("+aiosqlite", "")).begin() as conn:
-        conn.execute(insert(Completion), [{
-            "id": c, "deployment": "default", "adapter": "base", "kind": "chat", "attributes": {},
-            "prompt": [{"role": "user", "content": "hi"}], "prompt_hash": "h", "output": "o",
-            "created_at": time.time()} for c in COMPLETIONS])
-    return url
 
+    async def seed() -> None:
+        engine = make_engine(url)
+        async with engine.begin() as conn:
+            await conn.execute(insert(Completion), [{
+                "id": c, "deployment": "default", "adapter": "base", "kind": "chat", "attributes": {},
+                "prompt": [{"role": "user", "content": "hi"}], "prompt_hash": "h", "output": "o",
+                "created_at": time.time()} for c in COMPLETIONS])
+        await engine.dispose()
+
+    asyncio.run(seed())
+    return url
 
 submission = st.tuples(st.sampled_from("abcde"), st.sampled_from(COMPLETIONS),
                        st.floats(min_value=0, max_value=1, allow_nan=False), st.booleans())
@@ -43,9 +57,16 @@ submission = st.tuples(st.sampled_from("abcde"), st.sampled_from(COMPLETIONS),
 def test_retries_never_store_twice(db_url: str, items, batch: int, retries: int) -> None:
     prefix = uuid.uuid4().hex[:8]
 
+    labels = {"deployment": "default", "adapter": "base", "variant": "", "kind": "rating"}
+
+    def counted() -> float:
+        return metrics.REGISTRY.get_sample_value("tuneloop_feedback_total", labels) or 0.0
+
     async def run() -> None:
+        before = counted()
         engine = make_engine(db_url)
-        svc = FeedbackService(make_sessionmaker(engine))
+        sessions = make_sessionmaker(engine)
+        svc = FeedbackService(sessions, CompletionLog(sessions))
         seen: dict[str, int] = {}
         try:
             for _ in range(retries):
@@ -65,6 +86,7 @@ def test_retries_never_store_twice(db_url: str, items, batch: int, retries: int)
                 stored = (await s.execute(select(func.count()).select_from(Feedback)
                                           .where(Feedback.client_id.like(f"{prefix}-%")))).scalar_one()
             assert stored == len(seen)
+            assert counted() - before == len(seen)  # the Prometheus counter counts rows, not retries
         finally:
             await engine.dispose()
 

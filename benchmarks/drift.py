@@ -73,7 +73,7 @@ def worker(rows: int, cap: int, text: bool) -> dict:
     from scipy.spatial.distance import jensenshannon
     from scipy.stats import wasserstein_distance
 
-    from monitoring.drift import DriftSpec, compute_drift  # noqa: F401  (import cost not timed)
+    from monitoring.drift import DriftSpec, compute_drift
 
     ref, cur = _frame(rows, 1, False), _frame(rows, 2, True)
     rss_before = _rss_mb()
@@ -125,7 +125,7 @@ def main() -> None:
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(
-            f"{r['rows']:>10} {str(r['text']):>5} {str(r['text_cap'] or '-'):>6} {r['seconds']:>8.2f} "
+            f"{r['rows']:>10} {r['text']!s:>5} {r['text_cap'] or '-'!s:>6} {r['seconds']:>8.2f} "
             f"{r['scipy_baseline_seconds']:>8.3f} {r['ratio_vs_baseline']:>6} {r['rss_before_mb']:>9.0f}M "
             f"{r['peak_rss_mb']:>8.0f}M  {','.join(r['drifted'])}"
         )

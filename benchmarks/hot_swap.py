@@ -102,11 +102,13 @@ def main() -> int:
             time.sleep(args.seconds)
             quiet_end = time.monotonic()
             to_first: list[float] = []
+            promote_calls: list[float] = []  # load + probe + switch, inside the promote request
             for i in range(args.swaps):
                 target = adapters[i % 2]
                 t0 = time.monotonic()
                 r = c.post("/v1/deployments/swap/promote", json={"adapter_id": target})
                 assert r.status_code == 200, r.text
+                promote_calls.append(time.monotonic() - t0)
                 while True:  # the first response whose request started after the promote returned
                     hits = [s for s in samples if s[0] >= t0 and s[2].startswith(f"swap--{target}")]
                     if hits:
@@ -121,6 +123,7 @@ def main() -> int:
         swapping = [s[1] for s in samples if quiet_end <= s[0] < swap_end]
         print(f"promote → first response from the new adapter: median {statistics.median(to_first):.3f} s, "
               f"max {max(to_first):.3f} s over {len(to_first)} swaps (target ≤ 1 s)")
+        print(f"  of which the promote request (load + probe + switch): median {statistics.median(promote_calls):.3f} s")
         print(f"p99 latency without swaps {p(quiet, 99):.3f} s ({len(quiet)} requests), during swaps "
               f"{p(swapping, 99):.3f} s ({len(swapping)} requests): ratio {p(swapping, 99) / p(quiet, 99):.2f}x")
     finally:

@@ -143,7 +143,11 @@ def main() -> int:
     key = "bench-admin-key"
     port, hport = free_port(), free_port()
     env = {**os.environ, "TUNELOOP_ADMIN_KEY": key, "TUNELOOP_START_WORKER": "false", "TUNELOOP_START_MONITOR": "false"}
+    from adapters.base_model import BUILTIN_SMOLLM2, prepare_base_model
+
+    base_model = prepare_base_model(BUILTIN_SMOLLM2, ROOT / "var")  # converted once, shared with `make run`
     svc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(tmp),
+                            "--base-model", str(base_model),
                             "--database-url", db_url, "--vllm-url", f"http://127.0.0.1:{free_port()}"],
                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (tmp / "hello.py").write_text(HELLO)

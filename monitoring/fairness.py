@@ -39,7 +39,7 @@ from fairlearn.metrics import (
 )
 from sklearn.metrics import accuracy_score
 
-__all__ = ["OTHER", "MISSING", "bounded_attributes", "group_report", "group_labels"]
+__all__ = ["MISSING", "OTHER", "bounded_attributes", "group_labels", "group_report"]
 
 OTHER = "(other)"
 MISSING = "(missing)"
@@ -253,7 +253,7 @@ def group_report(
         gaps.update(summary)
     return {
         "attribute": attribute,
-        "rows": int(len(df)),
+        "rows": len(df),
         "min_group_size": min_group_size,
         "groups": sorted(rows.values(), key=lambda r: -r["count"]),
         "gaps": gaps,

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args, host=args.host, port=args.port,
                              vllm_urls=tuple(args.vllm_urls) if args.vllm_urls else None)
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                    timeout_graceful_shutdown=30)
+                    access_log=settings.access_log, timeout_graceful_shutdown=30)
         return 0
     if args.command == "worker":
         from service.worker import run_worker

@@ -100,7 +100,7 @@ class AppContext:
             router.assign = assign
         except ImportError:  # pragma: no cover - statistics module not present
             pass
-        completions = CompletionLog(sessions)
+        completions = CompletionLog(sessions, readonly)
         deployments = DeploymentService(sessions, base_path, names)
 
         supervisor = None
@@ -115,7 +115,7 @@ class AppContext:
             pool = VLLMPool.from_supervisor(supervisor)
         gateway = Gateway(pool, router, completions, names, settings.max_metadata_keys,
                           settings.max_metadata_value_chars)
-        feedback = FeedbackService(sessions, readonly)
+        feedback = FeedbackService(sessions, completions)
         datasets = DatasetService(sessions, settings.data_dir, feedback, token_counter(base_path))
         ctx = cls(settings=settings, engine=engine, sessions=sessions, keys=keys, base_model_path=base_path,
                   base_model_hash=base_hash, router=router, pool=pool, completions=completions,

@@ -35,6 +35,7 @@ class Settings:
     metrics_public: bool = True  # /metrics without a key (the service binds to loopback by default)
     start_worker: bool = True
     start_monitor: bool = True
+    access_log: bool = False  # uvicorn's line per request; Prometheus and the completion log already count them
     # vLLM (managed)
     vllm_max_loras: int = 4
     vllm_max_cpu_loras: int = 8

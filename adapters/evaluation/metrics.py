@@ -22,8 +22,11 @@ from dataclasses import asdict, dataclass
 _WS = re.compile(r"\s+")
 _TRAILING_PUNCT = ".,;:!?\"'`)]}»”’"
 
-#: A task is label-like when its distinct expected answers are at most this share of the rows.
+#: A task is label-like when its distinct expected answers are at most this share of the rows ...
 LABEL_LIKE_MAX_RATIO = 0.2
+#: ... or when every answer is a short name (≤ this many words) and at most half the rows are distinct:
+#: a sample of 300 rows over Banking77's 77 intents has 26 % distinct answers, all single snake_case names.
+LABEL_NAME_MAX_WORDS = 3
 
 
 def normalize_answer(text: str) -> str:
@@ -33,11 +36,19 @@ def normalize_answer(text: str) -> str:
 
 
 def is_label_like(expected: Sequence[str], max_ratio: float = LABEL_LIKE_MAX_RATIO) -> bool:
-    """True when distinct normalised expected answers ≤ ``max_ratio`` · rows (and there are ≥ 2 rows)."""
+    """True when answers repeat enough to be classes (≥ 2 rows).
+
+    Either distinct normalised answers ≤ ``max_ratio`` · rows, or every answer is a short name of at most
+    ``LABEL_NAME_MAX_WORDS`` words and distinct answers ≤ half the rows (many classes, few rows each).
+    """
     if len(expected) < 2:
         return False
-    distinct = len({normalize_answer(e) for e in expected})
-    return distinct <= max_ratio * len(expected)
+    normalised = [normalize_answer(e) for e in expected]
+    distinct = len(set(normalised))
+    if distinct <= max_ratio * len(expected):
+        return True
+    short_names = all(0 < len(a.split()) <= LABEL_NAME_MAX_WORDS and len(a) <= 64 for a in normalised)
+    return short_names and distinct <= 0.5 * len(expected)
 
 
 def exact_matches(expected: Sequence[str], produced: Sequence[str]) -> list[bool]:

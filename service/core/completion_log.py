@@ -1,14 +1,31 @@
-"""Durable completion log: every gateway response waits until its row is committed (group commit)."""
+"""Durable completion log: every gateway response waits until its row is committed (group commit).
+
+It also remembers the last `cache_size` committed completions' routing facts (`CompletionRef`), so that
+feedback on a fresh completion — the common case — is checked without a database read. Completions are
+never updated, so the cache cannot go stale.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.core.group_commit import GroupCommit
 from service.storage.models import Completion
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRef:
+    """What feedback needs of a completion: where it was served and the request's attributes."""
+    id: str
+    deployment: str
+    adapter: str
+    variant: str | None
+    attributes: dict[str, Any]
 
 
 async def _insert(session: AsyncSession, rows: list[dict[str, Any]]) -> list[None]:
@@ -17,9 +34,36 @@ async def _insert(session: AsyncSession, rows: list[dict[str, Any]]) -> list[Non
 
 
 class CompletionLog(GroupCommit[dict[str, Any], None]):
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession],
+                 readonly: async_sessionmaker[AsyncSession] | None = None, cache_size: int = 100_000) -> None:
         super().__init__(sessions, _insert)
+        self._readonly = readonly or sessions
+        self._refs: OrderedDict[str, CompletionRef] = OrderedDict()
+        self._cache_size = cache_size
+
+    def _remember(self, ref: CompletionRef) -> None:
+        self._refs[ref.id] = ref
+        self._refs.move_to_end(ref.id)
+        if len(self._refs) > self._cache_size:
+            self._refs.popitem(last=False)
 
     async def write(self, row: dict[str, Any]) -> None:
         """Return once `row` is committed; raises if the commit failed."""
         await self.submit(row)
+        self._remember(CompletionRef(row["id"], row["deployment"], row["adapter"], row.get("variant"),
+                                     row.get("attributes") or {}))
+
+    async def refs(self, ids: set[str]) -> dict[str, CompletionRef]:
+        """The known completions among `ids`: from memory, the rest with one narrow query."""
+        found = {i: self._refs[i] for i in ids if i in self._refs}
+        missing = ids - found.keys()
+        if missing:
+            c = Completion
+            async with self._readonly() as s:
+                rows = await s.execute(select(c.id, c.deployment, c.adapter, c.variant, c.attributes)
+                                       .where(c.id.in_(missing)))
+            for row in rows.all():
+                ref = CompletionRef(row.id, row.deployment, row.adapter, row.variant, row.attributes or {})
+                self._remember(ref)
+                found[ref.id] = ref
+        return found

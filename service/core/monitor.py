@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
+from adapters.evaluation.metrics import is_label_like
 from monitoring import metrics
 from service.storage.models import (
     Adapter,
@@ -193,11 +194,6 @@ class Monitor:
         return await self._records(dep.name, newest=False), "first traffic window"
 
     @staticmethod
-    def _label_like(records: list[dict[str, Any]]) -> bool:
-        outputs = [str(r.get("output") or "").strip() for r in records]
-        return bool(outputs) and len(set(outputs)) <= max(2, 0.2 * len(outputs))
-
-    @staticmethod
     def _attribute_keys(records: list[dict[str, Any]], max_cardinality: int = 20) -> list[str]:
         values: dict[str, set[str]] = {}
         for r in records:
@@ -215,7 +211,7 @@ class Monitor:
         current = await self._records(deployment, newest=True)
         if len(reference) < MIN_ROWS or len(current) < MIN_ROWS:
             return None
-        label_like = self._label_like(reference)
+        label_like = is_label_like([str(r.get("output") or "") for r in reference])
         for r in reference + current:
             r["label"] = str(r.get("output") or "").strip() if label_like else None
         keys = self._attribute_keys(reference + current)

@@ -10,7 +10,9 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from service.core.completion_log import CompletionLog
-from service.storage.models import Completion, Job
+from service.core.feedback import FeedbackService
+from service.errors import NotFound, Unprocessable
+from service.storage.models import Completion, Feedback, Job
 from service.worker import claim_job, requeue_stale
 
 
@@ -45,6 +47,39 @@ async def test_completion_log_reports_a_failed_commit(sessions) -> None:
         await log.write(_row(2))  # the writer survives a failed batch
     finally:
         await log.stop()
+
+
+async def test_feedback_joins_cached_and_stored_completions(sessions) -> None:
+    """Feedback finds a completion logged by this process (memory) and one logged earlier (database)."""
+    earlier = CompletionLog(sessions)
+    await earlier.write({**_row(1), "variant": "b", "attributes": {"segment": "retail"}})  # another process
+    log = CompletionLog(sessions)
+    await log.write(_row(2))
+    fb = FeedbackService(sessions, log)
+    fb.writer.start()
+    try:
+        assert "chatcmpl-1" not in log._refs and "chatcmpl-2" in log._refs
+        ids = await asyncio.gather(
+            fb.submit([{"completion_id": "chatcmpl-1", "rating": 1, "attributes": {"channel": "app"}},
+                       {"completion_id": "chatcmpl-2", "correction": "card_arrival", "id": "k1"}], None),
+            fb.submit({"completion_id": "chatcmpl-2", "rating": 0.25, "id": "k1"}, None),  # same client id
+            fb.submit({"completion_id": "chatcmpl-2", "rating": 0.5}, "hdr"))
+        assert ids[1] == [ids[0][1]] and len({*ids[0], *ids[2]}) == 3
+        with pytest.raises(NotFound):
+            await fb.submit({"completion_id": "chatcmpl-404", "rating": 1}, None)
+        with pytest.raises(Unprocessable) as bad:
+            await fb.submit([{"completion_id": "chatcmpl-1", "rating": 1},
+                             {"completion_id": "chatcmpl-404", "rating": 1}], None)
+        assert bad.value.errors[0]["index"] == 1
+    finally:
+        await fb.writer.stop()
+    async with sessions() as s:
+        rows = {f.id: f for f in (await s.execute(select(Feedback))).scalars()}
+    assert len(rows) == 3  # the retried client id and the rejected batch stored nothing more
+    first = rows[ids[0][0]]
+    assert first.deployment == "default" and first.attributes == {"segment": "retail", "channel": "app"}
+    k1 = rows[ids[0][1]]  # whichever of the two "k1" posts committed first owns the id
+    assert k1.client_id == "k1" and (k1.correction, k1.rating) in {("card_arrival", None), (None, 0.25)}
 
 
 async def test_two_workers_never_claim_the_same_job(sessions) -> None:

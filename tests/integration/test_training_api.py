@@ -174,3 +174,48 @@ def test_worker_sigkill_resumes_from_checkpoint(service, snapshot_id) -> None:
         assert after_restart and min(after_restart) > ckpt_step - 1  # not from step 0
         assert len([a for a in c.get("/v1/adapters", params={"deployment": "trainer"}).json()["data"]
                     if a["job_id"] == job_id]) == 1  # succeeded once
+
+
+def test_auto_deploy_starts_an_experiment_after_a_passed_evaluation(service, snapshot_id) -> None:
+    policy = {"mode": "fixed", "alpha": 0.05, "min_samples_per_variant": 10_000, "auto_promote": True,
+              "auto_rollback": True}
+    with service.client() as c:
+        r = c.post("/v1/fine_tuning/jobs", json={
+            "deployment": "trainer", "snapshot_id": snapshot_id, "seed": 5,
+            "method": {"type": "sft", "hyperparameters": {**SMALL, "max_steps": 4}},
+            "auto_deploy": {"experiment": {"policy": policy, "seed": "auto-deploy-test"}}})
+        assert r.status_code == 201, r.text
+        job = _wait(c, r.json()["id"])
+        assert job["status"] == "succeeded", job
+        assert job["auto_deploy"]["experiment"]["policy"]["min_samples_per_variant"] == 10_000
+        adapter_id = job["adapter_id"]
+
+        deadline = time.monotonic() + 900
+        while True:  # the evaluation passes (permissive gates), then the monitor loop activates the experiment
+            evs = c.get(f"/v1/adapters/{adapter_id}/evaluations").json()["data"]
+            exps = [e for e in c.get("/v1/experiments", params={"deployment": "trainer"}).json()["data"]
+                    if any(v["adapter_id"] == adapter_id for v in e["variants"])]
+            if exps and exps[0]["status"] == "running":
+                break
+            assert not evs or evs[0]["status"] in ("queued", "running", "passed"), evs[0]
+            assert time.monotonic() < deadline, (evs, exps)
+            time.sleep(2)
+        assert evs[0]["status"] == "passed"
+        exp = exps[0]
+        assert exp["policy"]["min_samples_per_variant"] == 10_000  # the job's policy, not the defaults
+        by_name = {v["name"]: v for v in exp["variants"]}
+        assert by_name["production"]["is_control"] and by_name["production"]["adapter_id"] is None  # base serves
+        candidate = next(v for v in exp["variants"] if not v["is_control"])
+        assert candidate["adapter_id"] == adapter_id
+
+        # live traffic is now split by user between production (base) and the candidate's versioned name
+        served = set()
+        for u in range(12):
+            resp = c.post("/v1/chat/completions", json={
+                "model": "trainer", "user": f"auto-{u}", "max_tokens": 2, "temperature": 0,
+                "messages": [{"role": "user", "content": "I lost my card"}]})
+            assert resp.status_code == 200, resp.text
+            served.add(resp.headers["x-tuneloop-adapter"].split("--g")[0])  # versioned: <dep>--<id>--g<n>
+        assert served == {"base", f"trainer--{adapter_id}"}  # the seed makes the split deterministic
+        assert c.post(f"/v1/experiments/{exp['id']}/stop").status_code == 200
+        assert c.get(f"/v1/experiments/{exp['id']}").json()["status"] != "running"

@@ -38,8 +38,14 @@ def test_exact_match_normalises_but_keeps_underscores() -> None:
 
 def test_label_like_threshold() -> None:
     assert is_label_like(["a", "b"] * 5)  # 2 distinct <= 0.2 * 10
-    assert not is_label_like(["a", "b", "c"] * 3)  # 3 > 0.2 * 9 = 1.8
+    assert is_label_like(["a", "b", "c"] * 3)  # 3 > 0.2 * 9, but short names with 1/3 distinct
+    assert not is_label_like(["one two three four", "five six seven eight", "nine ten eleven twelve"] * 3)
     assert not is_label_like(["x"])
+    many_classes = [f"intent_{i % 77}" for i in range(300)]  # Banking77-like: 77 names over 300 rows
+    assert is_label_like(many_classes)
+    assert not is_label_like([f"intent_{i}" for i in range(300)])  # every answer different: not classes
+    prose = [f"the answer is number {i % 77} of many" for i in range(300)]
+    assert not is_label_like(prose)  # long answers with 26 % distinct stay free text
 
 
 def test_classification_metrics_known_values() -> None:

@@ -217,7 +217,6 @@ def wait_for(what: str, fn: Any, timeout: float, poll: float = 3.0) -> Any:
 
 
 def run_demo(api: Api, args: argparse.Namespace) -> dict[str, Any]:
-    t0 = time.monotonic()
     rng = random.Random(args.seed)
     train = read_rows(DATA_DIR / "train.csv")
     test = read_rows(DATA_DIR / "test.csv")
@@ -238,7 +237,9 @@ def run_demo(api: Api, args: argparse.Namespace) -> dict[str, Any]:
     eval_rows = [to_chat(t, c) for t, c in test if c in pool]
     res = api.upload(eval_ds["id"], eval_rows, desc="upload evaluation rows (test.csv)")
     say(f"   evaluation dataset {eval_ds['id']}: {res['accepted']} rows of test.csv for {len(intents)} intents")
-    hp = {"n_epochs": 3, "batch_size": 8, "learning_rate": 2e-3, "lora_r": 8, "lora_alpha": 16,
+    # lr 1e-3: measured on the demo's own triggered snapshot (30 steps), lr 2e-3 reached 72 % accuracy but
+    # raised the retention NLL by 44 % (gate: 25 %); 1e-3 gave 53 % and +14 %; 45 steps at 1e-3: 73 %, +25.3 %.
+    hp = {"n_epochs": 3, "batch_size": 8, "learning_rate": 1e-3, "lora_r": 8, "lora_alpha": 16,
           "target_modules": "all-linear", "max_seq_len": 96, "max_steps": args.max_steps, "warmup_ratio": 0.05,
           "early_stopping_patience": 0, "seed": args.seed}
     policy = {"min_samples_per_variant": args.min_samples, "auto_promote": True, "auto_rollback": True, "alpha": 0.05,
@@ -387,7 +388,6 @@ def run_demo(api: Api, args: argparse.Namespace) -> dict[str, Any]:
     if fair:
         seg = (fair[0].get("attributes") or {}).get("segment") or {}
         say(f"   fairness by segment now: {json.dumps(seg.get('groups'))[:400]}; gaps {json.dumps(seg.get('gaps'))}")
-    result["total_seconds"] = round(time.monotonic() - t0, 1)
     return result
 
 
@@ -430,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         waited = api.wait_ready(timeout=1200, is_alive=service.alive if service else None)
         say(f"   ready after {waited:.0f} s")
+        t0 = time.monotonic()
         result = run_demo(api, args)
+        result["total_seconds"] = round(time.monotonic() - t0, 1)
         name = result["deployment"]
         out = args.data_dir / "demo-result.json"
         out.parent.mkdir(parents=True, exist_ok=True)

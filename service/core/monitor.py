@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,9 @@ class Monitor:
         self.ctx = ctx
         self.pool: ProcessPoolExecutor | None = None
         self.window = ctx.settings.drift_window
+        # The periodic loop and `POST /v1/monitoring/run` may evaluate one deployment's triggers at the same
+        # moment; without this both would see the same new corrections and create two jobs.
+        self._trigger_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def run(self) -> None:
         last_slow = time.monotonic()
@@ -279,6 +283,10 @@ class Monitor:
     # -- retraining triggers ------------------------------------------------------------------------------
     async def triggers(self, deployment: str) -> dict[str, Any] | None:
         """Per-deployment `config.triggers`: {corrections, drift_share, schedule_seconds, job: {...}}."""
+        async with self._trigger_locks[deployment]:
+            return await self._trigger(deployment)
+
+    async def _trigger(self, deployment: str) -> dict[str, Any] | None:
         async with self.ctx.sessions() as s:
             dep = await s.get(Deployment, deployment)
             cfg = (dep.config or {}).get("triggers") if dep else None

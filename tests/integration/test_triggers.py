@@ -1,0 +1,57 @@
+"""Retraining triggers on a real database: two monitor passes at the same moment create one job, not two."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from sqlalchemy import func, select
+
+from service.core.monitor import Monitor
+from service.storage.models import Completion, Deployment, Feedback, MonitorRun
+
+
+class RecordingJobs:
+    """Stands in for the job service: the logic under test is the trigger's decision, not job creation."""
+
+    def __init__(self) -> None:
+        self.created: list[dict] = []
+
+    async def create(self, body: dict) -> SimpleNamespace:
+        await asyncio.sleep(0.05)  # a real create commits; let the other pass interleave here
+        self.created.append(body)
+        return SimpleNamespace(id=f"ftjob-{len(self.created)}")
+
+
+async def _seed(sessions, corrections: int) -> None:
+    async with sessions() as s, s.begin():
+        s.add(Deployment(name="trig", base_model="m", config={"triggers": {"corrections": 3, "job": {"suffix": "t"}}}))
+        for i in range(corrections):
+            s.add(Completion(id=f"c{i}", deployment="trig", adapter="base", kind="chat", attributes={},
+                             prompt=[{"role": "user", "content": f"q{i}"}], prompt_hash="h", output="x",
+                             created_at=time.time()))
+        await s.flush()
+        for i in range(corrections):
+            s.add(Feedback(completion_id=f"c{i}", deployment="trig", correction="card_arrival"))
+
+
+async def test_concurrent_trigger_passes_create_one_job(sessions, tmp_path: Path) -> None:
+    await _seed(sessions, corrections=5)
+    jobs = RecordingJobs()
+    monitor = Monitor(SimpleNamespace(sessions=sessions, jobs=jobs, settings=SimpleNamespace(drift_window=100)))
+
+    first, second = await asyncio.gather(monitor.triggers("trig"), monitor.triggers("trig"))
+
+    assert len(jobs.created) == 1, jobs.created
+    assert jobs.created[0]["include_feedback"] is True and jobs.created[0]["suffix"] == "t"
+    fired = [r for r in (first, second) if r is not None]
+    assert len(fired) == 1 and fired[0]["outcome"] == "job_created"
+    assert fired[0]["reasons"] == ["5 new corrections (threshold 3)"]
+    async with sessions() as s:
+        runs = (await s.execute(select(func.count()).select_from(MonitorRun)
+                                .where(MonitorRun.kind == "trigger"))).scalar_one()
+    assert runs == 1
+    # nothing new since: a later pass does not fire again
+    assert await monitor.triggers("trig") is None

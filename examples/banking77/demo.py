@@ -231,7 +231,7 @@ def run_demo(api: Api, args: argparse.Namespace) -> dict[str, Any]:
 
     step("1. deployment: evaluation set, retraining trigger, A/B policy")
     name = free_name(api, args.deployment)
-    # The evaluation rows must exist before the deployment names them (config is set at creation), so they
+    # The evaluation rows exist before the deployment names them (its config is whole at creation), so they
     # live in a dataset of the always-present `default` deployment. Held out: test.csv, not train.csv.
     eval_ds = api.post("/v1/datasets", {"name": f"{name}-eval", "deployment": "default"})
     eval_rows = [to_chat(t, c) for t, c in test if c in pool]

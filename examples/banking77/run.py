@@ -147,7 +147,7 @@ def setup(api: Api, args: argparse.Namespace, test_rows: list[tuple[str, str]]) 
     step("1. deployments and the evaluation dataset")
     _, created = api.ensure_deployment(args.base_deployment)
     say(f"   {'created' if created else 'reusing'} deployment {args.base_deployment} (stays on the base model)")
-    # The evaluation dataset must exist before the deployment that names it (config is set at creation;
+    # The evaluation dataset exists before the deployment that names it (so its config is whole at creation;
     # datasets belong to a deployment), so it lives under the base deployment.
     eval_ds = ensure_rows(api, args.base_deployment, f"banking77-test-{tag(args.limit_test, args.seed)}", test_rows)
     config = {"eval_dataset_id": eval_ds["id"], "eval_max_rows": args.eval_max_rows,

@@ -5,13 +5,16 @@ Run: .venv/bin/python benchmarks/hot_swap.py [--swaps 20] [--clients 4] [--vllm-
 
 Without --vllm-url it starts `tuneloop serve` with its managed vLLM (a minute or two). Two random LoRA
 adapters (rank 8) are put into the registry directly (the benchmark measures swapping, not training).
+
+Two kinds of swap are timed: a plain `promote` (load + probe + switch inside the request), and the way an
+experiment promotes its winner: the adapter is already loaded and probed as a (here 0.1 %) variant, and
+promote + ending the experiment is only a commit and a routing switch.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -27,11 +30,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import free_port
-from tests.conftest_vllm import make_random_lora
+from tests.conftest_vllm import register_random_lora
 
 
 def p(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 2 else max(values)
+
+
+def first_response(samples: list[tuple[float, float, str]], adapter_id: str, t0: float) -> float:
+    """Seconds from t0 to the end of the first request that started at or after t0 and was served by the adapter."""
+    while True:
+        hits = [s for s in list(samples) if s[0] >= t0 and s[2].startswith(f"swap--{adapter_id}")]
+        if hits:
+            return min(s[0] + s[1] for s in hits) - t0
+        time.sleep(0.01)
 
 
 def main() -> int:
@@ -43,6 +55,12 @@ def main() -> int:
     args = ap.parse_args()
 
     from adapters.base_model import BUILTIN_SMOLLM2, prepare_base_model
+    from monitoring.experiments import assign
+
+    # an experiment seed that puts every benchmark client in the control arm, so that the winner's first
+    # response comes from the promotion, not from the experiment
+    control_seed = next(seed for seed in (f"bench-{i}" for i in range(10_000))
+                        if all(assign(seed, f"u{k}", [0.999, 0.001]) == 0 for k in range(args.clients)))
 
     base = prepare_base_model(BUILTIN_SMOLLM2, ROOT / "var")
     tmp = Path(tempfile.mkdtemp(prefix="tuneloop-swap-"))
@@ -67,16 +85,8 @@ def main() -> int:
             assert time.monotonic() < deadline and svc.poll() is None, "service did not become ready"
             time.sleep(1)
         httpx.post(url + "/v1/deployments", json={"name": "swap"}, headers=h)
-        adapters = []
-        for seed in (1, 2):
-            path = make_random_lora(Path(base), tmp / f"lora{seed}", seed=seed)
-            aid = "adp-" + uuid.uuid4().hex[:16]
-            with sqlite3.connect(tmp / "tuneloop.db") as db:
-                db.execute("INSERT INTO adapters (id, deployment, version, path, status, method, base_model, "
-                           "base_model_hash, hyperparameters, metrics, created_at) VALUES "
-                           "(?, 'swap', ?, ?, 'candidate', 'sft', ?, ?, '{}', '{}', ?)",
-                           (aid, seed, str(path), base, "0" * 64, time.time()))
-            adapters.append(aid)
+        adapters = [register_random_lora(tmp / "tuneloop.db", Path(base), tmp / f"lora{seed}", "swap", seed)
+                    for seed in (1, 2)]
 
         samples: list[tuple[float, float, str]] = []  # (start, latency, adapter header)
         stop = threading.Event()
@@ -109,13 +119,24 @@ def main() -> int:
                 r = c.post("/v1/deployments/swap/promote", json={"adapter_id": target})
                 assert r.status_code == 200, r.text
                 promote_calls.append(time.monotonic() - t0)
-                while True:  # the first response whose request started after the promote returned
-                    hits = [s for s in samples if s[0] >= t0 and s[2].startswith(f"swap--{target}")]
-                    if hits:
-                        to_first.append(min(s[0] + s[1] for s in hits) - t0)
-                        break
-                    time.sleep(0.01)
+                to_first.append(first_response(samples, target, t0))
             swap_end = time.monotonic()
+            staged_first: list[float] = []
+            staged_calls: list[float] = []  # promote (reusing the loaded variant) + stopping the experiment
+            for i in range(args.swaps):
+                target = adapters[(args.swaps + i) % 2]
+                exp = c.post("/v1/experiments", json={
+                    "deployment": "swap", "seed": control_seed, "goal": {"metric": "rating"},
+                    "variants": [{"name": "control", "adapter_id": "production", "weight": 0.999},
+                                 {"name": "winner", "adapter_id": target, "weight": 0.001}],
+                    "policy": {"auto_promote": False, "auto_rollback": False}})
+                assert exp.status_code == 201, exp.text
+                t0 = time.monotonic()
+                r = c.post("/v1/deployments/swap/promote", json={"adapter_id": target})
+                assert r.status_code == 200, r.text
+                assert c.post(f"/v1/experiments/{exp.json()['id']}/stop").status_code == 200
+                staged_calls.append(time.monotonic() - t0)
+                staged_first.append(first_response(samples, target, t0))
         stop.set()
         for t in threads:
             t.join()
@@ -124,6 +145,9 @@ def main() -> int:
         print(f"promote → first response from the new adapter: median {statistics.median(to_first):.3f} s, "
               f"max {max(to_first):.3f} s over {len(to_first)} swaps (target ≤ 1 s)")
         print(f"  of which the promote request (load + probe + switch): median {statistics.median(promote_calls):.3f} s")
+        print(f"experiment winner (already loaded as a variant) → first response: median "
+              f"{statistics.median(staged_first):.3f} s, max {max(staged_first):.3f} s over {len(staged_first)} swaps")
+        print(f"  of which promote + stopping the experiment: median {statistics.median(staged_calls):.3f} s")
         print(f"p99 latency without swaps {p(quiet, 99):.3f} s ({len(quiet)} requests), during swaps "
               f"{p(swapping, 99):.3f} s ({len(swapping)} requests): ratio {p(swapping, 99) / p(quiet, 99):.2f}x")
     finally:

@@ -70,6 +70,24 @@ def make_random_lora(
     return out_dir
 
 
+def register_random_lora(db_path: Path, base_dir: Path, out_dir: Path, deployment: str, seed: int) -> str:
+    """Put a random LoRA into a service's registry (as a training job would), so it can be promoted or tested
+    in an experiment without training; returns its adapter id."""
+    import sqlite3
+    import time
+    import uuid
+
+    path = make_random_lora(base_dir, out_dir, seed=seed)
+    aid = "adp-" + uuid.uuid4().hex[:16]
+    with sqlite3.connect(db_path, timeout=30) as db:
+        version = db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE deployment = ?",
+                             (deployment,)).fetchone()[0]
+        db.execute("INSERT INTO adapters (id, deployment, version, path, status, method, base_model, base_model_hash,"
+                   " hyperparameters, metrics, created_at) VALUES (?, ?, ?, ?, 'candidate', 'sft', ?, ?, '{}', '{}', ?)",
+                   (aid, deployment, version, str(path), str(base_dir), "0" * 64, time.time()))
+    return aid
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def vllm_supervisor(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[VLLMSupervisor]:
     """The shared real vLLM (served name "base"); stopped, with its whole process group, at session end."""

@@ -325,11 +325,17 @@ class ExperimentService:
     async def _act(self, exp: Experiment, decision: Decision) -> None:
         if decision.action == "promote" and decision.apply:
             winner = next(v for v in exp.variants if v["name"] == decision.winner)
-            await self.stop(exp.id, "promoted", decision.reason, {"winner": decision.winner})
             prod = self.router.production.get(exp.deployment)
             if (prod.adapter_id if prod else None) != winner["adapter_id"]:
-                await self.serving.promote(exp.deployment, winner["adapter_id"], force=False,
-                                           reason=f"experiment {exp.id}: {decision.reason}")
+                # Promote while the experiment still routes to the winner, so the swap reuses the winner's
+                # loaded target; stopping afterwards unloads only the losers.
+                try:
+                    await self.serving.promote(exp.deployment, winner["adapter_id"], force=False,
+                                               reason=f"experiment {exp.id}: {decision.reason}")
+                except Exception as exc:
+                    await self.stop(exp.id, "failed", f"promoting {decision.winner} failed: {exc}")
+                    raise
+            await self.stop(exp.id, "promoted", decision.reason, {"winner": decision.winner})
         elif decision.action == "rollback" and decision.apply:
             await self.stop(exp.id, "rolled_back", decision.reason)
             await _reject_losers(self.sessions, exp)

@@ -64,6 +64,12 @@ class Serving:
             raise
         return target
 
+    def loaded(self, deployment: str, adapter_id: str) -> Target | None:
+        """The target already loaded, probed and routable for this adapter (an experiment's variant), if any:
+        promoting it is then only a commit and a routing switch, with no second load and probe."""
+        return next((t for t in self.router.routable().values()
+                     if t.adapter_id == adapter_id and t.served_name.startswith(f"{deployment}--")), None)
+
     def retire(self, target: Target) -> None:
         """Unload `target` once nothing routes to it and its in-flight requests have drained."""
         if target.adapter_id is None:
@@ -115,7 +121,10 @@ class Serving:
                                '"force": true to override (recorded)', field="adapter_id")
             if adapter is not None and adapter.id == dep.production_adapter_id:
                 raise Conflict(f"adapter {adapter.id} already serves {deployment}", field="adapter_id")
-            new = await self.load(deployment, adapter) if adapter is not None else Target(BASE_NAME, None)
+            if adapter is None:
+                new = Target(BASE_NAME, None)
+            else:
+                new = self.loaded(deployment, adapter.id) or await self.load(deployment, adapter)
             old = self.router.production.get(deployment)
             previous = dep.production_adapter_id
             async with self.sessions() as s, s.begin():

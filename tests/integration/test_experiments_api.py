@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from monitoring.experiments import assign
+from tests.conftest_vllm import register_random_lora
 
 pytestmark = pytest.mark.vllm
 
@@ -116,3 +117,41 @@ def test_clear_winner_is_promoted(service) -> None:
         _, done = _run_to_decision(c, "ab-win", liked="treatment")
         assert done["status"] == "promoted", done
         assert done["decision"]["winner"] == "treatment"
+
+
+def test_promoting_the_winner_reuses_its_loaded_adapter(service, base_model_dir, tmp_path) -> None:
+    """The winning adapter keeps the served name the experiment loaded it under: the promotion is a commit
+    and a routing switch, not a second load and probe."""
+    dep = "ab-reuse"
+    with service.client() as c:
+        assert c.post("/v1/deployments", json={"name": dep}).status_code == 201
+        adapter_id = register_random_lora(service.data_dir / "tuneloop.db", base_model_dir, tmp_path / "lora",
+                                          dep, seed=3)
+        r = c.post("/v1/experiments", json={
+            "deployment": dep, "seed": f"seed-{dep}",
+            "variants": [{"name": "control", "adapter_id": "production", "weight": 0.5},
+                         {"name": "treatment", "adapter_id": adapter_id, "weight": 0.5}],
+            "goal": {"metric": "rating"},
+            "policy": {"mode": "fixed", "alpha": 0.05, "min_samples_per_variant": 20, "auto_promote": True}})
+        assert r.status_code == 201, r.text
+        feedback, loaded_as = [], set()
+        for i in range(80):
+            resp = c.post("/v1/chat/completions", json={"model": dep, "user": f"{dep}-{i}", "max_tokens": 1,
+                                                        "messages": [{"role": "user", "content": "Hi"}]})
+            assert resp.status_code == 200, resp.text
+            treated = resp.headers["x-tuneloop-variant"] == "treatment"
+            if treated:
+                loaded_as.add(resp.headers["x-tuneloop-adapter"])
+            feedback.append({"completion_id": resp.json()["id"], "rating": 1.0 if treated else 0.0})
+        assert len(loaded_as) == 1
+        name = loaded_as.pop()
+        assert name.startswith(f"{dep}--{adapter_id}--g")
+        assert c.post("/v1/feedback", json=feedback).status_code == 201
+        done = _wait_status(c, r.json()["id"], ("rolled_back", "promoted", "inconclusive", "failed"))
+        assert done["status"] == "promoted", done
+        after = c.post("/v1/chat/completions", json={"model": dep, "max_tokens": 1,
+                                                     "messages": [{"role": "user", "content": "Hi"}]})
+        assert after.status_code == 200, after.text
+        assert after.headers["x-tuneloop-adapter"] == name  # same served name: not loaded again
+        history = c.get(f"/v1/deployments/{dep}/history").json()["data"]
+    assert history[-1]["adapter_id"] == adapter_id and history[-1]["type"] == "promote"

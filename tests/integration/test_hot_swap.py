@@ -4,31 +4,16 @@ adapter that was routable for the deployment at that moment."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
-import uuid
 
 import httpx
 import pytest
 
-from tests.conftest_vllm import make_random_lora
+from tests.conftest_vllm import register_random_lora
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 SWAPS = 100
-
-
-def _register(service, base_model_dir, tmp_path, deployment: str, seed: int) -> str:
-    """Put a random LoRA into the registry (as a training job would) so that it can be promoted."""
-    path = make_random_lora(base_model_dir, tmp_path / f"lora-{seed}", seed=seed)
-    aid = "adp-" + uuid.uuid4().hex[:16]
-    with sqlite3.connect(service.data_dir / "tuneloop.db", timeout=30) as db:
-        version = db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE deployment = ?",
-                             (deployment,)).fetchone()[0]
-        db.execute("INSERT INTO adapters (id, deployment, version, path, status, method, base_model, base_model_hash,"
-                   " hyperparameters, metrics, created_at) VALUES (?, ?, ?, ?, 'candidate', 'sft', ?, ?, '{}', '{}', ?)",
-                   (aid, deployment, version, str(path), base_model_dir, "0" * 64, time.time()))
-    return aid
 
 
 def _wait_for_a_request_within(results: list, after: float, timeout: float = 60) -> None:
@@ -44,7 +29,8 @@ def test_100_swaps_under_load_without_a_failed_request(service, base_model_dir, 
     dep = "swaps"
     with service.client() as c:
         assert c.post("/v1/deployments", json={"name": dep}).status_code == 201
-    adapters = [_register(service, base_model_dir, tmp_path, dep, seed) for seed in (1, 2)]
+    adapters = [register_random_lora(service.data_dir / "tuneloop.db", base_model_dir, tmp_path / f"lora-{seed}",
+                                     dep, seed) for seed in (1, 2)]
 
     results: list[tuple[float, float, int, str]] = []
     stop = threading.Event()

@@ -1,10 +1,10 @@
 """Durable feedback ingestion vs a Litestar hello-world, and memory while uploading a large NDJSON file.
 
-Run: .venv/bin/python benchmarks/ingest.py [--seconds 10] [--clients 16] [--upload-mb 200]
+Run: .venv/bin/python benchmarks/ingest.py [--seconds 10] [--clients 16] [--upload-mb 200] [--postgres]
 
-1. Throughput: `POST /v1/feedback` (validated, committed to SQLite before the 201) against a Litestar
-   hello-world JSON endpoint, same client, same concurrency, alternating rounds in one run. Prints posts/s of
-   both and the ratio (target ≥ 0.5×).
+1. Throughput: `POST /v1/feedback` (validated, committed to SQLite — or PostgreSQL with --postgres — before
+   the 201) against a Litestar hello-world JSON endpoint, same client, same concurrency, alternating rounds in
+   one run. Prints posts/s of both and the ratio (target ≥ 0.5×).
 2. Memory: peak RSS of the service process while streaming an NDJSON upload of `--upload-mb` MB, compared with
    a tenth of that size (target: flat, not proportional to the file).
 
@@ -57,20 +57,42 @@ def wait_http(url: str, timeout: float = 120) -> None:
     raise TimeoutError(url)
 
 
-def seed_completions(db_url: str, n: int) -> list[str]:
-    from sqlalchemy import create_engine, insert
+def fresh_postgres(name: str = "tuneloop_bench") -> str:
+    """An empty database `name` on the local PostgreSQL (trust auth); returns its SQLAlchemy URL."""
+    import asyncpg
 
+    async def create() -> None:
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            await conn.execute(f"CREATE DATABASE {name}")
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+
+
+def seed_completions(db_url: str, n: int) -> list[str]:
+    from sqlalchemy import insert
+
+    from service.storage.db import make_engine
     from service.storage.migrate import upgrade
     from service.storage.models import Completion
 
     upgrade(db_url)
-    engine = create_engine(db_url.replace("+aiosqlite", ""))
     ids = [f"chatcmpl-bench-{i}" for i in range(n)]
-    with engine.begin() as conn:
-        conn.execute(insert(Completion), [{
-            "id": i, "deployment": "default", "adapter": "base", "kind": "chat", "attributes": {"segment": "a"},
-            "prompt": [{"role": "user", "content": "hi"}], "prompt_hash": "x", "output": "hello",
-            "created_at": time.time()} for i in ids])
+
+    async def insert_all() -> None:
+        engine = make_engine(db_url)
+        async with engine.begin() as conn:
+            await conn.execute(insert(Completion), [{
+                "id": i, "deployment": "default", "adapter": "base", "kind": "chat", "attributes": {"segment": "a"},
+                "prompt": [{"role": "user", "content": "hi"}], "prompt_hash": "x", "output": "hello",
+                "created_at": time.time()} for i in ids])
+        await engine.dispose()
+
+    asyncio.run(insert_all())
     return ids
 
 
@@ -91,8 +113,8 @@ async def load(url: str, make_body, headers: dict[str, str], clients: int, secon
     return done / seconds
 
 
-def upload_peak_rss(svc_url: str, key: str, pid: int, megabytes: int) -> tuple[float, float]:
-    """Stream `megabytes` of NDJSON; return (RSS before, peak RSS during) of the service in MB."""
+def upload_peak_rss(svc_url: str, key: str, pid: int, megabytes: int) -> tuple[float, float, float, int]:
+    """Stream `megabytes` of NDJSON; return RSS before and peak RSS during (MB) of the service, seconds, rows."""
     h = {"Authorization": f"Bearer {key}"}
     ds = httpx.post(f"{svc_url}/v1/datasets", json={"name": f"big-{megabytes}", "deployment": "default"}, headers=h).json()
     proc = psutil.Process(pid)
@@ -121,12 +143,13 @@ def upload_peak_rss(svc_url: str, key: str, pid: int, megabytes: int) -> tuple[f
 
     t = threading.Thread(target=sample)
     t.start()
+    t0 = time.monotonic()
     r = httpx.post(f"{svc_url}/v1/datasets/{ds['id']}/records", content=body(), timeout=3600,
                    headers={**h, "content-type": "application/x-ndjson"})
     stop.set()
     t.join()
     assert r.status_code == 201, r.text[:500]
-    return before, peak
+    return before, peak, time.monotonic() - t0, r.json()["accepted"]
 
 
 def main() -> int:
@@ -135,10 +158,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--upload-mb", type=int, default=200)
+    ap.add_argument("--postgres", action="store_true",
+                    help="use a fresh database tuneloop_bench on the local PostgreSQL instead of SQLite")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="tuneloop-bench-"))
-    db_url = f"sqlite+aiosqlite:///{tmp / 'tuneloop.db'}"
+    db_url = fresh_postgres() if args.postgres else f"sqlite+aiosqlite:///{tmp / 'tuneloop.db'}"
     ids = seed_completions(db_url, 1000)
     key = "bench-admin-key"
     port, hport = free_port(), free_port()
@@ -170,11 +195,13 @@ def main() -> int:
         print(f"feedback ingestion: {o:.0f} posts/s (durable, {args.clients} clients); "
               f"litestar hello-world: {b:.0f} posts/s; ratio {o / b:.2f}x (target >= 0.5x)")
         small = max(1, args.upload_mb // 10)
-        b0, p0 = upload_peak_rss(f"http://127.0.0.1:{port}", key, svc.pid, small)
-        b1, p1 = upload_peak_rss(f"http://127.0.0.1:{port}", key, svc.pid, args.upload_mb)
-        print(f"upload {small} MB: service RSS {b0:.0f} MB -> peak {p0:.0f} MB (+{p0 - b0:.0f})")
-        print(f"upload {args.upload_mb} MB: service RSS {b1:.0f} MB -> peak {p1:.0f} MB (+{p1 - b1:.0f}); "
-              f"growth ratio {(p1 - b1) / max(p0 - b0, 1):.1f}x for {args.upload_mb / small:.0f}x the data")
+        b0, p0, s0, n0 = upload_peak_rss(f"http://127.0.0.1:{port}", key, svc.pid, small)
+        b1, p1, s1, n1 = upload_peak_rss(f"http://127.0.0.1:{port}", key, svc.pid, args.upload_mb)
+        print(f"upload {small} MB ({n0} rows, {n0 / s0:.0f} rows/s): service RSS {b0:.0f} MB -> peak {p0:.0f} MB "
+              f"(+{p0 - b0:.0f})")
+        print(f"upload {args.upload_mb} MB ({n1} rows, {n1 / s1:.0f} rows/s): service RSS {b1:.0f} MB -> peak "
+              f"{p1:.0f} MB (+{p1 - b1:.0f}); growth ratio {(p1 - b1) / max(p0 - b0, 1):.1f}x for "
+              f"{args.upload_mb / small:.0f}x the data")
     finally:
         for p in (svc, hello):
             p.terminate()

@@ -125,7 +125,7 @@ class Api:
 
     # -- deployments and datasets ------------------------------------------------------------------------
     def ensure_deployment(self, name: str, config: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
-        """Create a deployment (config is only settable at creation); reuse it on 409."""
+        """Create a deployment with `config`; on 409 reuse the existing one unchanged (PATCH changes a config)."""
         try:
             body: dict[str, Any] = {"name": name}
             if config is not None:

@@ -39,7 +39,12 @@ def make_engine(url: str) -> AsyncEngine:
             conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # Plan every execution with its parameters and the table's current size. asyncpg caches prepared
+    # statements, and PostgreSQL may then keep a generic plan made while a table was nearly empty (a
+    # sequential scan) until the next ANALYZE — without autovacuum, never: the dedupe lookup of a big upload
+    # went quadratic that way.
+    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True,
+                               connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}})
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

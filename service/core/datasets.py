@@ -30,6 +30,7 @@ from adapters.curation.rows import Row, RowError, parse_row
 from monitoring import metrics
 from service.core.feedback import FeedbackService
 from service.errors import NotFound, Unprocessable
+from service.storage.db import refresh_statistics
 from service.storage.models import Dataset, DatasetRecord, DatasetUpload, Deployment, Snapshot
 
 BATCH = 1000
@@ -112,6 +113,7 @@ class DatasetService:
             s.add(DatasetUpload(id=upload_id, dataset_id=dataset_id, committed=False))
         result = UploadResult(upload_id)
         pending: list[tuple[int, Row]] = []
+        analyzed_at = BATCH
         try:
             async for line_no, item in aiter_ndjson(chunks):
                 if isinstance(item, RowError):
@@ -125,6 +127,10 @@ class DatasetService:
                 if len(pending) >= BATCH:
                     await self._insert(dataset_id, upload_id, pending, result)
                     pending = []
+                    if result.accepted >= analyzed_at * 4:  # statistics keep up as the table grows
+                        analyzed_at = result.accepted
+                        async with self.sessions() as s, s.begin():
+                            await refresh_statistics(s, DatasetRecord.__tablename__)
             if pending and not (result.rejected and on_error == "reject"):
                 await self._insert(dataset_id, upload_id, pending, result)
         except BaseException:
@@ -141,6 +147,8 @@ class DatasetService:
         async with self.sessions() as s, s.begin():
             await s.execute(update(DatasetUpload).where(DatasetUpload.id == upload_id).values(
                 committed=True, accepted=result.accepted, duplicates=result.duplicates, rejected=result.rejected))
+        async with self.sessions() as s, s.begin():
+            await refresh_statistics(s, DatasetRecord.__tablename__)
         for outcome, n in (("accepted", result.accepted), ("duplicate", result.duplicates),
                            ("rejected", result.rejected)):
             if n:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
@@ -39,12 +39,7 @@ def make_engine(url: str) -> AsyncEngine:
             conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
         return engine
-    # Plan every execution with its parameters and the table's current size. asyncpg caches prepared
-    # statements, and PostgreSQL may then keep a generic plan made while a table was nearly empty (a
-    # sequential scan) until the next ANALYZE — without autovacuum, never: the dedupe lookup of a big upload
-    # went quadratic that way.
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True,
-                               connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}})
+    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -54,3 +49,15 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 def make_readonly_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions for hot read paths (auth, lookups): on SQLite they don't take the write lock."""
     return async_sessionmaker(engine.execution_options(tuneloop_readonly=True), expire_on_commit=False)
+
+
+async def refresh_statistics(s: AsyncSession, table: str) -> None:
+    """ANALYZE a table that just grew (PostgreSQL; SQLite's planner does not need it).
+
+    Without statistics PostgreSQL guesses that `dataset_id = X` matches 0.5 % of the rows, so the dedupe lookup
+    of an upload found the dataset's rows by that column alone and filtered a thousand hashes over each of them:
+    quadratic in the dataset's size. Autovacuum normally refreshes statistics, but it may be off (as on the
+    test machine) or late, and an upload in progress can't wait for it.
+    """
+    if s.get_bind().dialect.name == "postgresql":
+        await s.execute(text(f"ANALYZE {table}"))

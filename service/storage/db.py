@@ -6,10 +6,12 @@ the machine; `busy_timeout` lets the API and the worker processes share the file
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
@@ -59,5 +61,10 @@ async def refresh_statistics(s: AsyncSession, table: str) -> None:
     quadratic in the dataset's size. Autovacuum normally refreshes statistics, but it may be off (as on the
     test machine) or late, and an upload in progress can't wait for it.
     """
-    if s.get_bind().dialect.name == "postgresql":
-        await s.execute(text(f"ANALYZE {table}"))
+    if s.get_bind().dialect.name != "postgresql":
+        return
+    try:
+        async with s.begin_nested():
+            await s.execute(text(f"ANALYZE {table}"))
+    except SQLAlchemyError:  # e.g. not the table's owner: slower lookups, but never a failed upload
+        logging.getLogger("tuneloop.db").warning("ANALYZE %s failed", table, exc_info=True)

@@ -129,8 +129,7 @@ class DatasetService:
                     pending = []
                     if result.accepted >= analyzed_at * 4:  # statistics keep up as the table grows
                         analyzed_at = result.accepted
-                        async with self.sessions() as s, s.begin():
-                            await refresh_statistics(s, DatasetRecord.__tablename__)
+                        await self._refresh_statistics()
             if pending and not (result.rejected and on_error == "reject"):
                 await self._insert(dataset_id, upload_id, pending, result)
         except BaseException:
@@ -147,8 +146,7 @@ class DatasetService:
         async with self.sessions() as s, s.begin():
             await s.execute(update(DatasetUpload).where(DatasetUpload.id == upload_id).values(
                 committed=True, accepted=result.accepted, duplicates=result.duplicates, rejected=result.rejected))
-        async with self.sessions() as s, s.begin():
-            await refresh_statistics(s, DatasetRecord.__tablename__)
+        await self._refresh_statistics()
         for outcome, n in (("accepted", result.accepted), ("duplicate", result.duplicates),
                            ("rejected", result.rejected)):
             if n:
@@ -174,6 +172,10 @@ class DatasetService:
             if rows:
                 await s.execute(DatasetRecord.__table__.insert(), rows)
             result.accepted += len(rows)
+
+    async def _refresh_statistics(self) -> None:
+        async with self.sessions() as s, s.begin():
+            await refresh_statistics(s, DatasetRecord.__tablename__)
 
     async def _discard(self, upload_id: str) -> None:
         async with self.sessions() as s, s.begin():

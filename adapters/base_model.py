@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct"
@@ -111,6 +113,21 @@ def prepare_base_model(spec: str, data_dir: Path) -> str:
     if Path(spec).is_dir():
         return str(Path(spec).resolve())
     return spec
+
+
+def token_counter(base_model: str) -> Callable[[str], int]:
+    """Count tokens with the base model's tokenizer (loaded on first use: curation only)."""
+    tokenizer: Any = None
+
+    def count(text: str) -> int:
+        nonlocal tokenizer
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(base_model)
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    return count
 
 
 if __name__ == "__main__":

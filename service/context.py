@@ -9,7 +9,6 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from adapters.base_model import model_hash, prepare_base_model
+from adapters.base_model import model_hash, prepare_base_model, token_counter
 from monitoring import metrics
 from service.auth import KeyStore
 from service.core.completion_log import CompletionLog
@@ -38,21 +37,6 @@ from service.vllm.pool import VLLMPool
 from service.vllm.supervisor import VLLMOptions, VLLMSupervisor
 
 log = logging.getLogger("tuneloop")
-
-
-def token_counter(base_model: str) -> Callable[[str], int]:
-    """Count tokens with the base model's tokenizer (loaded on first use: curation only)."""
-    tokenizer: Any = None
-
-    def count(text: str) -> int:
-        nonlocal tokenizer
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(base_model)
-        return len(tokenizer(text, add_special_tokens=False).input_ids)
-
-    return count
 
 
 @dataclass
@@ -116,7 +100,7 @@ class AppContext:
         gateway = Gateway(pool, router, completions, names, settings.max_metadata_keys,
                           settings.max_metadata_value_chars)
         feedback = FeedbackService(sessions, completions)
-        datasets = DatasetService(sessions, settings.data_dir, feedback, token_counter(base_path))
+        datasets = DatasetService(sessions, settings.data_dir, token_counter(base_path))
         ctx = cls(settings=settings, engine=engine, sessions=sessions, keys=keys, base_model_path=base_path,
                   base_model_hash=base_hash, router=router, pool=pool, completions=completions,
                   deployments=deployments, gateway=gateway, feedback=feedback, datasets=datasets,

@@ -84,13 +84,17 @@ async def heartbeat(sessions: async_sessionmaker[AsyncSession], job_id: str, wor
 def handlers() -> dict[str, Handler]:
     """Job kinds this worker can run (imported lazily: they pull in torch)."""
     try:
-        from service.core.job_runner import run_evaluation_job, run_fine_tune_job
+        from service.core.job_runner import run_evaluation_job, run_fine_tune_job, run_snapshot_job
     except ImportError:  # training extras not installed: an idle worker
         return {}
-    return {"fine_tune": run_fine_tune_job, "evaluation": run_evaluation_job}
+    return {"fine_tune": run_fine_tune_job, "evaluation": run_evaluation_job, "snapshot": run_snapshot_job}
 
 
-async def run_worker(settings: Settings, once: bool = False) -> None:
+# Each lane runs one job at a time; curation has its own lane so it never waits behind an hour of training.
+LANES = (("fine_tune", "evaluation"), ("snapshot",))
+
+
+async def run_worker(settings: Settings) -> None:
     engine = make_engine(settings.database)
     sessions = make_sessionmaker(engine)
     wid = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -99,22 +103,25 @@ async def run_worker(settings: Settings, once: bool = False) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, ctx.stopping.set)
     table = handlers()
-    log.info("worker %s started (jobs: %s)", wid, ", ".join(table))
+    lanes = [kinds for kinds in (tuple(k for k in lane if k in table) for lane in LANES) if kinds]
+    log.info("worker %s started (lanes: %s)", wid, "; ".join(", ".join(k) for k in lanes))
     try:
-        while not ctx.stopping.is_set():
-            await requeue_stale(sessions, settings.heartbeat_timeout_seconds)
-            job = await claim_job(sessions, wid, tuple(table))
-            if job is None:
-                if once:
-                    return
-                try:
-                    await asyncio.wait_for(ctx.stopping.wait(), timeout=settings.worker_poll_seconds)
-                except TimeoutError:
-                    pass
-                continue
-            log.info("worker %s took job %s (%s, attempt %d)", wid, job.id, job.kind, job.attempts)
-            await table[job.kind](ctx, job)
-            if once:
-                return
+        await asyncio.gather(*(_lane(ctx, table, kinds) for kinds in lanes))
     finally:
         await engine.dispose()
+
+
+async def _lane(ctx: WorkerContext, table: dict[str, Handler], kinds: tuple[str, ...]) -> None:
+    """Claim and run jobs of these kinds, one at a time, until the worker stops."""
+    settings = ctx.settings
+    while not ctx.stopping.is_set():
+        await requeue_stale(ctx.sessions, settings.heartbeat_timeout_seconds)
+        job = await claim_job(ctx.sessions, ctx.worker_id, kinds)
+        if job is None:
+            try:
+                await asyncio.wait_for(ctx.stopping.wait(), timeout=settings.worker_poll_seconds)
+            except TimeoutError:
+                pass
+            continue
+        log.info("worker %s took job %s (%s, attempt %d)", ctx.worker_id, job.id, job.kind, job.attempts)
+        await table[job.kind](ctx, job)

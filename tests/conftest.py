@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -115,6 +116,20 @@ class Service:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def make_snapshot(c: httpx.Client, dataset_id: str, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    """POST a snapshot (202: a worker curates it), wait for its job and return the snapshot."""
+    r = c.post(f"/v1/datasets/{dataset_id}/snapshots", json=body)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    deadline = time.monotonic() + timeout
+    while job["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.3)
+        job = c.get(f"/v1/snapshot_jobs/{job['id']}").json()
+    assert job["status"] == "succeeded", job
+    return c.get(f"/v1/snapshots/{job['snapshot_id']}").json()  # type: ignore[no-any-return]
 
 
 def start_service(data_dir: Path, base_model: str, vllm_urls: list[str] | None, *,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import steps as S
@@ -62,9 +62,13 @@ def run_pipeline(
     rows: Iterable[Row],
     config: CurationConfig | None = None,
     count_tokens: CountTokens | None = None,
+    on_step: Callable[[StepReport, int], None] | None = None,
 ) -> CurationResult:
     """normalize → length_filter → exact_dedupe → near_dedupe → conflicts → label_balance →
-    group_balance → split. Same input order + config ⇒ same output (order included)."""
+    group_balance → split. Same input order + config ⇒ same output (order included).
+
+    ``on_step(report, rows_left)`` is called after each step: the worker turns it into progress
+    events, and it may raise to cancel the run between steps."""
     cfg = config or CurationConfig()
     count = count_tokens or approx_token_count
     k = cfg.max_examples
@@ -72,28 +76,33 @@ def run_pipeline(
     input_count = len(data)
     reports: list[StepReport] = []
 
+    def record(rep: StepReport, rows_left: int) -> None:
+        reports.append(rep)
+        if on_step is not None:
+            on_step(rep, rows_left)
+
     data, rep = S.normalize(data, cfg.normalize, max_examples=k)
-    reports.append(rep)
+    record(rep, len(data))
     data, rep = S.length_filter(data, cfg.length_filter, count, max_examples=k)
-    reports.append(rep)
+    record(rep, len(data))
     data, rep = S.exact_dedupe(data, cfg.exact_dedupe, max_examples=k)
-    reports.append(rep)
+    record(rep, len(data))
     data, rep = S.near_dedupe(data, cfg.near_dedupe, max_examples=k)
-    reports.append(rep)
+    record(rep, len(data))
     data, rep = S.conflicts(data, cfg.conflicts, max_examples=k)
-    reports.append(rep)
+    record(rep, len(data))
 
     labels = S.detect_labels(data, cfg.label_balance)
     data, rep = S.label_balance(data, cfg.label_balance, labels, cfg.seed, max_examples=k)
-    reports.append(rep)
+    record(rep, len(data))
     if labels is not None:  # resampling keeps the classes: realign labels without re-detecting
         labels = [r.completion or "" for r in data]
 
     data, weights, rep = S.group_balance(data, cfg.group_balance, labels, cfg.seed, max_examples=k)
-    reports.append(rep)
+    record(rep, len(data))
 
     idx, rep = S.split(data, cfg.split, labels, cfg.seed)
-    reports.append(rep)
+    record(rep, len(idx.train) + len(idx.validation))
 
     train = [data[i] for i in idx.train]
     validation = [data[i] for i in idx.validation]

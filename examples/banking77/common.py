@@ -165,8 +165,9 @@ class Api:
             bar.close()
 
     # -- jobs, adapters, evaluations ---------------------------------------------------------------------
-    def follow_job(self, job_id: str, desc: str = "training", poll: float = 2.0) -> dict[str, Any]:
-        """Follow `GET /v1/fine_tuning/jobs/{id}/events` with a step bar until the job ends."""
+    def follow_job(self, job_id: str, desc: str = "training", poll: float = 2.0,
+                   base: str = "/v1/fine_tuning/jobs") -> dict[str, Any]:
+        """Follow `GET {base}/{id}/events` with a step bar until the job ends."""
         cursor: int | None = None
         bar = tqdm(total=None, desc=desc, unit="step")
         try:
@@ -174,7 +175,7 @@ class Api:
                 params: dict[str, Any] = {"limit": 1000}
                 if cursor is not None:
                     params["after"] = cursor
-                events = self.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params)["data"]
+                events = self.get(f"{base}/{job_id}/events", params=params)["data"]
                 for e in events:
                     cursor = e["id"]
                     data = e.get("data") or {}
@@ -187,12 +188,20 @@ class Api:
                         bar.refresh()
                     else:
                         bar.write(f"   [{e['type']}] {e.get('message') or ''}".rstrip())
-                job = self.get(f"/v1/fine_tuning/jobs/{job_id}")
+                job = self.get(f"{base}/{job_id}")
                 if job["status"] in TERMINAL_JOB and not events:
                     return job
                 time.sleep(poll if not events else 0.2)
         finally:
             bar.close()
+
+    def snapshot(self, dataset_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Queue a snapshot, follow its curation job (a worker runs it) and return the snapshot."""
+        job = self.post(f"/v1/datasets/{dataset_id}/snapshots", body)
+        job = self.follow_job(job["id"], desc="curation", poll=1.0, base="/v1/snapshot_jobs")
+        if job["status"] != "succeeded":
+            raise RuntimeError(f"snapshot job {job['id']} {job['status']}: {job.get('error')}")
+        return self.get(f"/v1/snapshots/{job['snapshot_id']}")
 
     def wait_evaluation(self, adapter_id: str, timeout: float = 7200.0, poll: float = 3.0) -> dict[str, Any]:
         """Wait for the evaluation the worker queues after training; a bar follows its progress events."""

@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             train_ds = ensure_rows(api, args.deployment, f"banking77-train-{tag(args.limit_train, args.seed)}",
                                    train_rows)
             step("3. snapshot (curation)")
-            snap = api.post(f"/v1/datasets/{train_ds['id']}/snapshots", {"curation": curation(args)})
+            snap = api.snapshot(train_ds["id"], {"curation": curation(args)})
             say(f"   snapshot {snap['id']}: counts {json.dumps(snap['counts'])}")
             say(f"   data-quality report: {api.url}/v1/snapshots/{snap['id']}/report")
             results["snapshot"] = {"id": snap["id"], "counts": snap["counts"], "curation": curation(args)}

@@ -10,7 +10,7 @@ from litestar.response import Response as LResponse
 
 from service.api.common import ctx_of, json_body, wants_html
 from service.auth import admin_scope, app_scope
-from service.core.datasets import dataset_json, snapshot_json
+from service.core.datasets import dataset_json, snapshot_job_json, snapshot_json
 from service.core.feedback import feedback_json
 from service.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
@@ -81,8 +81,9 @@ async def upload_records(request: Request[Any, Any, Any], dataset_id: str, on_er
     return result.to_json()
 
 
-@post("/v1/datasets/{dataset_id:str}/snapshots", guards=[admin_scope], status_code=201)
+@post("/v1/datasets/{dataset_id:str}/snapshots", guards=[admin_scope], status_code=202)
 async def create_snapshot(request: Request[Any, Any, Any], dataset_id: str) -> dict[str, Any]:
+    """Queue the curation of a snapshot; poll `GET /v1/snapshot_jobs/{id}` for its `snapshot_id`."""
     ctx = ctx_of(request)
     body = await json_body(request) or {}
     if not isinstance(body, dict):
@@ -91,8 +92,19 @@ async def create_snapshot(request: Request[Any, Any, Any], dataset_id: str) -> d
     if not isinstance(include_feedback, bool):
         raise Unprocessable("include_feedback must be a boolean", field="include_feedback")
     dataset = await ctx.datasets.get(dataset_id)
-    snap = await ctx.datasets.snapshot(dataset.deployment, [dataset_id], include_feedback, body.get("curation"))
-    return snapshot_json(snap)
+    sources = await ctx.datasets.check_sources(dataset.deployment, [dataset_id], include_feedback,
+                                               body.get("curation"))
+    return snapshot_job_json(await ctx.datasets.queue_snapshot(sources))
+
+
+@get("/v1/snapshot_jobs/{job_id:str}", guards=[admin_scope])
+async def get_snapshot_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
+    return snapshot_job_json(await ctx_of(request).jobs.get(job_id, kind="snapshot"))
+
+
+@post("/v1/snapshot_jobs/{job_id:str}/cancel", guards=[admin_scope], status_code=200)
+async def cancel_snapshot_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
+    return snapshot_job_json(await ctx_of(request).jobs.cancel(job_id, kind="snapshot"))
 
 
 @get("/v1/snapshots/{snapshot_id:str}", guards=[admin_scope])

@@ -1,5 +1,7 @@
 """Datasets, streamed NDJSON uploads, and curated, content-addressed snapshots.
 
+A snapshot request is checked here and queued as a job; a worker curates it (`build_snapshot`).
+
 Uploads are parsed as a stream (memory bounded by one line plus one insert batch). Records are written in
 batches under an upload row that stays `committed = false` until the whole body was read; readers only see
 records of committed uploads, so a crash mid-upload leaves nothing visible (the orphan rows are swept at
@@ -27,11 +29,21 @@ from adapters.curation.ndjson import aiter_ndjson
 from adapters.curation.pipeline import CurationResult, run_pipeline
 from adapters.curation.report import quality_report, quality_report_html
 from adapters.curation.rows import Row, RowError, parse_row
+from adapters.curation.steps import StepReport
 from monitoring import metrics
-from service.core.feedback import FeedbackService
+from service.core.feedback import feedback_for_training
 from service.errors import NotFound, Unprocessable
 from service.storage.db import refresh_statistics
-from service.storage.models import Dataset, DatasetRecord, DatasetUpload, Deployment, Snapshot
+from service.storage.models import (
+    Dataset,
+    DatasetRecord,
+    DatasetUpload,
+    Deployment,
+    Feedback,
+    Job,
+    JobEvent,
+    Snapshot,
+)
 
 BATCH = 1000
 MAX_REPORTED_ERRORS = 1000
@@ -64,12 +76,35 @@ def snapshot_json(s: Snapshot) -> dict[str, Any]:
             "created_at": int(s.created_at)}
 
 
+@dataclass(frozen=True)
+class SnapshotSources:
+    """What a snapshot is made from: checked when requested, stored in the job's spec, curated by a worker."""
+    deployment: str
+    dataset_ids: tuple[str, ...]
+    include_feedback: bool
+    curation: dict[str, Any]  # a validated `CurationConfig.to_dict()`
+
+    def to_json(self) -> dict[str, Any]:
+        return {"deployment": self.deployment, "datasets": list(self.dataset_ids),
+                "include_feedback": self.include_feedback, "curation": self.curation}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SnapshotSources:
+        return cls(d["deployment"], tuple(d["datasets"]), bool(d["include_feedback"]), dict(d["curation"]))
+
+
+def snapshot_job_json(j: Job) -> dict[str, Any]:
+    return {"object": "snapshot.job", "id": j.id, "status": j.status, "deployment": j.deployment,
+            "snapshot_id": j.snapshot_id, "sources": j.spec.get("sources"), "error": j.error,
+            "created_at": int(j.created_at), "started_at": None if j.started_at is None else int(j.started_at),
+            "finished_at": None if j.finished_at is None else int(j.finished_at), "attempts": j.attempts}
+
+
 class DatasetService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], data_dir: Path, feedback: FeedbackService,
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], data_dir: Path,
                  count_tokens: Callable[[str], int]) -> None:
         self.sessions = sessions
         self.data_dir = data_dir
-        self.feedback = feedback
         self.count_tokens = count_tokens
 
     # -- datasets ---------------------------------------------------------------------------------------
@@ -198,25 +233,51 @@ class DatasetService:
             return [parse_row(r) async for r in res.scalars()]
 
     # -- snapshots --------------------------------------------------------------------------------------
-    async def snapshot(self, deployment: str, dataset_ids: list[str], include_feedback: bool,
-                       curation: Any) -> Snapshot:
+    async def check_sources(self, deployment: str, dataset_ids: list[str], include_feedback: bool,
+                            curation: Any) -> SnapshotSources:
+        """The cheap checks of a snapshot request (config, ownership, something to curate), so that a bad
+        request is a 422 at once; the curation itself runs later, in a worker."""
         try:
             config = CurationConfig.from_dict(curation)
         except (ValueError, TypeError) as exc:
             raise Unprocessable(f"invalid curation config: {exc}", field="curation") from exc
-        rows: list[Row] = []
+        records = 0
         for ds in dataset_ids:
             d = await self.get(ds)
             if d.deployment != deployment:
                 raise Unprocessable(f"dataset {ds} belongs to deployment {d.deployment!r}", field="datasets")
+            records += await self.record_count(ds)
+        if not records and include_feedback:
+            async with self.sessions() as s:
+                records = (await s.execute(select(func.count()).select_from(Feedback)
+                                           .where(Feedback.deployment == deployment))).scalar_one()
+        if not records:
+            raise Unprocessable("there are no rows to snapshot (upload records or include feedback)", field="datasets")
+        return SnapshotSources(deployment, tuple(dataset_ids), include_feedback, config.to_dict())
+
+    async def queue_snapshot(self, sources: SnapshotSources) -> Job:
+        """A snapshot job: curation is slow work, so a worker runs it (`GET /v1/snapshot_jobs/{id}`)."""
+        job = Job(id="snapjob-" + uuid.uuid4().hex[:20], kind="snapshot", deployment=sources.deployment,
+                  status="queued", spec={"sources": sources.to_json()}, hyperparameters={})
+        async with self.sessions() as s, s.begin():
+            s.add(job)
+            s.add(JobEvent(job_id=job.id, type="created", message="snapshot queued", data=sources.to_json()))
+        return job
+
+    async def build_snapshot(self, sources: SnapshotSources,
+                             on_step: Callable[[StepReport, int], None] | None = None) -> Snapshot:
+        """Curate the sources into a content-addressed snapshot (worker side; `on_step` reports progress)."""
+        config = CurationConfig.from_dict(sources.curation)
+        rows: list[Row] = []
+        for ds in sources.dataset_ids:
             rows.extend(await self.rows(ds))
         feedback_range = None
-        if include_feedback:
-            items, feedback_range = await self.feedback.items_for_training(deployment)
+        if sources.include_feedback:
+            items, feedback_range = await feedback_for_training(self.sessions, sources.deployment)
             rows.extend(rows_from_feedback(items, skip_invalid=True))
         if not rows:
             raise Unprocessable("there are no rows to snapshot (upload records or include feedback)", field="datasets")
-        result = await asyncio.to_thread(run_pipeline, rows, config, self.count_tokens)
+        result = await asyncio.to_thread(run_pipeline, rows, config, self.count_tokens, on_step)
         snap_id = "snap-" + result.content_hash()[:32]
         async with self.sessions() as s:
             existing = await s.get(Snapshot, snap_id)
@@ -225,8 +286,9 @@ class DatasetService:
         path = await asyncio.to_thread(self._write, snap_id, result)
         report = quality_report(result)
         counts = {"input": result.input_count, "train": len(result.train), "validation": len(result.validation)}
-        snap = Snapshot(id=snap_id, dataset_id=dataset_ids[0] if len(dataset_ids) == 1 else None,
-                        deployment=deployment, path=str(path), counts=counts, curation=config.to_dict(),
+        ids = sources.dataset_ids
+        snap = Snapshot(id=snap_id, dataset_id=ids[0] if len(ids) == 1 else None,
+                        deployment=sources.deployment, path=str(path), counts=counts, curation=config.to_dict(),
                         report=_jsonable(report), feedback_range=feedback_range)
         async with self.sessions() as s, s.begin():
             if await s.get(Snapshot, snap_id) is None:

@@ -184,15 +184,17 @@ class FeedbackService:
         rows = rows[:limit]
         return rows, (rows[-1].id if more and rows else None)
 
-    async def items_for_training(self, deployment: str) -> tuple[list[FeedbackItem], list[int] | None]:
-        """Feedback joined to its completions, as curation input, plus the id range it covers."""
-        async with self.sessions() as s:
-            rows = (await s.execute(select(Feedback, Completion).join(Completion, Feedback.completion_id == Completion.id)
-                                    .where(Feedback.deployment == deployment).order_by(Feedback.id))).all()
-        items = []
-        for f, c in rows:
-            prompt = c.prompt if c.kind == "chat" else [{"role": "user", "content": c.prompt}]
-            items.append(FeedbackItem(completion_id=c.id, prompt_messages=prompt, output=c.output, rating=f.rating,
-                                      correction=f.correction, attributes=f.attributes or {}))
-        ids = [f.id for f, _ in rows]
-        return items, ([min(ids), max(ids)] if ids else None)
+
+async def feedback_for_training(sessions: async_sessionmaker[AsyncSession],
+                                deployment: str) -> tuple[list[FeedbackItem], list[int] | None]:
+    """Feedback joined to its completions, as curation input, plus the id range it covers."""
+    async with sessions() as s:
+        rows = (await s.execute(select(Feedback, Completion).join(Completion, Feedback.completion_id == Completion.id)
+                                .where(Feedback.deployment == deployment).order_by(Feedback.id))).all()
+    items = []
+    for f, c in rows:
+        prompt = c.prompt if c.kind == "chat" else [{"role": "user", "content": c.prompt}]
+        items.append(FeedbackItem(completion_id=c.id, prompt_messages=prompt, output=c.output, rating=f.rating,
+                                  correction=f.correction, attributes=f.attributes or {}))
+    ids = [f.id for f, _ in rows]
+    return items, ([min(ids), max(ids)] if ids else None)

@@ -1,4 +1,5 @@
-"""Runs claimed jobs in the worker process: training in a subprocess, events into the database.
+"""Runs claimed jobs in the worker process: curation in a thread, training in a subprocess, events into
+the database.
 
 Training runs as `python -m adapters.training.run spec.json` so that a cancel (SIGTERM → stop after the
 current optimizer step) and a crash never take the worker down, and so that the kernel kills the trainer
@@ -15,8 +16,10 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,14 +90,113 @@ async def _resolve_hyperparameters(ctx: WorkerContext, job: Job, snap: Snapshot,
     return hp
 
 
+class _Cancelled(Exception):
+    """Raised between curation steps when the job was cancelled or its worker is stopping."""
+
+
+async def _stop_or_requeue(ctx: WorkerContext, job_id: str, cancelled_by_user: bool) -> None:
+    """End a stopped job: cancelled if the user asked; back to the queue if this worker is shutting down."""
+    if ctx.stopping.is_set() and not cancelled_by_user:
+        async with ctx.sessions() as s, s.begin():
+            await s.execute(update(Job).where(Job.id == job_id).values(status="queued", worker_id=None))
+        await _add_events(ctx, job_id, [{"type": "requeued", "message": "worker stopped; job re-queued"}])
+        return
+    await _finish(ctx, job_id, status="cancelled")
+    await _add_events(ctx, job_id, [{"type": "cancelled", "message": "job cancelled"}])
+
+
+async def curate(ctx: WorkerContext, job: Job, base_path: str) -> Snapshot | None:
+    """Build the snapshot of `job.spec["sources"]`: one progress event per curation step, heartbeats, and a
+    cancel between steps. Records the snapshot on the job; None when the job stopped or failed."""
+    from adapters.base_model import token_counter
+    from service.core.datasets import DatasetService, SnapshotSources
+    from service.errors import ServiceError
+    from service.worker import heartbeat
+
+    sources = SnapshotSources.from_json(job.spec["sources"])
+    datasets = DatasetService(ctx.sessions, ctx.settings.data_dir, token_counter(base_path))
+    stop = threading.Event()
+    progress: deque[dict[str, Any]] = deque()  # appended by the curation thread, drained by the watcher
+    cancelled_by_user = False
+
+    def on_step(rep: Any, rows_left: int) -> None:  # in the curation thread
+        progress.append({"type": "curation", "step": rep.name, "removed": rep.removed, "rows": rows_left,
+                         "message": f"curation {rep.name}: {rows_left} rows"
+                                    + (f" ({rep.removed} removed)" if rep.removed else "")})
+        if stop.is_set():
+            raise _Cancelled
+
+    def drain() -> list[dict[str, Any]]:
+        return [progress.popleft() for _ in range(len(progress))]
+
+    async def watch() -> None:
+        nonlocal cancelled_by_user
+        while True:
+            cancel = await heartbeat(ctx.sessions, job.id, ctx.worker_id)
+            if cancel or ctx.stopping.is_set():
+                cancelled_by_user = cancelled_by_user or cancel
+                stop.set()
+            await _add_events(ctx, job.id, drain())
+            await asyncio.sleep(1.0)
+
+    what = ", ".join(sources.dataset_ids) + (" + feedback" if sources.include_feedback else "")
+    await _add_events(ctx, job.id, [{"type": "curation", "message": f"curating {what.lstrip(' +')}"}])
+    watcher = asyncio.create_task(watch())
+    try:
+        snap = await datasets.build_snapshot(sources, on_step)
+    except _Cancelled:
+        snap = None
+    except Exception as exc:  # the job fails with the reason; the worker carries on
+        if not isinstance(exc, ServiceError):
+            log.exception("curation of job %s failed", job.id)
+        await _finish(ctx, job.id, status="failed", error={"message": getattr(exc, "detail", str(exc)),
+                                                           "code": "curation_error"})
+        return None
+    finally:
+        watcher.cancel()
+        await _add_events(ctx, job.id, drain())
+    if snap is None or stop.is_set():
+        await _stop_or_requeue(ctx, job.id, cancelled_by_user)
+        return None
+    async with ctx.sessions() as s, s.begin():
+        await s.execute(update(Job).where(Job.id == job.id).values(snapshot_id=snap.id))
+    await _add_events(ctx, job.id, [{"type": "snapshot", "snapshot_id": snap.id, "counts": snap.counts,
+                                     "message": f"snapshot {snap.id}: {snap.counts}"}])
+    return snap
+
+
+async def run_snapshot_job(ctx: WorkerContext, job: Job) -> None:
+    """`POST /v1/datasets/{id}/snapshots`: curate, then succeed with the snapshot's id."""
+    base_path = await asyncio.to_thread(prepare_base_model, ctx.settings.base_model, ctx.settings.data_dir)
+    snap = await curate(ctx, job, base_path)
+    if snap is not None:
+        await _finish(ctx, job.id, status="succeeded")
+        await _add_events(ctx, job.id, [{"type": "succeeded", "message": f"snapshot {snap.id}",
+                                         "snapshot_id": snap.id}])
+
+
 async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
-    """Run one fine-tuning job to a terminal state (or back to the queue if this worker is stopping)."""
-    async with ctx.sessions() as s:
-        snap = await s.get(Snapshot, job.snapshot_id) if job.snapshot_id else None
+    """Run one fine-tuning job to a terminal state (or back to the queue if this worker is stopping).
+    A job created from datasets/feedback first curates its snapshot."""
+    from service.core.jobs import check_snapshot_fits
+    from service.errors import ServiceError
+
+    base_path = await asyncio.to_thread(prepare_base_model, ctx.settings.base_model, ctx.settings.data_dir)
+    if job.snapshot_id is None and job.spec.get("sources"):
+        snap = await curate(ctx, job, base_path)
+        if snap is None:
+            return
+        try:
+            check_snapshot_fits(snap, job.spec.get("search"))
+        except ServiceError as exc:
+            await _finish(ctx, job.id, status="failed", error={"message": exc.detail, "code": "curation_error"})
+            return
+    else:
+        async with ctx.sessions() as s:
+            snap = await s.get(Snapshot, job.snapshot_id) if job.snapshot_id else None
     if snap is None:
         await _finish(ctx, job.id, status="failed", error={"message": "the job's snapshot is missing"})
         return
-    base_path = await asyncio.to_thread(prepare_base_model, ctx.settings.base_model, ctx.settings.data_dir)
     hp = await _resolve_hyperparameters(ctx, job, snap, base_path)
     jdir = _job_dir(ctx, job)
     jdir.mkdir(parents=True, exist_ok=True)
@@ -163,14 +265,8 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
     await _add_events(ctx, job.id, pending)
 
     if code == EXIT_CANCELLED or saw_cancelled or (code != EXIT_OK and ctx.stopping.is_set()):
-        if ctx.stopping.is_set() and not cancelled_by_user:
-            # This worker is shutting down: hand the job back; the next worker resumes the checkpoint.
-            async with ctx.sessions() as s, s.begin():
-                await s.execute(update(Job).where(Job.id == job.id).values(status="queued", worker_id=None))
-            await _add_events(ctx, job.id, [{"type": "requeued", "message": "worker stopped; job re-queued"}])
-            return
-        await _finish(ctx, job.id, status="cancelled")
-        await _add_events(ctx, job.id, [{"type": "cancelled", "message": "job cancelled"}])
+        # a shutting-down worker hands the job back; the next worker resumes the checkpoint
+        await _stop_or_requeue(ctx, job.id, cancelled_by_user)
         return
     if code != EXIT_OK:
         await _finish(ctx, job.id, status="failed",

@@ -32,6 +32,15 @@ def _field_of(exc: Exception, prefix: str) -> str:
     return f"{prefix}.{name}" if name else prefix
 
 
+def check_snapshot_fits(snap: Snapshot, search: dict[str, Any] | None) -> None:
+    """A snapshot a job can train on: some training rows, and a validation split if trials are ranked."""
+    if snap.counts.get("train", 0) < 1:
+        raise Unprocessable("the snapshot has no training rows", field="snapshot_id")
+    if search is not None and snap.counts.get("validation", 0) < 1:
+        raise Unprocessable("search ranks trials on validation loss: the snapshot needs a validation split",
+                            field="search")
+
+
 def job_json(j: Job) -> dict[str, Any]:
     return {"object": "fine_tuning.job", "id": j.id, "status": j.status, "deployment": j.deployment,
             "model": j.deployment, "method": j.spec.get("method"), "snapshot_id": j.snapshot_id,
@@ -102,32 +111,33 @@ class JobService:
             raise Unprocessable("auto_deploy must be an object {experiment: {...}}", field="auto_deploy")
 
         snapshot_id = body.get("snapshot_id")
+        sources = None
         if snapshot_id is not None:
             snap = await self.datasets.get_snapshot(snapshot_id) if isinstance(snapshot_id, str) else None
             if snap is None or snap.deployment != deployment:
                 raise Unprocessable("snapshot_id must name a snapshot of this deployment", field="snapshot_id")
+            check_snapshot_fits(snap, search)
         else:
             ds = body.get("datasets") or []
-            include_feedback = bool(body.get("include_feedback", False))
+            include_feedback = body.get("include_feedback", False)
+            if not isinstance(include_feedback, bool):
+                raise Unprocessable("include_feedback must be a boolean", field="include_feedback")
             if not isinstance(ds, list) or not all(isinstance(d, str) for d in ds) or (not ds and not include_feedback):
                 raise Unprocessable("give snapshot_id, or datasets (a list of dataset ids) and/or include_feedback",
                                     field="snapshot_id")
-            snap = await self.datasets.snapshot(deployment, ds, include_feedback, body.get("curation"))
-            snapshot_id = snap.id
-        if snap.counts.get("train", 0) < 1:
-            raise Unprocessable("the snapshot has no training rows", field="snapshot_id")
-        if search is not None and snap.counts.get("validation", 0) < 1:
-            raise Unprocessable("search ranks trials on validation loss: the snapshot needs a validation split",
-                                field="search")
+            # Curation is slow work: the worker builds the snapshot as the job's first stage.
+            sources = (await self.datasets.check_sources(deployment, ds, include_feedback,
+                                                         body.get("curation"))).to_json()
 
         spec = {"method": mtype, "hyperparameters": hyper, "search": search, "suffix": suffix, "seed": seed,
-                "auto_deploy": auto_deploy, "include_feedback": bool(body.get("include_feedback", False))}
+                "auto_deploy": auto_deploy, "sources": sources}
         job = Job(id="ftjob-" + uuid.uuid4().hex[:20], kind="fine_tune", deployment=deployment, status="queued",
                   spec=spec, hyperparameters=hyper if isinstance(hyper, dict) else {}, snapshot_id=snapshot_id)
         async with self.sessions() as s, s.begin():
             s.add(job)
-            s.add(JobEvent(job_id=job.id, type="created", message=f"{mtype} job queued on snapshot {snapshot_id}",
-                           data={"snapshot_id": snapshot_id}))
+            s.add(JobEvent(job_id=job.id, type="created", data={"snapshot_id": snapshot_id, "sources": sources},
+                           message=f"{mtype} job queued on "
+                           + (f"snapshot {snapshot_id}" if snapshot_id else "a snapshot the worker will curate")))
         return job
 
     async def get(self, job_id: str, kind: str = "fine_tune") -> Job:
@@ -154,8 +164,8 @@ class JobService:
         async with self.sessions() as s:
             return list((await s.execute(q)).scalars())
 
-    async def cancel(self, job_id: str) -> Job:
-        job = await self.get(job_id)
+    async def cancel(self, job_id: str, kind: str = "fine_tune") -> Job:
+        job = await self.get(job_id, kind)
         if job.status in TERMINAL:
             raise Conflict(f"job {job_id} is already {job.status}")
         async with self.sessions() as s, s.begin():
@@ -165,7 +175,7 @@ class JobService:
             await s.execute(update(Job).where(Job.id == job_id, Job.status == "running")
                             .values(cancel_requested=True))
             s.add(JobEvent(job_id=job_id, type="cancel_requested", message="cancellation requested"))
-        return await self.get(job_id)
+        return await self.get(job_id, kind)
 
     async def snapshot_of(self, job: Job) -> Snapshot | None:
         if not job.snapshot_id:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import pytest
 
 from examples.banking77.prepare import read_rows, to_chat
+from tests.conftest import make_snapshot
 
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "Where is my card?"}], "max_tokens": 4}
 
@@ -120,13 +122,18 @@ def test_snapshot_curates_and_reports(service, banking_rows) -> None:
                    headers={"content-type": "application/x-ndjson"})
         assert r.json()["duplicates"] == 5
         curation = {"near_dedupe": {"threshold": 0.8}, "split": {"validation_fraction": 0.1}, "seed": 3}
-        snap = c.post(f"/v1/datasets/{ds['id']}/snapshots", json={"curation": curation})
-        assert snap.status_code == 201, snap.text
-        s = snap.json()
+        queued = c.post(f"/v1/datasets/{ds['id']}/snapshots", json={"curation": curation})
+        assert queued.status_code == 202 and queued.json()["snapshot_id"] is None  # curation is a worker's job
+        s = make_snapshot(c, ds["id"], {"curation": curation})
         assert s["counts"]["train"] + s["counts"]["validation"] <= 301
         assert s["counts"]["validation"] >= 25
-        again = c.post(f"/v1/datasets/{ds['id']}/snapshots", json={"curation": curation}).json()
-        assert again["id"] == s["id"]  # content-addressed
+        first = _wait_snapshot_job(c, queued.json()["id"])
+        assert first["snapshot_id"] == s["id"]  # content-addressed: the same request, the same snapshot
+        events = c.get(f"/v1/snapshot_jobs/{first['id']}/events").json()["data"]
+        steps = [e["data"]["step"] for e in events if e["type"] == "curation" and "step" in e["data"]]
+        assert steps == ["normalize", "length_filter", "exact_dedupe", "near_dedupe", "conflicts",
+                         "label_balance", "group_balance", "split"]
+        assert [e["type"] for e in events][-2:] == ["snapshot", "succeeded"]
         report = c.get(f"/v1/snapshots/{s['id']}/report").json()
         steps = {st["name"]: st for st in report["steps"]}
         assert steps["near_dedupe"]["removed"] >= 1
@@ -134,6 +141,37 @@ def test_snapshot_curates_and_reports(service, banking_rows) -> None:
         assert html.headers["content-type"].startswith("text/html") and "<html" in html.text.lower()
         bad = c.post(f"/v1/datasets/{ds['id']}/snapshots", json={"curation": {"near_dedupe": {"bogus": 1}}})
         assert bad.status_code == 422 and bad.json()["field"] == "curation" and "bogus" in bad.json()["detail"]
+        empty = c.post("/v1/datasets", json={"name": "empty", "deployment": "default"}).json()
+        r = c.post(f"/v1/datasets/{empty['id']}/snapshots", json={})
+        assert r.status_code == 422 and r.json()["field"] == "datasets"  # nothing to curate: no job at all
+
+
+def _wait_snapshot_job(c, job_id: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while (job := c.get(f"/v1/snapshot_jobs/{job_id}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.3)
+    return job
+
+
+def test_a_running_snapshot_job_can_be_cancelled(service, banking77_dir) -> None:
+    rows = [to_chat(t, c) for t, c in read_rows(banking77_dir / "train.csv")]  # 10,003 rows: seconds to curate
+    with service.client() as c:
+        ds = c.post("/v1/datasets", json={"name": "cancel-me", "deployment": "default"}).json()
+        assert c.post(f"/v1/datasets/{ds['id']}/records", content=_ndjson(rows),
+                      headers={"content-type": "application/x-ndjson"}).status_code == 201
+        job = c.post(f"/v1/datasets/{ds['id']}/snapshots", json={"curation": {"seed": 11}}).json()
+        deadline = time.monotonic() + 120
+        while c.get(f"/v1/snapshot_jobs/{job['id']}").json()["status"] == "queued":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert c.post(f"/v1/snapshot_jobs/{job['id']}/cancel").status_code == 200
+        done = _wait_snapshot_job(c, job["id"])
+        events = c.get(f"/v1/snapshot_jobs/{job['id']}/events").json()["data"]
+        assert c.post(f"/v1/snapshot_jobs/{job['id']}/cancel").status_code == 409  # already over
+    assert done["status"] == "cancelled" and done["snapshot_id"] is None, (done, events)
+    assert events[-1]["type"] == "cancelled"
+    assert not any(e["type"] == "snapshot" for e in events)  # stopped between steps: nothing was written
 
 
 def test_feedback_becomes_training_rows(service) -> None:
@@ -146,10 +184,7 @@ def test_feedback_becomes_training_rows(service) -> None:
                                           {"completion_id": ids[2], "rating": 0.0}])
         assert r.status_code == 201
         ds = c.post("/v1/datasets", json={"name": "fb-only", "deployment": "fbrows"}).json()
-        snap = c.post(f"/v1/datasets/{ds['id']}/snapshots",
-                      json={"include_feedback": True, "curation": {"split": {"validation_fraction": 0.0}}})
-        assert snap.status_code == 201, snap.text
-        s = snap.json()
+        s = make_snapshot(c, ds["id"], {"include_feedback": True, "curation": {"split": {"validation_fraction": 0.0}}})
     assert s["feedback_range"] == [min(r.json()["ids"]), max(r.json()["ids"])]
     with open(f"{service.data_dir}/snapshots/{s['id']}/train.jsonl") as f:
         kinds = sorted(json.loads(line)["kind"] for line in f)

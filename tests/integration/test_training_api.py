@@ -12,10 +12,12 @@ import psutil
 import pytest
 
 from examples.banking77.prepare import read_rows, to_chat
+from tests.conftest import make_snapshot
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 # Tiny on purpose: the CPU also runs vLLM during the tests. Steps are capped with max_steps.
+CURATION = {"split": {"validation_fraction": 0.15}}
 SMALL = {"n_epochs": 1, "batch_size": 4, "learning_rate": 2e-3, "lora_r": 8, "lora_alpha": 16,
          "target_modules": ["q_proj", "v_proj"], "max_seq_len": 64, "warmup_ratio": 0.0}
 
@@ -49,9 +51,7 @@ def snapshot_id(service, banking77_dir) -> str:
         body = b"".join(json.dumps(r).encode() + b"\n" for r in sample)
         assert c.post(f"/v1/datasets/{ds['id']}/records", content=body,
                       headers={"content-type": "application/x-ndjson"}).status_code == 201
-        snap = c.post(f"/v1/datasets/{ds['id']}/snapshots", json={"curation": {"split": {"validation_fraction": 0.15}}})
-        assert snap.status_code == 201, snap.text
-        return snap.json()["id"]
+        return make_snapshot(c, ds["id"], {"curation": CURATION})["id"]
 
 
 def test_bad_hyperparameters_are_rejected_before_a_job_exists(service, snapshot_id) -> None:
@@ -74,14 +74,22 @@ def test_bad_hyperparameters_are_rejected_before_a_job_exists(service, snapshot_
 
 def test_train_evaluate_promote_and_serve(service, snapshot_id) -> None:
     with service.client() as c:
-        r = c.post("/v1/fine_tuning/jobs", json={"deployment": "trainer", "snapshot_id": snapshot_id, "seed": 3,
+        # from the dataset, not the snapshot: the worker curates first (the same rows and curation give
+        # the same content-addressed snapshot as the fixture's)
+        dataset_id = c.get(f"/v1/snapshots/{snapshot_id}").json()["dataset_id"]
+        r = c.post("/v1/fine_tuning/jobs", json={"deployment": "trainer", "datasets": [dataset_id],
+                                                 "curation": CURATION, "seed": 3,
                                                  "method": {"type": "sft", "hyperparameters": {**SMALL, "n_epochs": 2,
                                                                                            "max_steps": 10}}})
         assert r.status_code == 201, r.text
+        assert r.json()["snapshot_id"] is None
         job = _wait(c, r.json()["id"])
         assert job["status"] == "succeeded", job
-        assert job["trained_tokens"] > 0 and job["adapter_id"]
+        assert job["trained_tokens"] > 0 and job["adapter_id"] and job["snapshot_id"] == snapshot_id
         events = _events(c, job["id"])
+        types = [e["type"] for e in events]
+        assert types.index("snapshot") < types.index("started")  # curation, then training
+        assert sum(e["type"] == "curation" and "step" in e["data"] for e in events) == 8
         steps = [e["data"] for e in events if e["type"] == "step"]
         vals = [e["data"]["val_loss"] for e in events if e["type"] == "validation"]
         assert steps and {"loss", "learning_rate", "tokens_per_second", "eta_seconds"} <= set(steps[-1])

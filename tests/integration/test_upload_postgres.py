@@ -35,7 +35,7 @@ async def test_upload_lookup_uses_both_index_columns_after_the_table_grew(tmp_pa
     try:
         async with sessions() as s, s.begin():
             s.add(Deployment(name="big", base_model="unused", config={}))
-        datasets = DatasetService(sessions, tmp_path, feedback=None, count_tokens=len)  # type: ignore[arg-type]
+        datasets = DatasetService(sessions, tmp_path, count_tokens=len)
         ds = await datasets.create("big", "big")
 
         async def batch(tag: str):

@@ -16,12 +16,12 @@ import asyncio
 import json
 import logging
 import time
-from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from adapters.evaluation.metrics import is_label_like
 from monitoring import metrics
@@ -78,7 +78,6 @@ class Monitor:
         self.window = ctx.settings.drift_window
         # The periodic loop and `POST /v1/monitoring/run` may evaluate one deployment's triggers at the same
         # moment; without this both would see the same new corrections and create two jobs.
-        self._trigger_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def run(self) -> None:
         last_slow = time.monotonic()
@@ -282,11 +281,10 @@ class Monitor:
 
     # -- retraining triggers ------------------------------------------------------------------------------
     async def triggers(self, deployment: str) -> dict[str, Any] | None:
-        """Per-deployment `config.triggers`: {corrections, drift_share, schedule_seconds, job: {...}}."""
-        async with self._trigger_locks[deployment]:
-            return await self._trigger(deployment)
+        """Per-deployment `config.triggers`: {corrections, drift_share, schedule_seconds, job: {...}}.
 
-    async def _trigger(self, deployment: str) -> dict[str, Any] | None:
+        Safe to call from several passes and API processes at once: the trigger run is inserted before
+        the job is created, naming the run it follows, and that name is unique in the database."""
         async with self.ctx.sessions() as s:
             dep = await s.get(Deployment, deployment)
             cfg = (dep.config or {}).get("triggers") if dep else None
@@ -322,7 +320,14 @@ class Monitor:
         if not reasons:
             return None
         body = {"deployment": deployment, "include_feedback": True, **(cfg.get("job") or {})}
-        data: dict[str, Any] = {"reasons": reasons, "feedback_max_id": fb_max}
+        data: dict[str, Any] = {"reasons": reasons, "feedback_max_id": fb_max, "outcome": "pending"}
+        run = MonitorRun(deployment=deployment, kind="trigger", data=data, follows=last.id if last else 0)
+        try:
+            async with self.ctx.sessions() as s, s.begin():
+                s.add(run)
+        except IntegrityError:
+            log.info("%s: another pass fired this trigger first", deployment)
+            return None
         try:
             job = await self.ctx.jobs.create(body)
             data["job_id"] = job.id
@@ -332,7 +337,7 @@ class Monitor:
             outcome = "failed"
         data["outcome"] = outcome
         async with self.ctx.sessions() as s, s.begin():
-            s.add(MonitorRun(deployment=deployment, kind="trigger", data=data))
+            await s.execute(update(MonitorRun).where(MonitorRun.id == run.id).values(data=data))
         for r in reasons:
             metrics.TRIGGERS.labels(deployment, r.split(" ")[0] if not r[0].isdigit() else "corrections").inc()
         log.info("%s: retraining trigger (%s) → %s", deployment, "; ".join(reasons), outcome)

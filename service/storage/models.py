@@ -256,5 +256,9 @@ class MonitorRun(Base):
     kind: Mapped[str] = mapped_column(String(16))  # drift | fairness | trigger
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     html_path: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    # A trigger run names the trigger run it follows (0: the first). Unique, so when two API processes
+    # decide to retrain at the same moment, one insert wins and only that one creates the job.
+    follows: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
-    __table_args__ = (Index("ix_monitor_runs_dep_kind", "deployment", "kind", "created_at"),)
+    __table_args__ = (Index("ix_monitor_runs_dep_kind", "deployment", "kind", "created_at"),
+                      Index("uq_monitor_runs_follows", "deployment", "kind", "follows", unique=True))

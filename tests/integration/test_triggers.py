@@ -1,4 +1,5 @@
-"""Retraining triggers on a real database: two monitor passes at the same moment create one job, not two."""
+"""Retraining triggers on a real database: monitor passes at the same moment, in one API process or in two,
+create one job, not two."""
 
 from __future__ import annotations
 
@@ -55,3 +56,23 @@ async def test_concurrent_trigger_passes_create_one_job(sessions, tmp_path: Path
     assert runs == 1
     # nothing new since: a later pass does not fire again
     assert await monitor.triggers("trig") is None
+
+
+async def test_two_api_processes_fire_one_trigger(sessions, database_url: str) -> None:
+    """Each replica has its own engine and monitor; only the database can make them agree."""
+    from service.storage.db import make_engine, make_sessionmaker
+
+    await _seed(sessions, corrections=5)
+    other_engine = make_engine(database_url)
+    try:
+        replicas = [(RecordingJobs(), sessions), (RecordingJobs(), make_sessionmaker(other_engine))]
+        monitors = [Monitor(SimpleNamespace(sessions=sm, jobs=jobs, settings=SimpleNamespace(drift_window=100)))
+                    for jobs, sm in replicas]
+        results = await asyncio.gather(*(m.triggers("trig") for m in monitors))
+    finally:
+        await other_engine.dispose()
+    assert sum(len(jobs.created) for jobs, _ in replicas) == 1
+    assert sum(r is not None for r in results) == 1
+    async with sessions() as s:
+        runs = list((await s.execute(select(MonitorRun).where(MonitorRun.kind == "trigger"))).scalars())
+    assert len(runs) == 1 and runs[0].follows == 0 and runs[0].data["outcome"] == "job_created"

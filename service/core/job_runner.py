@@ -137,7 +137,7 @@ async def curate(ctx: WorkerContext, job: Job, base_path: str) -> Snapshot | Non
                 cancelled_by_user = cancelled_by_user or cancel
                 stop.set()
             await _add_events(ctx, job.id, drain())
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.5)
 
     what = ", ".join(sources.dataset_ids) + (" + feedback" if sources.include_feedback else "")
     await _add_events(ctx, job.id, [{"type": "curation", "message": f"curating {what.lstrip(' +')}"}])

@@ -155,7 +155,9 @@ def _wait_snapshot_job(c, job_id: str, timeout: float = 600) -> dict:
 
 
 def test_a_running_snapshot_job_can_be_cancelled(service, banking77_dir) -> None:
-    rows = [to_chat(t, c) for t, c in read_rows(banking77_dir / "train.csv")]  # 10,003 rows: seconds to curate
+    # 30,009 rows (train.csv three times, reworded): several seconds of curation, mostly near-dedupe
+    rows = [to_chat(f"{t} {suffix}", c) for suffix in ("", "please", "thanks")
+            for t, c in read_rows(banking77_dir / "train.csv")]
     with service.client() as c:
         ds = c.post("/v1/datasets", json={"name": "cancel-me", "deployment": "default"}).json()
         assert c.post(f"/v1/datasets/{ds['id']}/records", content=_ndjson(rows),

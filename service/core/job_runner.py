@@ -139,8 +139,8 @@ async def curate(ctx: WorkerContext, job: Job, base_path: str) -> Snapshot | Non
             await _add_events(ctx, job.id, drain())
             await asyncio.sleep(0.5)
 
-    what = ", ".join(sources.dataset_ids) + (" + feedback" if sources.include_feedback else "")
-    await _add_events(ctx, job.id, [{"type": "curation", "message": f"curating {what.lstrip(' +')}"}])
+    parts = [*sources.dataset_ids, *(["feedback"] if sources.include_feedback else [])]
+    await _add_events(ctx, job.id, [{"type": "curation", "message": f"curating {' + '.join(parts)}"}])
     watcher = asyncio.create_task(watch())
     try:
         snap = await datasets.build_snapshot(sources, on_step)
@@ -155,7 +155,7 @@ async def curate(ctx: WorkerContext, job: Job, base_path: str) -> Snapshot | Non
     finally:
         watcher.cancel()
         await _add_events(ctx, job.id, drain())
-    if snap is None or stop.is_set():
+    if snap is None:  # a cancel that came after the last step keeps the finished snapshot
         await _stop_or_requeue(ctx, job.id, cancelled_by_user)
         return None
     async with ctx.sessions() as s, s.begin():

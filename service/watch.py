@@ -1,4 +1,4 @@
-"""`tuneloop jobs watch ID`: follow a fine-tuning job's events with a progress bar (tqdm)."""
+"""`tuneloop jobs watch ID`: follow a fine-tuning or snapshot job's events with a progress bar (tqdm)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ def watch_job(url: str, job_id: str, api_key: str, poll_seconds: float = 2.0) ->
     headers = {"Authorization": f"Bearer {api_key}"}
     bar: tqdm | None = None
     cursor: int | None = None
+    base = "/v1/snapshot_jobs" if job_id.startswith("snapjob-") else "/v1/fine_tuning/jobs"
     with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
         while True:
-            r = c.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"after": cursor} if cursor else {})
+            r = c.get(f"{base}/{job_id}/events", params={"after": cursor} if cursor else {})
             if r.status_code != 200:
                 print(f"error: {r.status_code} {r.text}")
                 return 2
@@ -32,11 +33,12 @@ def watch_job(url: str, job_id: str, api_key: str, poll_seconds: float = 2.0) ->
                     bar.refresh()
                 elif e["type"] != "progress":
                     (bar.write if bar else print)(f"[{e['type']}] {e['message']}")
-            job = c.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+            job = c.get(f"{base}/{job_id}").json()
             if job["status"] in TERMINAL:
                 if bar:
                     bar.close()
-                print(f"job {job_id} {job['status']}" + (f": adapter {job['adapter_id']}" if job["adapter_id"] else "")
+                made = f"adapter {job['adapter_id']}" if job.get("adapter_id") else job.get("snapshot_id")
+                print(f"job {job_id} {job['status']}" + (f": {made}" if made else "")
                       + (f" ({job['error']['message']})" if job.get("error") else ""))
                 return 0 if job["status"] == "succeeded" else 1
             time.sleep(poll_seconds)

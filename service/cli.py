@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     up = db_sub.add_parser("upgrade", help="run migrations to the latest schema")
     _common(up)
 
-    jobs = sub.add_parser("jobs", help="fine-tuning jobs")
+    jobs = sub.add_parser("jobs", help="fine-tuning and snapshot jobs")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
     watch = jobs_sub.add_parser("watch", help="follow a job with a progress bar")
     watch.add_argument("job_id")

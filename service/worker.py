@@ -106,7 +106,10 @@ async def run_worker(settings: Settings) -> None:
     lanes = [kinds for kinds in (tuple(k for k in lane if k in table) for lane in LANES) if kinds]
     log.info("worker %s started (lanes: %s)", wid, "; ".join(", ".join(k) for k in lanes))
     try:
-        await asyncio.gather(*(_lane(ctx, table, kinds) for kinds in lanes))
+        if lanes:
+            await asyncio.gather(*(_lane(ctx, table, kinds) for kinds in lanes))
+        else:  # no job kinds can run here (training extras missing): stay up, idle, until stopped
+            await ctx.stopping.wait()
     finally:
         await engine.dispose()
 

@@ -88,12 +88,9 @@ async def create_snapshot(request: Request[Any, Any, Any], dataset_id: str) -> d
     body = await json_body(request) or {}
     if not isinstance(body, dict):
         raise Unprocessable("body must be an object {include_feedback?, curation?}")
-    include_feedback = body.get("include_feedback", False)
-    if not isinstance(include_feedback, bool):
-        raise Unprocessable("include_feedback must be a boolean", field="include_feedback")
     dataset = await ctx.datasets.get(dataset_id)
-    sources = await ctx.datasets.check_sources(dataset.deployment, [dataset_id], include_feedback,
-                                               body.get("curation"))
+    sources = await ctx.datasets.check_sources(dataset.deployment, [dataset_id],
+                                               body.get("include_feedback", False), body.get("curation"))
     return snapshot_job_json(await ctx.datasets.queue_snapshot(sources))
 
 

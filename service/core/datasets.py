@@ -233,10 +233,12 @@ class DatasetService:
             return [parse_row(r) async for r in res.scalars()]
 
     # -- snapshots --------------------------------------------------------------------------------------
-    async def check_sources(self, deployment: str, dataset_ids: list[str], include_feedback: bool,
+    async def check_sources(self, deployment: str, dataset_ids: list[str], include_feedback: Any,
                             curation: Any) -> SnapshotSources:
         """The cheap checks of a snapshot request (config, ownership, something to curate), so that a bad
         request is a 422 at once; the curation itself runs later, in a worker."""
+        if not isinstance(include_feedback, bool):
+            raise Unprocessable("include_feedback must be a boolean", field="include_feedback")
         try:
             config = CurationConfig.from_dict(curation)
         except (ValueError, TypeError) as exc:

@@ -120,8 +120,6 @@ class JobService:
         else:
             ds = body.get("datasets") or []
             include_feedback = body.get("include_feedback", False)
-            if not isinstance(include_feedback, bool):
-                raise Unprocessable("include_feedback must be a boolean", field="include_feedback")
             if not isinstance(ds, list) or not all(isinstance(d, str) for d in ds) or (not ds and not include_feedback):
                 raise Unprocessable("give snapshot_id, or datasets (a list of dataset ids) and/or include_feedback",
                                     field="snapshot_id")

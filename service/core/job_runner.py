@@ -10,6 +10,7 @@ last checkpoint, because the spec and its output directory are the same on every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -129,15 +130,18 @@ async def curate(ctx: WorkerContext, job: Job, base_path: str) -> Snapshot | Non
     def drain() -> list[dict[str, Any]]:
         return [progress.popleft() for _ in range(len(progress))]
 
-    async def watch() -> None:
+    curated = asyncio.Event()
+
+    async def watch() -> None:  # ends itself, never cancelled: a cancel mid-insert would lose drained events
         nonlocal cancelled_by_user
-        while True:
+        while not curated.is_set():
             cancel = await heartbeat(ctx.sessions, job.id, ctx.worker_id)
             if cancel or ctx.stopping.is_set():
                 cancelled_by_user = cancelled_by_user or cancel
                 stop.set()
             await _add_events(ctx, job.id, drain())
-            await asyncio.sleep(0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(curated.wait(), 0.5)
 
     parts = [*sources.dataset_ids, *(["feedback"] if sources.include_feedback else [])]
     await _add_events(ctx, job.id, [{"type": "curation", "message": f"curating {' + '.join(parts)}"}])
@@ -153,7 +157,8 @@ async def curate(ctx: WorkerContext, job: Job, base_path: str) -> Snapshot | Non
                                                            "code": "curation_error"})
         return None
     finally:
-        watcher.cancel()
+        curated.set()
+        await watcher
         await _add_events(ctx, job.id, drain())
     if snap is None:  # a cancel that came after the last step keeps the finished snapshot
         await _stop_or_requeue(ctx, job.id, cancelled_by_user)

@@ -184,6 +184,23 @@ class SplitConfig:
         _check_bool(self, "stratify")
 
 
+@dataclass(frozen=True)
+class FeedbackRowsConfig:
+    """How feedback becomes rows (before the steps): a correction is an SFT row, a rating an unpaired (KTO)
+    row, two differently rated answers to one prompt a preference row. With `sft_min_rating` set, an answer
+    rated at least that high (and not corrected) is an SFT row too: what users accepted teaches as well as
+    what they corrected, and it is most of the feedback once an adapter is mostly right."""
+
+    PREFIX: ClassVar[str] = "feedback"
+    sft_min_rating: float | None = None
+    max_pairs_per_prompt: int = 10
+
+    def __post_init__(self) -> None:
+        if self.sft_min_rating is not None:
+            _check_float(self, "sft_min_rating", 0.0, 1.0, lo_open=True)
+        _check_int(self, "max_pairs_per_prompt", 0, 1000)
+
+
 STEP_NAMES = (
     "normalize",
     "length_filter",
@@ -194,6 +211,7 @@ STEP_NAMES = (
     "group_balance",
     "split",
 )
+SECTION_NAMES = (*STEP_NAMES, "feedback")  # the object-valued keys of a `CurationConfig`
 
 
 @dataclass(frozen=True)
@@ -209,12 +227,13 @@ class CurationConfig:
     label_balance: LabelBalanceConfig = field(default_factory=LabelBalanceConfig)
     group_balance: GroupBalanceConfig = field(default_factory=GroupBalanceConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    feedback: FeedbackRowsConfig = field(default_factory=FeedbackRowsConfig)
     seed: int = 0
     max_examples: int = 5
 
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
-        for name in STEP_NAMES:
+        for name in SECTION_NAMES:
             if not isinstance(getattr(self, name), hints[name]):
                 raise ValueError(f"{name} must be a {hints[name].__name__}")  # noqa: TRY004
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
@@ -240,7 +259,7 @@ class CurationConfig:
             raise ValueError(f"unknown config key(s): {', '.join(unknown)} (allowed: {', '.join(allowed)})")
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
-            if name in STEP_NAMES:
+            if name in SECTION_NAMES:
                 step_cls = hints[name]
                 if isinstance(value, bool):  # shorthand: {"near_dedupe": false}
                     value = {"enabled": value}

@@ -1,8 +1,8 @@
 """Turn user feedback on logged completions into training rows.
 
 A correction is the answer that should have been given (→ SFT); a rating says whether the given
-answer was good (→ unpaired/KTO row); two differently rated completions of the same prompt say
-which answer is better (→ preference/DPO row).
+answer was good (→ unpaired/KTO row, and optionally an SFT row when it is high enough); two
+differently rated completions of the same prompt say which answer is better (→ preference/DPO row).
 """
 
 from __future__ import annotations
@@ -44,10 +44,17 @@ def _prompt(item: FeedbackItem) -> tuple[Message, ...]:
 
 
 def rows_from_feedback(
-    items: Iterable[FeedbackItem], *, max_pairs_per_prompt: int = 10, skip_invalid: bool = False
+    items: Iterable[FeedbackItem],
+    *,
+    max_pairs_per_prompt: int = 10,
+    sft_min_rating: float | None = None,
+    skip_invalid: bool = False,
 ) -> list[Row]:
     """Rows in a deterministic order: per item (input order) its sft then unpaired row, then
     preference rows per prompt (prompts in first-seen order, pairs in input order).
+
+    The sft row is the correction or, without one, the given answer if it was rated at least
+    ``sft_min_rating`` (None: ratings never make sft rows).
 
     Every pair of rated completions of one prompt with different ratings and different outputs
     becomes a preference row (higher rating = chosen, carrying the chosen completion's attributes),
@@ -66,6 +73,9 @@ def rows_from_feedback(
             raise
         if item.correction is not None and item.correction.strip():
             rows.append(Row(kind="sft", prompt=prompt, completion=item.correction, attributes=attrs))
+        elif (sft_min_rating is not None and item.rating is not None and item.rating >= sft_min_rating
+              and item.output.strip()):
+            rows.append(Row(kind="sft", prompt=prompt, completion=item.output, attributes=attrs))
         if item.rating is not None:
             rows.append(
                 Row(

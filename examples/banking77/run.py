@@ -7,7 +7,8 @@ model and for the adapter.
 
 Mode ``feedback``: simulate users (queries from train.csv, so test.csv stays held out) whose wrong
 answers get corrected through ``POST /v1/feedback``; train from that feedback only; evaluate, promote,
-measure as above.
+measure as above. ``--round 2`` sends new traffic to the adapter round 1 promoted and trains again from
+all feedback, where the answers users rated 1 now count as SFT rows too.
 
     TUNELOOP_ADMIN_KEY=... .venv/bin/python examples/banking77/run.py --limit-train 2000 --limit-test 300
 
@@ -85,19 +86,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--max-tokens", type=int, default=16)
     e.add_argument("--eval-timeout", type=float, default=7200.0, help="seconds to wait for the evaluation")
     e.add_argument("--skip-base", action="store_true", help="don't measure the base model")
+    e.add_argument("--skip-measure", action="store_true",
+                   help="don't measure the promoted adapter through the gateway (the evaluation's rows only)")
     e.add_argument("--force", action="store_true", help="promote even if the evaluation rejected the adapter")
     e.add_argument("--adapter-id", default=None, help="skip training: evaluate/promote/measure this adapter")
     f = p.add_argument_group("feedback mode")
     f.add_argument("--sim-queries", type=int, default=2000, help="simulated user queries (from train.csv)")
     f.add_argument("--users", type=int, default=200, help="distinct simulated user ids")
-    f.add_argument("--max-corrections-per-intent", type=int, default=10)
+    f.add_argument("--max-corrections-per-intent", type=int, default=10,
+                   help="over all rounds: corrections the deployment already has count towards it")
+    f.add_argument("--round", type=int, default=1,
+                   help="1: traffic to the base model; N > 1: new traffic (another sample of train.csv) to what "
+                        "the deployment serves now, i.e. the adapter the previous round promoted")
+    f.add_argument("--sft-min-rating", type=float, default=1.0,
+                   help="answers rated at least this become SFT rows too (curation feedback.sft_min_rating); "
+                        "0 turns it off")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "var" / "banking77-results.json")
     args = p.parse_args(argv)
     if args.deployment is None:
         args.deployment = "banking77" if args.mode == "full" else "banking77-feedback"
     if args.epochs is None:
         args.epochs = 1 if args.mode == "full" else 3
-    for name in ("limit_train", "limit_test", "max_steps"):
+    if not 0 <= args.sft_min_rating <= 1:
+        p.error("--sft-min-rating must be in [0, 1]")
+    for name in ("limit_train", "limit_test", "max_steps", "round"):
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -123,8 +135,11 @@ def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def curation(args: argparse.Namespace) -> dict[str, Any]:
     # Banking77 is mildly imbalanced on purpose (it mirrors real traffic): keep it; hold out a small split.
-    return {"split": {"validation_fraction": args.validation_fraction}, "label_balance": {"enabled": False},
-            "seed": args.seed}
+    cfg: dict[str, Any] = {"split": {"validation_fraction": args.validation_fraction},
+                           "label_balance": {"enabled": False}, "seed": args.seed}
+    if args.mode == "feedback" and args.sft_min_rating > 0:
+        cfg["feedback"] = {"sft_min_rating": args.sft_min_rating}
+    return cfg
 
 
 def tag(limit: int | None, seed: int) -> str:
@@ -244,8 +259,8 @@ def evaluate_and_promote(api: Api, args: argparse.Namespace, adapter_id: str) ->
 
 def simulate_feedback(api: Api, args: argparse.Namespace, train_rows: list[tuple[str, str]]) -> dict[str, Any]:
     """Users send train-style queries; wrong answers get the true intent as a correction (capped per intent)."""
-    rng = random.Random(args.seed)
-    rows = sample(train_rows, args.sim_queries, args.seed + 1)
+    rng = random.Random(args.seed + args.round - 1)
+    rows = sample(train_rows, args.sim_queries, args.seed + args.round)
     rng.shuffle(rows)
     segments = ("retail", "business")
     queries = []
@@ -260,7 +275,8 @@ def simulate_feedback(api: Api, args: argparse.Namespace, train_rows: list[tuple
     say(f"   accuracy on simulated traffic {accuracy(preds):.4f} ({traffic_seconds:.0f} s, served by "
         f"{served_counts(preds)})")
     step("3. feedback: ratings for every answer, corrections for wrong ones")
-    per_intent: dict[str, int] = {}
+    per_intent = corrections_given(api, args.deployment)  # earlier rounds' corrections count towards the cap
+    before = sum(per_intent.values())
     items: list[dict[str, Any]] = []
     for p in preds:
         if p.completion_id is None:
@@ -274,11 +290,28 @@ def simulate_feedback(api: Api, args: argparse.Namespace, train_rows: list[tuple
         items.append(item)
     for i in tqdm(range(0, len(items), 500), desc="POST /v1/feedback", unit="batch"):
         api.post("/v1/feedback", items[i:i + 500])
-    corrections = sum(per_intent.values())
-    say(f"   {len(items)} feedback items: {corrections} corrections over {len(per_intent)} intents, "
-        f"{sum(1 for x in items if x['rating'] == 1.0)} positive ratings")
-    return {"queries": len(queries), "accuracy": accuracy(preds), "seconds": round(traffic_seconds, 1),
-            "feedback_items": len(items), "corrections": corrections, "intents_corrected": len(per_intent)}
+    corrections = sum(per_intent.values()) - before
+    positive = sum(1 for x in items if x["rating"] == 1.0)
+    say(f"   {len(items)} feedback items: {corrections} new corrections ({before} from earlier rounds), "
+        f"{len(per_intent)} intents corrected in all, {positive} positive ratings")
+    return {"round": args.round, "queries": len(queries), "accuracy": accuracy(preds),
+            "seconds": round(traffic_seconds, 1), "feedback_items": len(items), "corrections": corrections,
+            "earlier_corrections": before, "positive_ratings": positive, "intents_corrected": len(per_intent)}
+
+
+def corrections_given(api: Api, deployment: str) -> dict[str, int]:
+    """Corrections per intent the deployment's feedback already holds (`GET /v1/feedback`, all pages)."""
+    counts: dict[str, int] = {}
+    cursor = None
+    while True:
+        page = api.get("/v1/feedback", params={"deployment": deployment, "limit": 1000,
+                                               **({"cursor": cursor} if cursor else {})})
+        for f in page["data"]:
+            if f.get("correction"):
+                counts[f["correction"]] = counts.get(f["correction"], 0) + 1
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return counts
 
 
 def write_results(path: Path, mode: str, results: dict[str, Any]) -> None:
@@ -345,11 +378,11 @@ def main(argv: list[str] | None = None) -> int:
             results["job"] = train(api, args, {"deployment": args.deployment, "include_feedback": True,
                                                "datasets": [], "curation": curation(args),
                                                "method": {"type": "sft", "hyperparameters": hp},
-                                               "suffix": "feedback", "seed": args.seed})
+                                               "suffix": f"feedback-r{args.round}", "seed": args.seed})
             results["adapter_id"] = results["job"]["adapter_id"]
 
         results["evaluation"], results["promotion"] = evaluate_and_promote(api, args, results["adapter_id"])
-        if results["promotion"]["promoted"]:
+        if results["promotion"]["promoted"] and not args.skip_measure:
             step(f"adapter accuracy on test.csv through the gateway ({args.deployment})")
             results["adapter"] = measure(api, args, args.deployment, test_rows, "adapter")
         results["total_seconds"] = round(time.monotonic() - t0, 1)
@@ -367,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"\nfailed: {exc}")
         return 1
     finally:
-        write_results(args.out, args.mode, results)
+        write_results(args.out, args.mode if args.round == 1 else f"{args.mode}-round{args.round}", results)
         api.close()
 
 

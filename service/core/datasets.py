@@ -276,7 +276,8 @@ class DatasetService:
         feedback_range = None
         if sources.include_feedback:
             items, feedback_range = await feedback_for_training(self.sessions, sources.deployment)
-            rows.extend(rows_from_feedback(items, skip_invalid=True))
+            rows.extend(rows_from_feedback(items, max_pairs_per_prompt=config.feedback.max_pairs_per_prompt,
+                                           sft_min_rating=config.feedback.sft_min_rating, skip_invalid=True))
         if not rows:
             raise Unprocessable("there are no rows to snapshot (upload records or include feedback)", field="datasets")
         result = await asyncio.to_thread(run_pipeline, rows, config, self.count_tokens, on_step)

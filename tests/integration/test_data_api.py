@@ -187,8 +187,17 @@ def test_feedback_becomes_training_rows(service) -> None:
         assert r.status_code == 201
         ds = c.post("/v1/datasets", json={"name": "fb-only", "deployment": "fbrows"}).json()
         s = make_snapshot(c, ds["id"], {"include_feedback": True, "curation": {"split": {"validation_fraction": 0.0}}})
+        # asked for: the answer rated 1.0 is taught as it was given (the one rated 0.0 is not)
+        s2 = make_snapshot(c, ds["id"], {"include_feedback": True, "curation": {
+            "split": {"validation_fraction": 0.0}, "feedback": {"sft_min_rating": 1.0}}})
     assert s["feedback_range"] == [min(r.json()["ids"]), max(r.json()["ids"])]
-    with open(f"{service.data_dir}/snapshots/{s['id']}/train.jsonl") as f:
-        kinds = sorted(json.loads(line)["kind"] for line in f)
+
+    def rows(snap: dict) -> list[dict]:
+        with open(f"{service.data_dir}/snapshots/{snap['id']}/train.jsonl") as f:
+            return [json.loads(line) for line in f]
+
     # correction → sft; two ratings → two unpaired rows + one preference pair (same prompt, different ratings)
-    assert kinds == ["preference", "sft", "unpaired", "unpaired"]
+    assert sorted(r["kind"] for r in rows(s)) == ["preference", "sft", "unpaired", "unpaired"]
+    liked = next(r["completion"] for r in rows(s) if r["kind"] == "unpaired" and r["label"])
+    assert s2["id"] != s["id"]
+    assert sorted(r["completion"] for r in rows(s2) if r["kind"] == "sft") == sorted(["card_arrival", liked])

@@ -166,3 +166,21 @@ def test_feedback_invalid_prompt_raises_or_is_skipped() -> None:
     assert [r.kind for r in rows_from_feedback([bad, good], skip_invalid=True)] == ["unpaired"]
     with pytest.raises(ValueError, match="rating"):
         FeedbackItem("x", [], "y", rating=1.5)
+
+
+def test_well_rated_answers_become_sft_rows_only_when_asked() -> None:
+    prompt = [{"role": "user", "content": "where is my card?"}]
+    items = [
+        FeedbackItem("c1", prompt, "card_arrival", rating=1.0, attributes={"segment": "a"}),
+        FeedbackItem("c2", prompt, "card_delivery_estimate", rating=0.6),
+        FeedbackItem("c3", prompt, "lost_or_stolen_card", rating=0.0, correction="card_arrival"),
+        FeedbackItem("c4", prompt, "   ", rating=1.0),  # an empty answer teaches nothing
+    ]
+    assert [r.kind for r in rows_from_feedback(items)].count("sft") == 1  # the correction only
+    rows = rows_from_feedback(items, sft_min_rating=0.8)
+    sft = [r for r in rows if r.kind == "sft"]
+    # c1 by its rating (its attributes kept), c3 by its correction (a corrected answer is never taught)
+    assert [(r.completion, dict(r.attributes)) for r in sft] == [("card_arrival", {"segment": "a"}),
+                                                                  ("card_arrival", {})]
+    assert [r.completion for r in rows_from_feedback(items, sft_min_rating=0.5) if r.kind == "sft"] == [
+        "card_arrival", "card_delivery_estimate", "card_arrival"]

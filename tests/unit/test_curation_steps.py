@@ -295,6 +295,10 @@ def test_config_from_dict_validates_and_names_unknown_keys() -> None:
         CurationConfig(seed=-1)
     with pytest.raises(ValueError, match="enabled"):
         NormalizeConfig(enabled="yes")  # type: ignore[arg-type]
+    fb = CurationConfig.from_dict({"feedback": {"sft_min_rating": 1}})
+    assert fb.feedback.sft_min_rating == 1.0 and CurationConfig.from_dict(fb.to_dict()) == fb
+    with pytest.raises(ValueError, match=r"feedback.sft_min_rating must be a number in \(0.0, 1.0\]"):
+        CurationConfig.from_dict({"feedback": {"sft_min_rating": 0}})
 
 
 # -- pipeline --------------------------------------------------------------------------------

@@ -85,7 +85,8 @@ class AppContext:
         except ImportError:  # pragma: no cover - statistics module not present
             pass
         completions = CompletionLog(sessions, readonly)
-        deployments = DeploymentService(sessions, base_path, names)
+        answer_choices: dict[str, tuple[str, ...]] = {}
+        deployments = DeploymentService(sessions, base_path, names, answer_choices)
 
         supervisor = None
         if settings.vllm_urls:
@@ -97,7 +98,7 @@ class AppContext:
                 dtype=settings.vllm_dtype, kv_cache_space_gib=settings.vllm_kv_cache_gib,
                 log_path=str(settings.data_dir / "logs" / "vllm.log")))
             pool = VLLMPool.from_supervisor(supervisor)
-        gateway = Gateway(pool, router, completions, names, settings.max_metadata_keys,
+        gateway = Gateway(pool, router, completions, names, answer_choices, settings.max_metadata_keys,
                           settings.max_metadata_value_chars)
         feedback = FeedbackService(sessions, completions)
         datasets = DatasetService(sessions, settings.data_dir, token_counter(base_path))
@@ -180,7 +181,7 @@ class AppContext:
         async with self.sessions() as s:
             deps = list((await s.execute(select(Deployment))).scalars())
             for d in deps:
-                self.deployments.names.add(d.name)
+                self.deployments.remember(d)
                 target = Target(BASE_NAME, None)
                 if d.production_adapter_id:
                     a = await s.get(Adapter, d.production_adapter_id)

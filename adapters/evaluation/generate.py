@@ -33,7 +33,10 @@ from collections.abc import Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+
+from adapters.evaluation.choices import ChoiceTrie
 
 Message = dict[str, str]
 T = TypeVar("T")
@@ -64,8 +67,10 @@ class ModelRef:
 
 @runtime_checkable
 class Generator(Protocol):
-    def generate(self, prompts: list[list[Message]], max_new_tokens: int) -> list[str]:
-        """Greedy answers, one per chat prompt, special tokens removed and whitespace stripped."""
+    def generate(self, prompts: list[list[Message]], max_new_tokens: int,
+                 choices: Sequence[str] | None = None) -> list[str]:
+        """Greedy answers, one per chat prompt, special tokens removed and whitespace stripped;
+        with ``choices``, each answer is one of them (constrained decoding, see choices.py)."""
         ...
 
     def answer_nll(self, prompts: list[list[Message]], answers: list[str]) -> list[float]:
@@ -109,6 +114,11 @@ class ChatEncoder:
             raise ValueError("answer tokenises to nothing")
         return ids
 
+    def choice_trie(self, choices: Sequence[str], stop_ids: Sequence[int]) -> ChoiceTrie:
+        """The choices spelled as answer tokens (what training taught), end-of-turn included."""
+        probe = [{"role": "user", "content": "?"}]
+        return ChoiceTrie([self.answer_ids(probe, c) for c in choices], stop_ids)
+
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -143,8 +153,10 @@ class MergedHFGenerator:
             [int(e) for e in eos] if isinstance(eos, list) else [int(eos if eos is not None else tok.eos_token_id)]
         )
         self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else self.eos_ids[0])
+        self._tries: dict[tuple[str, ...], ChoiceTrie] = {}
 
-    def generate(self, prompts: list[list[Message]], max_new_tokens: int) -> list[str]:
+    def generate(self, prompts: list[list[Message]], max_new_tokens: int,
+                 choices: Sequence[str] | None = None) -> list[str]:
         import torch
         from transformers import GenerationConfig
 
@@ -156,9 +168,11 @@ class MergedHFGenerator:
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,
         )
+        trie = self._trie(tuple(choices)) if choices else None
         out: list[str] = [""] * len(prompts)
         for batch in _length_batches(encoded, self.batch_size):
             width = max(len(encoded[i]) for i in batch)
+            allowed = None if trie is None else partial(_allowed_after, trie, width)
             ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
@@ -166,11 +180,17 @@ class MergedHFGenerator:
                 ids[row, width - len(seq) :] = torch.tensor(seq)
                 mask[row, width - len(seq) :] = 1
             with torch.inference_mode():
-                gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                          prefix_allowed_tokens_fn=allowed)
             for row, i in enumerate(batch):
                 text = self.encoder.tokenizer.decode(gen[row, width:], skip_special_tokens=True)
                 out[i] = text.strip()
         return out
+
+    def _trie(self, choices: tuple[str, ...]) -> ChoiceTrie:
+        if choices not in self._tries:
+            self._tries[choices] = self.encoder.choice_trie(choices, self.eos_ids)
+        return self._tries[choices]
 
     def answer_nll(self, prompts: list[list[Message]], answers: list[str]) -> list[float]:
         import torch
@@ -281,7 +301,9 @@ class VLLMGenerator:
             client.post("/v1/unload_lora_adapter", json={"lora_name": self._loaded_lora})
         self._loaded_lora = None
 
-    def generate(self, prompts: list[list[Message]], max_new_tokens: int) -> list[str]:
+    def generate(self, prompts: list[list[Message]], max_new_tokens: int,
+                 choices: Sequence[str] | None = None) -> list[str]:
+        constraint = {"structured_outputs": {"choice": list(choices)}} if choices else {}
         payloads = [
             {
                 "model": self.model,
@@ -291,6 +313,7 @@ class VLLMGenerator:
                 "top_p": 1.0,
                 "repetition_penalty": 1.0,  # override any generation_config default: plain greedy
                 "skip_special_tokens": True,
+                **constraint,
             }
             for p in prompts
         ]
@@ -353,8 +376,9 @@ class _VLLMWithHFScoring:
         self.vllm, self.ref, self.batch_size = vllm, ref, batch_size
         self._hf: MergedHFGenerator | None = None
 
-    def generate(self, prompts: list[list[Message]], max_new_tokens: int) -> list[str]:
-        return self.vllm.generate(prompts, max_new_tokens)
+    def generate(self, prompts: list[list[Message]], max_new_tokens: int,
+                 choices: Sequence[str] | None = None) -> list[str]:
+        return self.vllm.generate(prompts, max_new_tokens, choices)
 
     def answer_nll(self, prompts: list[list[Message]], answers: list[str]) -> list[float]:
         if self._hf is None:
@@ -413,6 +437,11 @@ class BackendConfig:
             yield gen
         finally:
             gen.close()
+
+
+def _allowed_after(trie: ChoiceTrie, width: int, _row: int, seq: Any) -> list[int]:
+    """``prefix_allowed_tokens_fn`` for a left-padded batch: generated tokens start at ``width``."""
+    return trie.allowed(seq[width:].tolist())
 
 
 def _length_batches(seqs: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:

@@ -79,7 +79,8 @@ def _header(r: EvaluationResult) -> str:
     ]
     return (
         f"<p>Base model <code>{_e(r.candidate.base_model_path)}</code>; backend <b>{_e(r.backend)}</b>; "
-        f"{r.rows} rows ({r.skipped_rows} skipped); task is {'label-like' if r.label_like else 'free text'}.</p>"
+        f"{r.rows} rows ({r.skipped_rows} skipped); task is {'label-like' if r.label_like else 'free text'}"
+        f"{f'; answers constrained to {r.answer_choices} choices' if r.answer_choices else ''}.</p>"
         + _table(["role", "label", "adapter"], rows) + verdict
     )
 

@@ -72,6 +72,7 @@ class EvaluationResult:
     predictions: list[dict[str, Any]]  # per row: prompt, expected, candidate, reference (+ NLLs)
     timings: dict[str, float] = field(default_factory=dict)
     gates: GateOutcome | None = None
+    answer_choices: int | None = None  # how many answers generation was constrained to, if it was
 
     def to_dict(self, include_predictions: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -81,6 +82,7 @@ class EvaluationResult:
             "label_like": self.label_like,
             "rows": self.rows,
             "skipped_rows": self.skipped_rows,
+            "answer_choices": self.answer_choices,
             "task": {k: v.to_dict() for k, v in self.task.items()},
             "errors": {k: v.to_dict() for k, v in self.errors.items()},
             "retention": self.retention.to_dict() if self.retention else None,
@@ -104,6 +106,7 @@ def evaluate(
     should_stop: StopFn | None = None,
     *,
     max_new_tokens: int | None = None,
+    answer_choices: Sequence[str] | None = None,
     label_like: bool | None = None,
     positive_label: str | None = None,
     max_groups: int = DEFAULT_MAX_GROUPS,
@@ -113,7 +116,8 @@ def evaluate(
     """Evaluate ``candidate`` against ``reference`` on ``rows`` and apply ``gates``.
 
     ``max_new_tokens`` defaults to the longest reference answer (in tokens) + 8, so label tasks do
-    not pay for long generations. ``label_like`` overrides the automatic detection.
+    not pay for long generations. ``answer_choices`` constrains every answer to one of them, as the
+    gateway does for a deployment that names them. ``label_like`` overrides the automatic detection.
     ``positive_label`` switches the fairness suite to binary selection; gaps count only groups with
     ``min_group_size`` rows or more (see fairness.py).
     """
@@ -132,6 +136,8 @@ def evaluate(
     if max_new_tokens is None:
         enc = ChatEncoder.from_path(candidate.base_model_path)
         longest = max(len(enc.answer_ids(e.prompt, e.answer)) for e in examples)
+        if answer_choices:
+            longest = max(longest, *(len(enc.answer_ids(examples[0].prompt, c)) for c in answer_choices))
         max_new_tokens = min(longest + 8, 512)
     elif max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -151,7 +157,8 @@ def evaluate(
             nlls: list[float] = []
             ret: list[float] = []
             if task:
-                answers = _chunked(gen, "generate", examples, chunk_size, tracker, role, max_new_tokens)
+                answers = _chunked(gen, "generate", examples, chunk_size, tracker, role, max_new_tokens,
+                                   answer_choices)
                 nlls = _chunked(gen, "nll", examples, chunk_size, tracker, role)
             if retention:
                 ret = _chunked(gen, "retention", retention_examples, chunk_size, tracker, role)
@@ -171,6 +178,7 @@ def evaluate(
         max_groups=max_groups, min_group_size=min_group_size,
     )
     result.timings = timings
+    result.answer_choices = len(answer_choices) if answer_choices else None
     tracker.emit({"phase": "done", "passed": result.gates.passed})
     return result
 
@@ -253,6 +261,7 @@ def _chunked(
     tracker: _Progress,
     role: str,
     max_new_tokens: int = 0,
+    choices: Sequence[str] | None = None,
 ) -> list[Any]:
     out: list[Any] = []
     for start in range(0, len(examples), chunk_size):
@@ -260,7 +269,7 @@ def _chunked(
         chunk = examples[start : start + chunk_size]
         prompts: list[list[Message]] = [e.prompt for e in chunk]
         if phase == "generate":
-            out.extend(gen.generate(prompts, max_new_tokens))
+            out.extend(gen.generate(prompts, max_new_tokens, choices))
         else:
             out.extend(gen.answer_nll(prompts, [e.answer for e in chunk]))
         tracker.advance(len(chunk), {"phase": phase, "model": role, "done": len(out), "total": len(examples)})

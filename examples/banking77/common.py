@@ -96,6 +96,9 @@ class Api:
     def post(self, path: str, payload: Any = None, **kw: Any) -> Any:
         return self.call("POST", path, json=payload, **kw)
 
+    def patch(self, path: str, payload: Any, **kw: Any) -> Any:
+        return self.call("PATCH", path, json=payload, **kw)
+
     # -- health -----------------------------------------------------------------------------------------
     def healthy(self) -> bool:
         try:

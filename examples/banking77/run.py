@@ -88,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--skip-base", action="store_true", help="don't measure the base model")
     e.add_argument("--skip-measure", action="store_true",
                    help="don't measure the promoted adapter through the gateway (the evaluation's rows only)")
+    e.add_argument("--answer-choices", action="store_true",
+                   help="constrain both deployments' answers to the 77 intent names (config.answer_choices: "
+                        "structured outputs in the gateway, the same constraint in evaluation)")
     e.add_argument("--force", action="store_true", help="promote even if the evaluation rejected the adapter")
     e.add_argument("--adapter-id", default=None, help="skip training: evaluate/promote/measure this adapter")
     f = p.add_argument_group("feedback mode")
@@ -160,14 +163,19 @@ def ensure_rows(api: Api, deployment: str, name: str, rows: list[tuple[str, str]
 
 def setup(api: Api, args: argparse.Namespace, test_rows: list[tuple[str, str]]) -> dict[str, Any]:
     step("1. deployments and the evaluation dataset")
+    # The intent names from the whole train.csv (not the sample): what an application would configure.
+    choices = sorted({c for _, c in read_rows(args.train_csv)}) if args.answer_choices else None
     _, created = api.ensure_deployment(args.base_deployment)
     say(f"   {'created' if created else 'reusing'} deployment {args.base_deployment} (stays on the base model)")
+    api.patch(f"/v1/deployments/{args.base_deployment}", {"config": {"answer_choices": choices}})
     # The evaluation dataset exists before the deployment that names it (so its config is whole at creation;
     # datasets belong to a deployment), so it lives under the base deployment.
     eval_ds = ensure_rows(api, args.base_deployment, f"banking77-test-{tag(args.limit_test, args.seed)}", test_rows)
     config = {"eval_dataset_id": eval_ds["id"], "eval_max_rows": args.eval_max_rows,
               # eval_max_rows caps the snapshot's validation rows; eval_dataset_max_rows caps the dataset.
               "eval_dataset_max_rows": args.eval_max_rows, "retention_rows": args.retention_rows}
+    if choices:
+        config["answer_choices"] = choices
     dep, created = api.ensure_deployment(args.deployment, config)
     if created:
         say(f"   created deployment {args.deployment} with config {json.dumps(config)}")
@@ -176,6 +184,8 @@ def setup(api: Api, args: argparse.Namespace, test_rows: list[tuple[str, str]]) 
         if dep["config"].get("eval_dataset_id") != eval_ds["id"]:
             say("   note: its eval_dataset_id differs from this run's test sample; use --deployment NAME for a "
                 "fresh deployment if that matters")
+        api.patch(f"/v1/deployments/{args.deployment}", {"config": {"answer_choices": choices}})
+    say(f"   answers constrained to {len(choices)} intent names" if choices else "   answers unconstrained")
     dep = api.get(f"/v1/deployments/{args.deployment}")  # with what serves it now
     say(f"   serving now: {dep.get('serving')}, production adapter: {dep.get('production_adapter_id')}")
     return {"deployment": dep, "eval_dataset": eval_ds, "config": dep["config"] if not created else config}
@@ -400,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"\nfailed: {exc}")
         return 1
     finally:
-        write_results(args.out, args.mode if args.round == 1 else f"{args.mode}-round{args.round}", results)
+        key = args.mode if args.round == 1 else f"{args.mode}-round{args.round}"
+        write_results(args.out, key + ("-choices" if args.answer_choices else ""), results)
         api.close()
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from adapters.evaluation.choices import validate_choices
 from service.errors import Conflict, NotFound, Unprocessable
 from service.storage.models import Deployment
 
@@ -20,11 +21,32 @@ def deployment_json(d: Deployment) -> dict[str, Any]:
             "created_at": int(d.created_at)}
 
 
+def checked_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with the keys the API process acts on validated (the worker validates gates and the rest)."""
+    if "answer_choices" in config:
+        try:
+            config = {**config, "answer_choices": list(validate_choices(config["answer_choices"]))}
+        except ValueError as exc:
+            raise Unprocessable(str(exc), field="config.answer_choices") from exc
+    return config
+
+
 class DeploymentService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], base_model: str, names: set[str]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], base_model: str, names: set[str],
+                 answer_choices: dict[str, tuple[str, ...]]) -> None:
         self.sessions = sessions
         self.base_model = base_model
-        self.names = names  # shared with the gateway: the set of routable deployment names
+        # Shared with the gateway: the routable deployment names, and the answers each is constrained to.
+        self.names = names
+        self.answer_choices = answer_choices
+
+    def remember(self, dep: Deployment) -> None:
+        self.names.add(dep.name)
+        choices = (dep.config or {}).get("answer_choices")
+        if choices:
+            self.answer_choices[dep.name] = tuple(choices)
+        else:
+            self.answer_choices.pop(dep.name, None)
 
     async def create(self, name: Any, base_model: Any = None, config: Any = None) -> Deployment:
         if not isinstance(name, str) or not NAME_RE.match(name):
@@ -36,12 +58,13 @@ class DeploymentService:
                                 field="base_model")
         if config is not None and not isinstance(config, dict):
             raise Unprocessable("config must be an object", field="config")
+        config = checked_config({k: v for k, v in (config or {}).items() if v is not None})
         async with self.sessions() as s, s.begin():
             if await s.get(Deployment, name) is not None:
                 raise Conflict(f"deployment {name!r} already exists", field="name")
-            dep = Deployment(name=name, base_model=self.base_model, config=config or {})
+            dep = Deployment(name=name, base_model=self.base_model, config=config)
             s.add(dep)
-        self.names.add(name)
+        self.remember(dep)
         return dep
 
     async def ensure_default(self) -> None:
@@ -65,9 +88,12 @@ class DeploymentService:
         return dep
 
     async def update_config(self, name: str, patch: dict[str, Any]) -> Deployment:
+        """JSON merge patch (RFC 7396) at the top level: a key set to null is removed."""
         async with self.sessions() as s, s.begin():
             dep = await s.get(Deployment, name)
             if dep is None:
                 raise NotFound(f"deployment {name!r} does not exist")
-            dep.config = {**(dep.config or {}), **patch}
+            merged = {**(dep.config or {}), **patch}
+            dep.config = checked_config({k: v for k, v in merged.items() if v is not None})
+        self.remember(dep)
         return dep

@@ -15,6 +15,7 @@ import random
 import threading
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,7 @@ log = logging.getLogger("tuneloop.evaluations")
 
 def evaluation_json(e: Evaluation) -> dict[str, Any]:
     ev = (e.result or {}).get("evaluation") or {}
-    summary = {k: ev.get(k) for k in ("rows", "label_like", "backend", "task", "retention", "gates")} if ev else {}
+    summary = {k: ev.get(k) for k in ("rows", "label_like", "answer_choices", "backend", "task", "retention", "gates")} if ev else {}
     return {"object": "evaluation", "id": e.id, "adapter_id": e.adapter_id, "job_id": e.job_id,
             "reference": e.reference, "status": e.status, "reasons": e.reasons, "summary": summary,
             "created_at": int(e.created_at), "finished_at": None if e.finished_at is None else int(e.finished_at)}
@@ -175,8 +176,8 @@ async def run_evaluation(ctx: WorkerContext, job: Job) -> None:
         if not rows:
             raise ValueError("no evaluation rows: the snapshot has no validation split and the deployment names "
                              "no evaluation dataset (config.eval_dataset_id)")
-        result = await asyncio.to_thread(evaluate, candidate, reference, rows, retention, gates, backend, progress,
-                                         stop.is_set)
+        result = await asyncio.to_thread(partial(evaluate, answer_choices=config.get("answer_choices")), candidate,
+                                         reference, rows, retention, gates, backend, progress, stop.is_set)
     except EvaluationCancelled:
         status = "queued" if ctx.stopping.is_set() else "cancelled"
         await _close(ctx, job, ev, status if status == "cancelled" else "queued", None, [])

@@ -26,6 +26,9 @@ from service.vllm.pool import VLLMPool, VLLMUnavailable
 Kind = Literal["chat", "text"]
 _PATHS = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
 _ID_PREFIX = {"chat": "chatcmpl-", "text": "cmpl-"}
+#: Request keys that already constrain the output: a deployment's answer choices then stay out of the way.
+_CONSTRAINT_KEYS = ("structured_outputs", "guided_choice", "guided_json", "guided_regex", "guided_grammar",
+                    "response_format", "tools")
 
 
 @dataclass
@@ -40,11 +43,13 @@ def prompt_hash(prompt: Any) -> str:
 
 class Gateway:
     def __init__(self, pool: VLLMPool, router: Router, log: CompletionLog, deployments: set[str],
+                 answer_choices: dict[str, tuple[str, ...]] | None = None,
                  max_metadata_keys: int = 16, max_metadata_value_chars: int = 128) -> None:
         self.pool = pool
         self.router = router
         self.log = log
         self.deployments = deployments
+        self.answer_choices = answer_choices if answer_choices is not None else {}
         self.max_keys = max_metadata_keys
         self.max_chars = max_metadata_value_chars
 
@@ -96,6 +101,16 @@ class Gateway:
                 "prompt_tokens": 0, "completion_tokens": 0, "latency_seconds": 0.0, "stream": stream,
                 "error": None, "created_at": time.time()}
 
+    def _upstream(self, deployment: str, body: dict[str, Any], served_name: str, stream: bool) -> dict[str, Any]:
+        """The body vLLM gets: the served model name, no `metadata`, and the deployment's answer choices
+        as a structured-output constraint unless the request brings its own."""
+        upstream = {**body, "model": served_name, "stream": stream}
+        upstream.pop("metadata", None)
+        choices = self.answer_choices.get(deployment)
+        if choices and not any(k in body for k in _CONSTRAINT_KEYS):
+            upstream["structured_outputs"] = {"choice": list(choices)}
+        return upstream
+
     def _headers(self, choice: Choice, cid: str) -> dict[str, str]:
         h = {"x-tuneloop-adapter": choice.target.served_name, "x-tuneloop-completion-id": cid}
         if choice.variant:
@@ -109,8 +124,7 @@ class Gateway:
         choice = self._route(deployment, user)
         cid = _ID_PREFIX[kind] + uuid.uuid4().hex
         row = self._row(cid, kind, deployment, choice, user, metadata, prompt, stream=False)
-        upstream = {**body, "model": choice.target.served_name, "stream": False}
-        upstream.pop("metadata", None)
+        upstream = self._upstream(deployment, body, choice.target.served_name, stream=False)
         labels = (deployment, choice.target.served_name, choice.variant or "")
         with self.router.track(choice.target.served_name):
             data = await self._post(kind, upstream, labels)
@@ -165,9 +179,8 @@ class Gateway:
         cid = _ID_PREFIX[kind] + uuid.uuid4().hex
         row = self._row(cid, kind, deployment, choice, user, metadata, prompt, stream=True)
         client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        upstream = {**body, "model": choice.target.served_name, "stream": True,
-                    "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-        upstream.pop("metadata", None)
+        upstream = self._upstream(deployment, body, choice.target.served_name, stream=True)
+        upstream["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         labels = (deployment, choice.target.served_name, choice.variant or "")
         tracker = self.router.track(choice.target.served_name)
         tracker.__enter__()

@@ -185,3 +185,29 @@ def test_vllm_generator_direct(vllm_supervisor: Any, model_dir: str, tiny_lora_a
         lora.close()
     merged = MergedHFGenerator(model_dir, str(tiny_lora_adapter))
     assert out == merged.generate(prompts, 12)
+
+
+@pytest.mark.vllm
+def test_answer_choices_constrain_both_backends(vllm_supervisor: Any, model_dir: str, tiny_lora_adapter: Path,
+                                               rows: list[dict[str, Any]]) -> None:
+    """With answer choices every answer is one of them, on transformers and on vLLM; without, it is prose."""
+    prompts = [r["prompt"] for r in rows[::3]]
+    hf = MergedHFGenerator(model_dir, str(tiny_lora_adapter), batch_size=4)
+    free = hf.generate(prompts, 16)
+    constrained = hf.generate(prompts, 16, CATEGORIES)
+    hf.close()
+    assert not set(free) <= set(CATEGORIES)  # the constraint is what makes the answers labels
+    assert set(constrained) <= set(CATEGORIES)
+    lora = VLLMGenerator.for_model(vllm_supervisor.base_url, ModelRef(model_dir, str(tiny_lora_adapter), "t"))
+    try:
+        served = lora.generate(prompts, 16, CATEGORIES)
+    finally:
+        lora.close()
+    assert set(served) <= set(CATEGORIES)
+    result = evaluate(ModelRef(model_dir, str(tiny_lora_adapter), "candidate"), ModelRef(model_dir, None, "base"),
+                      rows, None, GateConfig(), BackendConfig(kind="hf_merged", batch_size=8),
+                      answer_choices=CATEGORIES, min_group_size=5)
+    assert result.to_dict()["answer_choices"] == len(CATEGORIES)
+    assert {p["candidate"] for p in result.predictions} | {p["reference"] for p in result.predictions} \
+        <= set(CATEGORIES)
+    assert "answers constrained to 4 choices" in report_html(result)

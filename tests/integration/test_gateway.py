@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from openai import NotFoundError, OpenAI
@@ -130,3 +132,32 @@ def test_health_ready_and_metrics(service) -> None:
     assert 'tuneloop_requests_total{adapter="base",deployment="default"' in text
     assert "tuneloop_request_duration_seconds_bucket" in text
     assert "tuneloop_vllm_up 1.0" in text
+
+
+def test_answer_choices_constrain_a_deployment(service) -> None:
+    """config.answer_choices makes every answer of the deployment one of them (vLLM structured outputs);
+    a request's own constraint wins, a bad list is a 422 naming the field, and null removes it."""
+    labels = ["card_arrival", "lost_or_stolen_card", "exchange_rate"]
+    chat = {"model": "router", "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": "My new card still has not arrived, where is it?"}]}
+    with service.client() as c:
+        r = c.post("/v1/deployments", json={"name": "router", "config": {"answer_choices": labels}})
+        assert r.status_code == 201, r.text
+        r = c.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] in labels
+        cid = r.headers["x-tuneloop-completion-id"]
+        assert c.get(f"/v1/completions/{cid}").json()["output"] in labels
+        with c.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        streamed = "".join((ch["choices"][0]["delta"].get("content") or "") for ch in chunks if ch["choices"])
+        assert streamed in labels
+        own = c.post("/v1/chat/completions", json={**chat, "structured_outputs": {"choice": ["yes", "no"]}})
+        assert own.json()["choices"][0]["message"]["content"] in ("yes", "no")
+        bad = c.patch("/v1/deployments/router", json={"config": {"answer_choices": ["card_arrival"]}})
+        assert bad.status_code == 422 and bad.json()["field"] == "config.answer_choices"
+        assert c.get("/v1/deployments/router").json()["config"]["answer_choices"] == labels  # nothing lost
+        off = c.patch("/v1/deployments/router", json={"config": {"answer_choices": None}})
+        assert off.status_code == 200 and "answer_choices" not in off.json()["config"]
+        prose = c.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+        assert prose not in labels

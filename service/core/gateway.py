@@ -2,7 +2,8 @@
 
 Framework-free: the Litestar route only parses the body and turns `GatewayResponse` / the stream into HTTP.
 The request body is passed to vLLM unchanged except `model` (the deployment becomes the served model
-name) and `metadata` (kept by us as group attributes; vLLM doesn't need it).
+name), `metadata` (kept by us as group attributes; vLLM doesn't need it) and, for a deployment with answer
+choices, the structured-output constraint that keeps answers to them.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class AppContext:
             pool = VLLMPool.from_supervisor(supervisor)
         gateway = Gateway(pool, router, completions, names, answer_choices, settings.max_metadata_keys,
                           settings.max_metadata_value_chars)
-        feedback = FeedbackService(sessions, completions)
+        feedback = FeedbackService(sessions, completions, answer_choices)
         datasets = DatasetService(sessions, settings.data_dir, token_counter(base_path))
         ctx = cls(settings=settings, engine=engine, sessions=sessions, keys=keys, base_model_path=base_path,
                   base_model_hash=base_hash, router=router, pool=pool, completions=completions,

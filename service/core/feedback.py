@@ -82,9 +82,12 @@ def feedback_json(f: Feedback) -> dict[str, Any]:
 
 
 class FeedbackService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], completions: CompletionLog) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], completions: CompletionLog,
+                 answer_choices: dict[str, tuple[str, ...]] | None = None) -> None:
         self.sessions = sessions
         self.completions = completions
+        # Shared with the deployments: a correction must be an answer its deployment can give.
+        self.answer_choices = answer_choices if answer_choices is not None else {}
         # Concurrent posts share one transaction and one fsync; each waits for its own commit.
         self.writer: GroupCommit[tuple[list[FeedbackIn], dict[str, CompletionRef]], list[tuple[int, bool]]] = \
             GroupCommit(sessions, self._apply)
@@ -120,6 +123,15 @@ class FeedbackService:
                                 errors=[{"index": i, "field": f"[{i}].completion_id",
                                          "message": f"unknown completion {parsed[i].completion_id!r}"}
                                         for i in missing])
+        outside = [(i, f) for i, f in enumerate(parsed) if f.correction is not None
+                   and (choices := self.answer_choices.get(found[f.completion_id].deployment))
+                   and f.correction not in choices]
+        if outside:
+            errors = [{"index": i, "field": "correction" if single else f"[{i}].correction",
+                       "message": f"correction {f.correction!r} is not one of deployment "
+                                  f"{found[f.completion_id].deployment!r}'s answer_choices"} for i, f in outside]
+            raise Unprocessable(f"{len(outside)} correction(s) outside the deployment's answer_choices; "
+                                "nothing was stored", field=errors[0]["field"], errors=errors)
         stored = await self.writer.submit((parsed, found))
         # Counted after the commit, and only for new rows, so retries and replays never count twice.
         for f, (_, new) in zip(parsed, stored, strict=True):

@@ -152,6 +152,13 @@ def test_answer_choices_constrain_a_deployment(service) -> None:
             chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
         streamed = "".join((ch["choices"][0]["delta"].get("content") or "") for ch in chunks if ch["choices"])
         assert streamed in labels
+        # a correction must be an answer the deployment can give; the batch is refused whole, naming the item
+        bad = c.post("/v1/feedback", json=[{"completion_id": cid, "rating": 0.0, "correction": "card_arrival"},
+                                           {"completion_id": cid, "rating": 0.0, "correction": "Card arrival"}])
+        assert bad.status_code == 422 and bad.json()["field"] == "[1].correction", bad.text
+        assert c.get("/v1/feedback", params={"deployment": "router"}).json()["data"] == []
+        ok = c.post("/v1/feedback", json={"completion_id": cid, "rating": 0.0, "correction": "card_arrival"})
+        assert ok.status_code == 201, ok.text
         own = c.post("/v1/chat/completions", json={**chat, "structured_outputs": {"choice": ["yes", "no"]}})
         assert own.json()["choices"][0]["message"]["content"] in ("yes", "no")
         bad = c.patch("/v1/deployments/router", json={"config": {"answer_choices": ["card_arrival"]}})

@@ -22,7 +22,9 @@ def deployment_json(d: Deployment) -> dict[str, Any]:
 
 
 def checked_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config with the keys the API process acts on validated (the worker validates gates and the rest)."""
+    """The config without null keys, and with the keys the API process acts on validated (the worker
+    validates gates and the rest)."""
+    config = {k: v for k, v in config.items() if v is not None}
     if "answer_choices" in config:
         try:
             config = {**config, "answer_choices": list(validate_choices(config["answer_choices"]))}
@@ -58,7 +60,7 @@ class DeploymentService:
                                 field="base_model")
         if config is not None and not isinstance(config, dict):
             raise Unprocessable("config must be an object", field="config")
-        config = checked_config({k: v for k, v in (config or {}).items() if v is not None})
+        config = checked_config(config or {})
         async with self.sessions() as s, s.begin():
             if await s.get(Deployment, name) is not None:
                 raise Conflict(f"deployment {name!r} already exists", field="name")
@@ -93,7 +95,6 @@ class DeploymentService:
             dep = await s.get(Deployment, name)
             if dep is None:
                 raise NotFound(f"deployment {name!r} does not exist")
-            merged = {**(dep.config or {}), **patch}
-            dep.config = checked_config({k: v for k, v in merged.items() if v is not None})
+            dep.config = checked_config({**(dep.config or {}), **patch})
         self.remember(dep)
         return dep

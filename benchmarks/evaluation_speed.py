@@ -33,7 +33,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapters.evaluation.generate import MergedHFGenerator, ModelRef, VLLMGenerator
+from adapters.evaluation.generate import BackendConfig, MergedHFGenerator, ModelRef, VLLMGenerator
 from adapters.evaluation.metrics import exact_matches
 
 DEFAULT_MODEL = ROOT / "var" / "models" / "SmolLM2-135M-Instruct"
@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--targets", default=ALL_LINEAR)
     ap.add_argument("--std", type=float, default=0.02, help="std of the random lora_B weights")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=BackendConfig().batch_size, help="default: the service's")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=24, help="covers the longest intent name (18 tokens)")
     ap.add_argument("--vllm-url", default=None, help="use a running server (served name 'base') instead of starting one")
@@ -127,9 +127,9 @@ def main() -> None:
     results: dict[str, dict[str, float | list[str] | None]] = {}
     (gen, load_s) = timed(MergedHFGenerator, str(args.model), str(adapter))
     print(f"merged model load: {load_s:.1f} s", flush=True)
-    gen.batch_size = 1
-    answers, gen_s = timed(gen.generate, prompts, args.max_new_tokens)
-    _nll, nll_s = timed(gen.answer_nll, prompts, labels)
+    gen.batch_size = 1  # one prompt per call: no batching, no shared-prefix cache
+    answers, gen_s = timed(lambda: [a for p in prompts for a in gen.generate([p], args.max_new_tokens)])
+    _nll, nll_s = timed(lambda: [x for p, y in zip(prompts, labels) for x in gen.answer_nll([p], [y])])
     results["baseline (1-by-1 generate)"] = {"gen_s": gen_s, "nll_s": nll_s, "answers": answers}
     print(f"baseline done: {gen_s:.1f} s", flush=True)
     gen.batch_size = args.batch_size

@@ -3,9 +3,10 @@
 Two interchangeable backends (the caller picks with ``BackendConfig.kind``):
 
 * ``hf_merged`` — loads base + adapter in transformers, ``merge_and_unload()`` so the adapter costs
-  nothing at inference, then batched greedy ``generate`` (left padding, rows sorted by length so a
-  batch wastes little padding) and a batched teacher-forced NLL pass. On this 2-core CPU it is the
-  faster path for a whole evaluation set (see benchmarks/evaluation_speed.py).
+  nothing at inference, then batched greedy ``generate`` (rows sorted by length so a batch wastes
+  little padding; the prompt prefix all rows share — chat template, system prompt, instruction — is
+  prefilled once and its KV cache reused by every batch) and a batched teacher-forced NLL pass (same
+  prefix reuse). On this 2-core CPU it is the faster path for a whole evaluation set (see benchmarks/evaluation_speed.py).
 * ``vllm`` — an OpenAI-compatible vLLM server (base model served, adapter loaded at runtime with
   ``/v1/load_lora_adapter``); concurrent ``/v1/completions`` requests at temperature 0, NLL from
   vLLM's ``prompt_logprobs``. Use it when a GPU server is available.
@@ -26,6 +27,7 @@ end-of-turn token: a model that never learned to stop is penalised, as it should
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import hashlib
 import os
@@ -40,6 +42,8 @@ from adapters.evaluation.choices import ChoiceTrie
 
 Message = dict[str, str]
 T = TypeVar("T")
+#: Shorter shared prompt prefixes are recomputed per row rather than cached (not worth a cache copy).
+MIN_SHARED_PREFIX = 8
 
 
 class GenerationError(RuntimeError):
@@ -169,23 +173,47 @@ class MergedHFGenerator:
             eos_token_id=self.eos_ids,
         )
         trie = self._trie(tuple(choices)) if choices else None
+        shared, prefix = self._shared_prefix(encoded, keep=1)
         out: list[str] = [""] * len(prompts)
         for batch in _length_batches(encoded, self.batch_size):
             width = max(len(encoded[i]) for i in batch)
             allowed = None if trie is None else partial(_allowed_after, trie, width)
             ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
+            for row, i in enumerate(batch):
+                # [shared prefix | padding | rest]: every prompt ends where generation starts, and
+                # position ids (cumsum of the mask) are those of the unpadded prompt.
                 seq = encoded[i]
-                ids[row, width - len(seq) :] = torch.tensor(seq)
-                mask[row, width - len(seq) :] = 1
+                ids[row, :shared] = torch.tensor(seq[:shared], dtype=torch.long)
+                ids[row, width - len(seq) + shared :] = torch.tensor(seq[shared:])
+                mask[row, :shared] = 1
+                mask[row, width - len(seq) + shared :] = 1
             with torch.inference_mode():
                 gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                          prefix_allowed_tokens_fn=allowed)
+                                          prefix_allowed_tokens_fn=allowed,
+                                          past_key_values=_repeat(prefix, len(batch)))
             for row, i in enumerate(batch):
                 text = self.encoder.tokenizer.decode(gen[row, width:], skip_special_tokens=True)
                 out[i] = text.strip()
         return out
+
+    def _shared_prefix(self, seqs: Sequence[Sequence[int]], keep: int) -> tuple[int, Any]:
+        """The token prefix every sequence shares (chat template, system prompt, instruction) and its
+        KV cache, computed once and reused by every batch: prefill is most of the cost on a CPU.
+
+        At least ``keep`` tokens of each sequence stay outside the prefix; a single sequence, or a
+        prefix shorter than ``MIN_SHARED_PREFIX``, gets no cache (``(0, None)``).
+        """
+        import torch
+        from transformers import DynamicCache
+
+        n = _common_prefix_len(seqs, keep) if len(seqs) > 1 else 0
+        if n < MIN_SHARED_PREFIX:
+            return 0, None
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            self.model(input_ids=torch.tensor([list(seqs[0][:n])]), past_key_values=cache, use_cache=True)
+        return n, cache
 
     def _trie(self, choices: tuple[str, ...]) -> ChoiceTrie:
         if choices not in self._tries:
@@ -202,6 +230,9 @@ class MergedHFGenerator:
         out = [float("nan")] * len(prompts)
         backbone = self.model.base_model
         head = self.model.get_output_embeddings()
+        # The logit predicting the first answer token sits at the prompt's last position, so that
+        # position stays outside the shared prefix.
+        shared, prefix = self._shared_prefix([p for p, _ in pairs], keep=1)
         for batch in _length_batches(seqs, self.batch_size):
             width = max(len(seqs[i]) for i in batch)
             ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
@@ -210,12 +241,14 @@ class MergedHFGenerator:
                 ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
                 mask[row, : len(seqs[i])] = 1
             with torch.inference_mode():
-                hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+                hidden = backbone(input_ids=ids[:, shared:], attention_mask=mask,
+                                  past_key_values=_repeat(prefix, len(batch))).last_hidden_state
                 for row, i in enumerate(batch):
                     p, a = pairs[i]
                     # logits at position t predict token t+1; only answer positions go through the
                     # LM head, which keeps memory at answer_len x vocab instead of seq x vocab.
-                    logits = head(hidden[row, len(p) - 1 : len(p) + len(a) - 1]).float()
+                    start = len(p) - 1 - shared
+                    logits = head(hidden[row, start : start + len(a)]).float()
                     logp = torch.log_softmax(logits, dim=-1)
                     target = torch.tensor(a).unsqueeze(1)
                     out[i] = float(-logp.gather(1, target).mean())
@@ -442,6 +475,27 @@ class BackendConfig:
 def _allowed_after(trie: ChoiceTrie, width: int, _row: int, seq: Any) -> list[int]:
     """``prefix_allowed_tokens_fn`` for a left-padded batch: generated tokens start at ``width``."""
     return trie.allowed(seq[width:].tolist())
+
+
+def _common_prefix_len(seqs: Sequence[Sequence[int]], keep: int) -> int:
+    """Length of the prefix all ``seqs`` share, leaving at least ``keep`` tokens of the shortest."""
+    if not seqs:
+        return 0
+    limit = min(len(s) for s in seqs) - keep
+    first = seqs[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in seqs):
+        n += 1
+    return n
+
+
+def _repeat(cache: Any, batch: int) -> Any:
+    """A fresh copy of a batch-1 prefix cache for ``batch`` rows (generate extends it in place)."""
+    if cache is None:
+        return None
+    copy_ = copy.deepcopy(cache)
+    copy_.batch_repeat_interleave(batch)
+    return copy_
 
 
 def _length_batches(seqs: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:

@@ -126,6 +126,29 @@ def test_merged_nll_matches_unmerged_peft_loss(model_dir: str, tiny_lora_adapter
         assert got == pytest.approx(loss, abs=1e-3)
 
 
+def test_shared_prefix_batches_answer_like_one_by_one(model_dir: str, tiny_lora_adapter: Path,
+                                                      rows: list[dict[str, Any]]) -> None:
+    """Batches reuse the KV cache of the prompt prefix every row shares (template + instruction); the
+    answers and NLLs are those of one prompt at a time, which never uses that cache."""
+    from adapters.evaluation.generate import MIN_SHARED_PREFIX
+
+    prompts = [r["prompt"] for r in rows[::2]]
+    answers = [r["completion"] for r in rows[::2]]
+    gen = MergedHFGenerator(model_dir, str(tiny_lora_adapter), batch_size=4)
+    try:
+        shared, cache = gen._shared_prefix([gen.encoder.prompt_ids(p) for p in prompts], keep=1)
+        assert shared >= MIN_SHARED_PREFIX and cache is not None
+        assert gen._shared_prefix([gen.encoder.prompt_ids(prompts[0])], keep=1) == (0, None)
+        batched = gen.generate(prompts, 12)
+        single = [gen.generate([p], 12)[0] for p in prompts]
+        assert batched == single
+        nll = gen.answer_nll(prompts, answers)
+        nll_single = [gen.answer_nll([p], [a])[0] for p, a in zip(prompts, answers)]
+        assert nll == pytest.approx(nll_single, abs=1e-4)
+    finally:
+        gen.close()
+
+
 def test_should_stop_cancels(model_dir: str, rows: list[dict[str, Any]]) -> None:
     seen: list[dict] = []
     with pytest.raises(EvaluationCancelled):

@@ -2,7 +2,9 @@
 
 The baseline (direct vLLM) and the gateway are measured interleaved: batches alternate between the
 two targets (and which goes first alternates per round), so both see the same machine load, the same
-prompts (Banking77 test queries, greedy decoding, fixed max_tokens) and the same concurrency.
+prompts (Banking77 test queries, greedy decoding, fixed max_tokens) and the same concurrency. At
+concurrency 1 each prompt goes to both targets back to back instead, and the median of those pairs'
+differences is printed too: vLLM's own latency varies more from request to request than the gateway adds.
 Printed: throughput of each path and their ratio, p50/p99 latency of each and what the gateway adds.
 
     # everything started here (a supervised vLLM + `tuneloop serve --vllm-url` on it):
@@ -123,9 +125,13 @@ async def measure(targets: list[Target], args: argparse.Namespace) -> None:
             t.busy_s, t.completion_tokens, t.errors = 0.0, 0, 0
         for rnd in range(args.rounds):
             batch = prompts[args.warmup + rnd * args.batch_size : args.warmup + (rnd + 1) * args.batch_size]
-            order = targets if rnd % 2 == 0 else targets[::-1]
-            for t in order:
-                await run_batch(t, client, batch, args.concurrency, args.max_tokens)
+            if args.concurrency == 1:  # one request at a time: pair each prompt's two requests back to back
+                for i, prompt in enumerate(batch):
+                    for t in targets if i % 2 == 0 else targets[::-1]:
+                        await run_batch(t, client, [prompt], 1, args.max_tokens)
+            else:
+                for t in targets if rnd % 2 == 0 else targets[::-1]:
+                    await run_batch(t, client, batch, args.concurrency, args.max_tokens)
             print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
 
 
@@ -147,6 +153,10 @@ def report(targets: list[Target], args: argparse.Namespace) -> None:
         for q in (50, 99):
             added = percentile(gateway.latencies, q) - percentile(direct.latencies, q)
             print(f"added p{q} latency: {added * 1000:+.1f} ms")
+        if args.concurrency == 1 and len(gateway.latencies) == len(direct.latencies):
+            # Same prompt, back to back: cancels the request-to-request variation of vLLM's own latency.
+            diffs = [g - d for g, d in zip(gateway.latencies, direct.latencies)]
+            print(f"added latency, median of same-prompt pairs: {statistics.median(diffs) * 1000:+.1f} ms")
         if direct.completion_tokens != gateway.completion_tokens:
             print(
                 f"note: completion tokens differ (direct {direct.completion_tokens}, gateway "

@@ -31,7 +31,7 @@ from service.core.routing import BASE_NAME, Router, Target
 from service.core.serving import Serving, fresh_name
 from service.settings import Settings
 from service.storage import migrate
-from service.storage.db import make_engine, make_readonly_sessionmaker, make_sessionmaker
+from service.storage.db import make_engine, make_readonly_sessionmaker, make_sessionmaker, make_sqlite_writer
 from service.storage.models import Adapter, Deployment
 from service.vllm.pool import VLLMPool
 from service.vllm.supervisor import VLLMOptions, VLLMSupervisor
@@ -84,7 +84,7 @@ class AppContext:
             router.assign = assign
         except ImportError:  # pragma: no cover - statistics module not present
             pass
-        completions = CompletionLog(sessions, readonly)
+        completions = CompletionLog(sessions, readonly, sqlite_writer=make_sqlite_writer(settings.database))
         answer_choices: dict[str, tuple[str, ...]] = {}
         deployments = DeploymentService(sessions, base_path, names, answer_choices)
 

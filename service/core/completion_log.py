@@ -1,5 +1,9 @@
 """Durable completion log: every gateway response waits until its row is committed (group commit).
 
+On SQLite the commit runs as one synchronous call on a dedicated thread (``make_sqlite_writer``): this
+write sits on every response's critical path, and aiosqlite's per-statement thread hops were most of the
+gateway's added latency (see benchmarks/README.md, gateway_overhead.py).
+
 It also remembers the last `cache_size` committed completions' routing facts (`CompletionRef`), so that
 feedback on a fresh completion — the common case — is checked without a database read. Completions are
 never updated, so the cache cannot go stale.
@@ -7,11 +11,13 @@ never updated, so the cache cannot go stale.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.core.group_commit import GroupCommit
@@ -35,11 +41,32 @@ async def _insert(session: AsyncSession, rows: list[dict[str, Any]]) -> list[Non
 
 class CompletionLog(GroupCommit[dict[str, Any], None]):
     def __init__(self, sessions: async_sessionmaker[AsyncSession],
-                 readonly: async_sessionmaker[AsyncSession] | None = None, cache_size: int = 100_000) -> None:
+                 readonly: async_sessionmaker[AsyncSession] | None = None, cache_size: int = 100_000,
+                 sqlite_writer: Engine | None = None) -> None:
         super().__init__(sessions, _insert)
         self._readonly = readonly or sessions
         self._refs: OrderedDict[str, CompletionRef] = OrderedDict()
         self._cache_size = cache_size
+        self._writer = sqlite_writer
+        self._thread = ThreadPoolExecutor(1, "completion-log") if sqlite_writer is not None else None
+
+    async def _commit(self, items: list[dict[str, Any]]) -> list[None]:
+        if self._writer is None or self._thread is None:
+            return await super()._commit(items)
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._commit_sync, items)
+        return [None] * len(items)
+
+    def _commit_sync(self, items: list[dict[str, Any]]) -> None:
+        assert self._writer is not None
+        with self._writer.begin() as conn:
+            conn.execute(insert(Completion.__table__), items)  # type: ignore[arg-type]
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+        if self._writer is not None:
+            self._writer.dispose()
 
     def _remember(self, ref: CompletionRef) -> None:
         self._refs[ref.id] = ref

@@ -10,38 +10,63 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
+def _sqlite_setup(sync_engine: Engine) -> None:
+    """WAL, durable commits, shared-file friendly; SQLAlchemy issues BEGIN itself (the pysqlite recipe)."""
+
+    @event.listens_for(sync_engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+        dbapi_conn.isolation_level = None
+
+    @event.listens_for(sync_engine, "begin")
+    def _begin(conn: Any) -> None:
+        # Writers take the write lock at BEGIN (no SQLITE_BUSY on a read→write upgrade between
+        # processes); read-only sessions (see `make_readonly_sessionmaker`) never block anyone in WAL mode.
+        readonly = conn.get_execution_options().get("tuneloop_readonly", False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+def _sqlite_path(url: str) -> str:
+    path = url.split("///", 1)[-1]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def make_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _sqlite_path(url)
         engine = create_async_engine(url, connect_args={"timeout": 30})
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-            # SQLAlchemy issues BEGIN itself (below), the documented pysqlite/aiosqlite recipe.
-            dbapi_conn.isolation_level = None
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def _begin(conn: Any) -> None:
-            # Writers take the write lock at BEGIN (no SQLITE_BUSY on a read→write upgrade between
-            # processes); read-only sessions (see `make_readonly_sessionmaker`) never block anyone in WAL mode.
-            readonly = conn.get_execution_options().get("tuneloop_readonly", False)
-            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
-
+        _sqlite_setup(engine.sync_engine)
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def make_sqlite_writer(url: str) -> Engine | None:
+    """A plain (sync) engine on the same SQLite file for a hot write path run in one thread.
+
+    aiosqlite hops to its thread and back for every statement (BEGIN, INSERT, COMMIT, pool checks): a
+    one-row commit measured 1.7 ms that way against 0.6 ms as one sync call in a thread (fsync included).
+    ``None`` for other databases, whose async drivers have no such cost.
+    """
+    if not url.startswith("sqlite"):
+        return None
+    path = _sqlite_path(url)
+    if not path or path == ":memory:":
+        return None  # a second connection would open a different in-memory database
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 30, "check_same_thread": False})
+    _sqlite_setup(engine)
+    return engine
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

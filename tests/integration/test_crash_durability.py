@@ -1,4 +1,5 @@
-"""SIGKILL the service while clients write: every acknowledged write survives, no half upload is visible."""
+"""SIGKILL the service while clients write: every acknowledged write (feedback, completion) survives, no half upload
+is visible."""
 
 from __future__ import annotations
 
@@ -43,6 +44,22 @@ def test_acknowledged_feedback_survives_sigkill_and_partial_upload_is_invisible(
                     with lock:
                         acked.append(fid)
 
+    acked_completions: list[str] = []
+
+    def chatter() -> None:  # completions are committed to the log before their response, too
+        with httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {svc.admin_key}"}, timeout=30) as cl:
+            for n in range(100_000):
+                if stop.is_set():
+                    return
+                try:
+                    r = cl.post("/v1/chat/completions", json={"model": "default", "max_tokens": 1,
+                                                               "messages": [{"role": "user", "content": f"c{n}"}]})
+                except httpx.TransportError:
+                    return
+                if r.status_code == 200:
+                    with lock:
+                        acked_completions.append(r.json()["id"])
+
     upload_started = threading.Event()
 
     def slow_upload() -> None:
@@ -59,11 +76,13 @@ def test_acknowledged_feedback_survives_sigkill_and_partial_upload_is_invisible(
         except httpx.HTTPError:
             pass
 
-    threads = [threading.Thread(target=poster, args=(w,)) for w in range(4)] + [threading.Thread(target=slow_upload)]
+    threads = [threading.Thread(target=poster, args=(w,)) for w in range(4)] + [threading.Thread(target=slow_upload),
+                                                                                threading.Thread(target=chatter)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 120
-    while (len(acked) < 200 or not upload_started.is_set()) and time.monotonic() < deadline:
+    while ((len(acked) < 200 or not upload_started.is_set() or len(acked_completions) < 3)
+           and time.monotonic() < deadline):
         time.sleep(0.05)
     time.sleep(1.0)  # let the upload write some batches
     svc.proc.send_signal(signal.SIGKILL)
@@ -71,7 +90,7 @@ def test_acknowledged_feedback_survives_sigkill_and_partial_upload_is_invisible(
     stop.set()
     for t in threads:
         t.join(30)
-    assert len(acked) >= 200
+    assert len(acked) >= 200 and len(acked_completions) >= 3
 
     svc2 = start_service(data_dir, base_model_dir, [vllm_supervisor.base_url])
     try:
@@ -87,5 +106,7 @@ def test_acknowledged_feedback_survives_sigkill_and_partial_upload_is_invisible(
             missing = set(acked) - stored
             assert not missing, f"{len(missing)} acknowledged feedback items lost"
             assert c.get(f"/v1/datasets/{ds['id']}").json()["records"] == 0  # the half upload is not visible
+            lost = [cid for cid in cids + acked_completions if c.get(f"/v1/completions/{cid}").status_code != 200]
+            assert not lost, f"{len(lost)} acknowledged completions lost"
     finally:
         stop_service(svc2)

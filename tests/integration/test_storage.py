@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from service.core.completion_log import CompletionLog
 from service.core.feedback import FeedbackService
 from service.errors import NotFound, Unprocessable
+from service.storage.db import make_sqlite_writer
 from service.storage.models import Completion, Feedback, Job
 from service.worker import claim_job, requeue_stale
 
@@ -24,8 +25,9 @@ def _row(i: int) -> dict:
             "latency_seconds": 0.1, "stream": False, "error": None, "created_at": time.time()}
 
 
-async def test_completion_log_commits_every_concurrent_write(sessions) -> None:
-    log = CompletionLog(sessions)
+async def test_completion_log_commits_every_concurrent_write(sessions, database_url: str) -> None:
+    log = CompletionLog(sessions, sqlite_writer=make_sqlite_writer(database_url))  # as the service builds it
+    assert (log._writer is not None) == database_url.startswith("sqlite")
     log.start()
     try:
         await asyncio.gather(*(log.write(_row(i)) for i in range(300)))
@@ -37,8 +39,8 @@ async def test_completion_log_commits_every_concurrent_write(sessions) -> None:
     assert c is not None and c.attributes == {"segment": "retail"} and c.prompt[0]["content"] == "hi 7"
 
 
-async def test_completion_log_reports_a_failed_commit(sessions) -> None:
-    log = CompletionLog(sessions)
+async def test_completion_log_reports_a_failed_commit(sessions, database_url: str) -> None:
+    log = CompletionLog(sessions, sqlite_writer=make_sqlite_writer(database_url))
     log.start()
     try:
         await log.write(_row(1))

@@ -13,6 +13,7 @@ baseline, accuracy, and how many answers equal the baseline's (greedy decoding s
     python benchmarks/evaluation_speed.py --limit 96
     python benchmarks/evaluation_speed.py --limit 256 --answer-choices
     python benchmarks/evaluation_speed.py --adapter var/adapters/x --vllm-url http://127.0.0.1:8000
+    python benchmarks/evaluation_speed.py --no-vllm --answer-choices   # all 1,540 rows, transformers paths only
 """
 
 from __future__ import annotations
@@ -97,6 +98,38 @@ def timed(fn, *args):  # type: ignore[no-untyped-def]
     return out, time.perf_counter() - t0
 
 
+def run_vllm(args: argparse.Namespace, adapter: Path, prompts: list[list[dict[str, str]]], choices: list[str] | None,
+             results: dict[str, dict[str, float | list[str] | None]], tmp: Path) -> None:
+    """The vLLM runtime-LoRA path (and its constrained run) on --vllm-url or a server started here."""
+    proc = None
+    try:
+        url = args.vllm_url
+        if url is None:
+            t0 = time.perf_counter()
+            proc, url = start_vllm(args.model, args.rank, tmp / "vllm.log")
+            print(f"vLLM start: {time.perf_counter() - t0:.0f} s", flush=True)
+        vgen = VLLMGenerator.for_model(url, ModelRef(str(args.model), str(adapter), "bench"),
+                                       max_concurrency=args.concurrency)
+        try:
+            vgen.generate(prompts[:2], 2)  # warm-up: first LoRA request pays the adapter load
+            answers, gen_s = timed(vgen.generate, prompts, args.max_new_tokens)
+            results[f"vllm_lora (concurrency {args.concurrency})"] = {"gen_s": gen_s, "nll_s": None, "answers": answers}
+            if choices:
+                vgen.generate(prompts[:2], 2, choices)  # warm-up: the first request compiles the grammar
+                answers, gen_s = timed(vgen.generate, prompts, args.max_new_tokens, choices)
+                results[f"vllm_lora + {len(choices)} choices"] = {"gen_s": gen_s, "nll_s": None, "answers": answers}
+        finally:
+            vgen.close()
+    finally:
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -111,6 +144,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24, help="covers the longest intent name (18 tokens)")
     ap.add_argument("--vllm-url", default=None, help="use a running server (served name 'base') instead of starting one")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-vllm", action="store_true", help="only the transformers paths (no vLLM server needed)")
     ap.add_argument("--answer-choices", action="store_true",
                     help="also run each batched path constrained to the intent names")
     args = ap.parse_args()
@@ -142,33 +176,8 @@ def main() -> None:
         results[f"hf_merged + {len(choices)} choices"] = {"gen_s": gen_s, "nll_s": None, "answers": answers}
     gen.close()
 
-    proc = None
-    try:
-        url = args.vllm_url
-        if url is None:
-            t0 = time.perf_counter()
-            proc, url = start_vllm(args.model, args.rank, tmp / "vllm.log")
-            print(f"vLLM start: {time.perf_counter() - t0:.0f} s", flush=True)
-        vgen = VLLMGenerator.for_model(url, ModelRef(str(args.model), str(adapter), "bench"),
-                                       max_concurrency=args.concurrency)
-        try:
-            vgen.generate(prompts[:2], 2)  # warm-up: first LoRA request pays the adapter load
-            answers, gen_s = timed(vgen.generate, prompts, args.max_new_tokens)
-            results[f"vllm_lora (concurrency {args.concurrency})"] = {"gen_s": gen_s, "nll_s": None, "answers": answers}
-            if choices:
-                vgen.generate(prompts[:2], 2, choices)  # warm-up: the first request compiles the grammar
-                answers, gen_s = timed(vgen.generate, prompts, args.max_new_tokens, choices)
-                results[f"vllm_lora + {len(choices)} choices"] = {"gen_s": gen_s, "nll_s": None, "answers": answers}
-        finally:
-            vgen.close()
-    finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    if not args.no_vllm:
+        run_vllm(args, adapter, prompts, choices, results, tmp)
 
     base = results["baseline (1-by-1 generate)"]
     base_answers = base["answers"]

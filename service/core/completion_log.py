@@ -51,14 +51,13 @@ class CompletionLog(GroupCommit[dict[str, Any], None]):
         self._thread = ThreadPoolExecutor(1, "completion-log") if sqlite_writer is not None else None
 
     async def _commit(self, items: list[dict[str, Any]]) -> list[None]:
-        if self._writer is None or self._thread is None:
+        if self._thread is None:  # no SQLite writer: the async session path
             return await super()._commit(items)
         await asyncio.get_running_loop().run_in_executor(self._thread, self._commit_sync, items)
         return [None] * len(items)
 
     def _commit_sync(self, items: list[dict[str, Any]]) -> None:
-        assert self._writer is not None
-        with self._writer.begin() as conn:
+        with self._writer.begin() as conn:  # type: ignore[union-attr]  # only called with a writer
             conn.execute(insert(Completion.__table__), items)  # type: ignore[arg-type]
 
     async def stop(self) -> None:

@@ -1,0 +1,114 @@
+"""Faster, correct LoRA matmuls for vLLM on CPU, installed as a vLLM general plugin.
+
+vLLM's CPU LoRA path (`vllm.lora.ops.torch_ops`, used by `PunicaWrapperCPU`) computes every token's LoRA
+product by first copying that token's whole adapter matrix (`weights[indices]`: tokens × out × in floats)
+and then running a batched mat-vec. For a prefill of a few hundred tokens that copy costs 5–30× the
+product itself. It also reads index -1 ("no adapter", a base-model request in a mixed batch) as Python's
+"last slot", so a base request that shares a batch with LoRA requests while every slot is occupied gets
+the last slot's adapter applied.
+
+Here a batch whose tokens all use one adapter is one plain matmul; otherwise each product is one dense
+matmul over all resident slots (there are `--max-loras` of them, a handful):
+ - shrink (in → rank): `x @ [A_0; A_1; ...]ᵀ`, then each token keeps its slot's `rank` columns;
+ - expand (rank → out): each token's rank vector goes into its slot's block of a zero row, then one matmul
+   with `[B_0 | B_1 | ...]`.
+Tokens with index -1 get a zero delta. Nothing else changes: same signatures, same in-place outputs.
+
+vLLM loads `register()` in every process it starts (entry point group `vllm.general_plugins`). The
+supervisor's vLLM gets it by default; `TUNELOOP_VLLM_CPU_LORA=vllm` keeps vLLM's own ops (the benchmark's
+baseline).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("tuneloop.vllm.cpu_lora")
+ENV = "TUNELOOP_VLLM_CPU_LORA"
+
+
+def _slots(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(slots, out, in) in the output's dtype: vLLM stacks adapters as (slots, 1, out, in)."""
+    if weights.dim() == 4:
+        weights = weights.squeeze(1)
+    return weights.to(dtype)
+
+
+def _single_slot(indices: torch.Tensor) -> int | None:
+    """The slot every token uses, when they all use the same adapter (the usual batch): one plain matmul."""
+    first = int(indices[0]) if indices.numel() else -1
+    return first if first >= 0 and bool((indices == first).all()) else None
+
+
+def lora_shrink(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Row t: `inputs[t] @ weights[indices[t]]ᵀ`, zero where `indices[t] < 0`. For a small output (the rank)."""
+    w = _slots(weights, dtype)
+    one = _single_slot(indices)
+    if one is not None:
+        return inputs.to(dtype) @ w[one].T
+    slots, out, _ = w.shape
+    every = (inputs.to(dtype) @ w.reshape(slots * out, -1).T).view(-1, slots, out)
+    picked = every[torch.arange(every.shape[0]), indices.clamp(min=0)]
+    return picked.masked_fill_((indices < 0).unsqueeze(1), 0.0)
+
+
+def lora_expand(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The same product for a small input (the rank): rows scattered into per-slot blocks, one matmul."""
+    w = _slots(weights, dtype)
+    one = _single_slot(indices)
+    if one is not None:
+        return inputs.to(dtype) @ w[one].T
+    slots, out, rank = w.shape
+    rows = inputs.shape[0]
+    spread = torch.zeros(rows, slots, rank, dtype=dtype)
+    keep = indices >= 0
+    spread[torch.arange(rows)[keep], indices[keep]] = inputs.to(dtype)[keep]
+    return spread.view(rows, slots * rank) @ w.permute(0, 2, 1).reshape(slots * rank, out)
+
+
+def bgmv_shrink(inputs: torch.Tensor, lora_a_weights: torch.Tensor, output_tensor: torch.Tensor,
+                lora_indices_tensor: torch.Tensor, scaling: float = 1.0) -> None:
+    outputs = lora_shrink(inputs, lora_a_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+
+
+def bgmv_expand(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
+                lora_indices_tensor: torch.Tensor, add_inputs: bool = True) -> None:
+    outputs = lora_expand(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    limit = output_tensor.shape[0]
+    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:  # as vLLM's op: one row broadcast
+        limit = 1
+    common = min(outputs.shape[1], output_tensor.shape[1])  # adapter and model may pad differently
+    if add_inputs:
+        output_tensor[:, :common] += outputs[:limit, :common]
+    else:
+        output_tensor[:, :common] = outputs[:limit, :common]
+
+
+def bgmv_expand_slice(inputs: torch.Tensor, lora_b_weights: torch.Tensor, output_tensor: torch.Tensor,
+                      lora_indices_tensor: torch.Tensor, slice_offset: int, slice_size: int,
+                      add_inputs: bool = True) -> None:
+    outputs = lora_expand(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if add_inputs:
+        output_tensor[:, slice_offset: slice_offset + slice_size] += outputs
+    else:
+        output_tensor[:, slice_offset: slice_offset + slice_size] = outputs
+
+
+def register() -> None:
+    """vLLM general plugin: replace the CPU LoRA ops (vLLM's sgmv_* ops call these bgmv_* ones)."""
+    if os.environ.get(ENV, "tuneloop") == "vllm":
+        return
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    for module in (lora_ops, punica_cpu):
+        module.bgmv_shrink = bgmv_shrink  # type: ignore[attr-defined]
+        module.bgmv_expand = bgmv_expand  # type: ignore[attr-defined]
+        module.bgmv_expand_slice = bgmv_expand_slice  # type: ignore[attr-defined]
+    log.info("tuneloop CPU LoRA ops installed (%s=vllm keeps vLLM's)", ENV)

@@ -32,6 +32,7 @@ ROUTES = [
     experiments.create_experiment, experiments.list_experiments, experiments.get_experiment,
     experiments.stop_experiment,
     monitoring.drift_history, monitoring.drift_report, monitoring.fairness, monitoring.triggers, monitoring.run_now,
+    monitoring.get_drift_job, monitoring.cancel_drift_job,
 ]
 
 

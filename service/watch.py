@@ -1,4 +1,4 @@
-"""`tuneloop jobs watch ID`: follow a fine-tuning or snapshot job's events with a progress bar (tqdm)."""
+"""`tuneloop jobs watch ID`: follow a fine-tuning, snapshot or drift job's events with a progress bar (tqdm)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import httpx
 from tqdm import tqdm
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+BASES = {"snapjob": "/v1/snapshot_jobs", "driftjob": "/v1/monitoring/drift_jobs"}
 
 
 def watch_job(url: str, job_id: str, api_key: str, poll_seconds: float = 2.0) -> int:
@@ -15,7 +16,7 @@ def watch_job(url: str, job_id: str, api_key: str, poll_seconds: float = 2.0) ->
     headers = {"Authorization": f"Bearer {api_key}"}
     bar: tqdm | None = None
     cursor: int | None = None
-    base = "/v1/snapshot_jobs" if job_id.startswith("snapjob-") else "/v1/fine_tuning/jobs"
+    base = BASES.get(job_id.split("-")[0], "/v1/fine_tuning/jobs")
     with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
         while True:
             r = c.get(f"{base}/{job_id}/events", params={"after": cursor} if cursor else {})

@@ -84,14 +84,17 @@ async def heartbeat(sessions: async_sessionmaker[AsyncSession], job_id: str, wor
 def handlers() -> dict[str, Handler]:
     """Job kinds this worker can run (imported lazily: they pull in torch)."""
     try:
+        from service.core.drift import run_drift_job
         from service.core.job_runner import run_evaluation_job, run_fine_tune_job, run_snapshot_job
     except ImportError:  # training extras not installed: an idle worker
         return {}
-    return {"fine_tune": run_fine_tune_job, "evaluation": run_evaluation_job, "snapshot": run_snapshot_job}
+    return {"fine_tune": run_fine_tune_job, "evaluation": run_evaluation_job, "snapshot": run_snapshot_job,
+            "drift": run_drift_job}
 
 
-# Each lane runs one job at a time; curation has its own lane so it never waits behind an hour of training.
-LANES = (("fine_tune", "evaluation"), ("snapshot",))
+# Each lane runs one job at a time; data work (curation, drift) has its own lane so it never waits behind an
+# hour of training.
+LANES = (("fine_tune", "evaluation"), ("snapshot", "drift"))
 
 
 async def run_worker(settings: Settings) -> None:

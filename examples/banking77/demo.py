@@ -6,7 +6,7 @@
 3. simulated users in two segments send traffic: `web` types clean queries, `voice` sends noisy
    speech-to-text transcripts (the segment served worse); the mix of intents drifts from week 1 to week 2;
 4. users rate answers and some correct the wrong ones (the true intent);
-5. POST /v1/monitoring/run: drift (week 1 vs week 2), fairness per segment, and the trigger, which
+5. POST /v1/monitoring/run: a drift job (week 1 vs week 2), fairness per segment, and the trigger, which
    creates a small LoRA training job from the feedback;
 6. the job trains, the worker evaluates the adapter against production, and a passed evaluation starts an
    A/B experiment (production vs the new adapter) by itself;
@@ -275,12 +275,19 @@ def run_demo(api: Api, args: argparse.Namespace) -> dict[str, Any]:
     post_feedback(api, items)
     say(f"   feedback: {len(items)} items, {c2} corrections ({c1 + c2} in total: the trigger can fire)")
 
-    step("4. POST /v1/monitoring/run: drift, fairness and triggers now")
-    api.post("/v1/monitoring/run", params={"deployment": name})
+    step("4. POST /v1/monitoring/run: a drift job for the worker; fairness and triggers now")
+    drift_job = api.post("/v1/monitoring/run", params={"deployment": name})["drift_job"]
     trig = wait_for("retraining trigger", lambda: api.get("/v1/monitoring/triggers", params={"deployment": name})[
         "data"], timeout=600)[0]
     say(f"   trigger: {'; '.join(trig.get('reasons', []))} -> {trig.get('outcome')} {trig.get('job_id') or ''}"
         + (f" ({trig['error']})" if trig.get("error") else ""))
+
+    def drift_done() -> dict[str, Any] | None:
+        job = api.get(f"/v1/monitoring/drift_jobs/{drift_job['id']}")
+        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+    done = wait_for("drift job", drift_done, timeout=600, poll=1.0)
+    say(f"   drift job {done['id']}: {done['status']} {json.dumps(done.get('result') or done.get('error'))[:200]}")
     drift = api.get("/v1/monitoring/drift", params={"deployment": name})["data"]
     if drift:
         d = drift[0]

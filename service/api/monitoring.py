@@ -1,4 +1,4 @@
-"""Drift, fairness and retraining-trigger history; the latest evidently drift report."""
+"""Drift, fairness and retraining-trigger history; the latest evidently drift report; drift jobs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from service.api.common import ctx_of
 from service.auth import admin_scope
+from service.core.drift import drift_job_json, queue_drift_job
 from service.errors import NotFound, Unprocessable
 from service.storage.models import Deployment, MonitorRun
 
@@ -62,19 +63,29 @@ async def triggers(request: Request[Any, Any, Any], deployment: str, limit: int 
 
 @post("/v1/monitoring/run", guards=[admin_scope], status_code=202)
 async def run_now(request: Request[Any, Any, Any], deployment: str) -> dict[str, Any]:
-    """Run drift, fairness and the triggers for one deployment now (in the background)."""
+    """Queue a drift job (the worker runs it) and run fairness and the triggers now, in the background."""
     from service.core.monitor import Monitor
 
     ctx = ctx_of(request)
     await ctx.deployments.get(deployment)
+    job = await queue_drift_job(ctx.sessions, deployment)
     monitor = ctx.extras.setdefault("monitor", Monitor(ctx))
 
     async def run() -> None:
-        await monitor.drift(deployment)
         await monitor.fairness(deployment)
         await monitor.triggers(deployment)
 
     task = asyncio.create_task(run())
     ctx.extras.setdefault("background", set()).add(task)
     task.add_done_callback(ctx.extras["background"].discard)
-    return {"status": "accepted", "deployment": deployment}
+    return {"status": "accepted", "deployment": deployment, "drift_job": drift_job_json(job)}
+
+
+@get("/v1/monitoring/drift_jobs/{job_id:str}", guards=[admin_scope])
+async def get_drift_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
+    return drift_job_json(await ctx_of(request).jobs.get(job_id, kind="drift"))
+
+
+@post("/v1/monitoring/drift_jobs/{job_id:str}/cancel", guards=[admin_scope], status_code=200)
+async def cancel_drift_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
+    return drift_job_json(await ctx_of(request).jobs.cancel(job_id, kind="drift"))

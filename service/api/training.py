@@ -15,6 +15,7 @@ from sqlalchemy import select
 from service.api.common import ctx_of, json_body, wants_html
 from service.auth import admin_scope
 from service.core.datasets import snapshot_job_json
+from service.core.drift import drift_job_json
 from service.core.evaluations import evaluation_json
 from service.core.jobs import TERMINAL, event_json, job_json
 from service.core.serving import history_json
@@ -55,7 +56,8 @@ async def cancel_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, 
     return job_json(await ctx_of(request).jobs.cancel(job_id))
 
 
-@get(["/v1/fine_tuning/jobs/{job_id:str}/events", "/v1/snapshot_jobs/{job_id:str}/events"], guards=[admin_scope])
+@get(["/v1/fine_tuning/jobs/{job_id:str}/events", "/v1/snapshot_jobs/{job_id:str}/events",
+      "/v1/monitoring/drift_jobs/{job_id:str}/events"], guards=[admin_scope])
 async def job_events(request: Request[Any, Any, Any], job_id: str, after: int | None = None, limit: int = 1000,
                      stream: bool = False) -> Response[Any]:
     """Events as a JSON list, or as a server-sent event stream (`?stream=true` or `Accept: text/event-stream`)."""
@@ -71,7 +73,7 @@ async def job_events(request: Request[Any, Any, Any], job_id: str, after: int | 
                     yield f"id: {e.id}\nevent: {e.type}\ndata: {json.dumps(event_json(e))}\n\n".encode()
                 current = await ctx.jobs.get(job.id, kind=job.kind)
                 if current.status in TERMINAL and not events:
-                    final = snapshot_job_json(current) if current.kind == "snapshot" else job_json(current)
+                    final = {"snapshot": snapshot_job_json, "drift": drift_job_json}.get(current.kind, job_json)(current)
                     yield f"event: end\ndata: {json.dumps(final)}\n\n".encode()
                     return
                 if not events:
@@ -83,7 +85,7 @@ async def job_events(request: Request[Any, Any, Any], job_id: str, after: int | 
 
 
 async def _kind(ctx: Any, job_id: str) -> str:
-    return {"evjob": "evaluation", "snapjob": "snapshot"}.get(job_id.split("-")[0], "fine_tune")
+    return {"evjob": "evaluation", "snapjob": "snapshot", "driftjob": "drift"}.get(job_id.split("-")[0], "fine_tune")
 
 
 @get("/v1/fine_tuning/jobs/{job_id:str}/checkpoints", guards=[admin_scope])

@@ -1,13 +1,9 @@
 """The periodic monitor of the API process: experiment decisions, job gauges, drift, fairness, triggers.
 
-Fast tick (`experiment_interval_seconds`): experiment decisions and job-state gauges.
-Slow tick (`monitor_interval_seconds`), per deployment: drift (evidently, in a separate process so it never
-holds the API's event loop or GIL), fairness over recent traffic and feedback (fairlearn), then the
-retraining triggers. Every run is stored (`monitor_runs`) and exported to Prometheus.
-
-Drift reference: the first window of traffic served by the current production target (after its
-promotion); without enough of it, the production adapter's training snapshot (its prompts and answers);
-without a production adapter, the deployment's first window of traffic. Current: the last window.
+Fast tick (`experiment_interval_seconds`): experiment decisions, job-state gauges, the newest drift runs.
+Slow tick (`monitor_interval_seconds`), per deployment: queue a drift job (the worker runs it, see
+`service.core.drift`), fairness over recent traffic and feedback (fairlearn), then the retraining triggers.
+Every run is stored (`monitor_runs`) and exported to Prometheus.
 """
 
 from __future__ import annotations
@@ -16,85 +12,36 @@ import asyncio
 import json
 import logging
 import time
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from adapters.evaluation.metrics import is_label_like
 from monitoring import metrics
-from service.storage.models import (
-    Adapter,
-    Completion,
-    Deployment,
-    DeploymentEvent,
-    Evaluation,
-    Feedback,
-    Job,
-    MonitorRun,
-    Snapshot,
-)
+from service.core.drift import MIN_ROWS, TrafficWindows, export_latest_drift, queue_drift_job
+from service.storage.models import Completion, Deployment, Evaluation, Feedback, Job, MonitorRun
 
 if TYPE_CHECKING:
     from service.context import AppContext
 
 log = logging.getLogger("tuneloop.monitor")
-MIN_ROWS = 30
-
-
-def _drift_in_subprocess(reference: list[dict[str, Any]], current: list[dict[str, Any]], attribute_keys: list[str],
-                         html: bool) -> dict[str, Any]:
-    """Runs in the monitor's process pool (evidently is imported once there)."""
-    import os
-
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    from monitoring.drift import DriftSpec, compute_drift, traffic_frame
-
-    ref, cur = traffic_frame(reference, attribute_keys), traffic_frame(current, attribute_keys)
-    note = None
-    try:
-        result = compute_drift(ref, cur, DriftSpec.default(attribute_keys, render_html=html))
-    except ValueError as exc:
-        # Degenerate prompt text (e.g. one repeated prompt) leaves the text classifier no vocabulary:
-        # report the other features rather than nothing.
-        note = f"text drift skipped: {exc}"
-        result = compute_drift(ref, cur, DriftSpec.default(attribute_keys, render_html=html, text=()))
-    return {**result.as_dict(), "html": result.html, "note": note}
-
-
-def _last_user(prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    users = [m.get("content", "") for m in prompt or [] if isinstance(m, dict) and m.get("role") == "user"]
-    return str(users[-1]) if users else ""
 
 
 class Monitor:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
-        self.pool: ProcessPoolExecutor | None = None
         self.window = ctx.settings.drift_window
-        # The periodic loop and `POST /v1/monitoring/run` may evaluate one deployment's triggers at the same
-        # moment; without this both would see the same new corrections and create two jobs.
 
     async def run(self) -> None:
         last_slow = time.monotonic()
-        try:
-            while True:
-                await asyncio.sleep(self.ctx.settings.experiment_interval_seconds)
-                await self._safe(self.ctx.experiments.tick())
-                await self._safe(self.job_gauges())
-                if time.monotonic() - last_slow >= self.ctx.settings.monitor_interval_seconds:
-                    last_slow = time.monotonic()
-                    await self._safe(self.run_all())
-        finally:
-            if self.pool is not None:
-                # never block shutdown on a drift computation in progress: kill the pool's process
-                for proc in list(getattr(self.pool, "_processes", {}).values()):
-                    proc.kill()
-                self.pool.shutdown(wait=False, cancel_futures=True)
+        while True:
+            await asyncio.sleep(self.ctx.settings.experiment_interval_seconds)
+            await self._safe(self.ctx.experiments.tick())
+            await self._safe(self.job_gauges())
+            await self._safe(export_latest_drift(self.ctx.sessions))
+            if time.monotonic() - last_slow >= self.ctx.settings.monitor_interval_seconds:
+                last_slow = time.monotonic()
+                await self._safe(self.run_all())
 
     async def _safe(self, coro: Any) -> None:
         try:
@@ -152,92 +99,19 @@ class Monitor:
         async with self.ctx.sessions() as s:
             names = list((await s.execute(select(Deployment.name))).scalars())
         for name in names:
-            await self._safe(self.drift(name))
+            if await self._new_traffic(name):
+                await self._safe(queue_drift_job(self.ctx.sessions, name))
             await self._safe(self.fairness(name))
             await self._safe(self.triggers(name))
 
-    # -- data ---------------------------------------------------------------------------------------------
-    async def _records(self, deployment: str, *, newest: bool, since: float | None = None,
-                       adapter: str | None = None) -> list[dict[str, Any]]:
-        q = select(Completion.id, Completion.prompt, Completion.output, Completion.attributes, Completion.adapter) \
-            .where(Completion.deployment == deployment, Completion.error.is_(None))
-        if since is not None:
-            q = q.where(Completion.created_at >= since)
-        if adapter is not None:
-            q = q.where(Completion.adapter_id == adapter)
-        q = q.order_by(Completion.created_at.desc() if newest else Completion.created_at).limit(self.window)
+    async def _new_traffic(self, deployment: str) -> bool:
+        """Drift is worth recomputing once a window's minimum of completions arrived since the last drift job."""
         async with self.ctx.sessions() as s:
-            rows = (await s.execute(q)).all()
-            ratings = dict((await s.execute(select(Feedback.completion_id, Feedback.rating).where(
-                Feedback.completion_id.in_([r.id for r in rows]), Feedback.rating.is_not(None)))).all())
-        return [{"prompt": _last_user(r.prompt), "output": r.output, "attributes": r.attributes or {},
-                 "rating": ratings.get(r.id)} for r in rows]
-
-    async def _reference(self, dep: Deployment) -> tuple[list[dict[str, Any]], str]:
-        if dep.production_adapter_id:
-            async with self.ctx.sessions() as s:
-                promoted = (await s.execute(select(func.max(DeploymentEvent.created_at)).where(
-                    DeploymentEvent.deployment == dep.name,
-                    DeploymentEvent.adapter_id == dep.production_adapter_id))).scalar_one_or_none()
-                adapter = await s.get(Adapter, dep.production_adapter_id)
-                snap = await s.get(Snapshot, adapter.snapshot_id) if adapter and adapter.snapshot_id else None
-            first = await self._records(dep.name, newest=False, since=promoted, adapter=dep.production_adapter_id)
-            if len(first) >= MIN_ROWS:
-                return first, "first traffic window after promotion"
-            if snap is not None:
-                rows = []
-                with (Path(snap.path) / "train.jsonl").open() as f:
-                    for line in f:
-                        r = json.loads(line)
-                        rows.append({"prompt": _last_user(r.get("prompt")), "output": r.get("completion") or
-                                     r.get("chosen") or "", "attributes": r.get("attributes") or {}})
-                        if len(rows) >= self.window:
-                            break
-                return rows, "training snapshot of the production adapter"
-        return await self._records(dep.name, newest=False), "first traffic window"
-
-    @staticmethod
-    def _attribute_keys(records: list[dict[str, Any]], max_cardinality: int = 20) -> list[str]:
-        values: dict[str, set[str]] = {}
-        for r in records:
-            for k, v in (r.get("attributes") or {}).items():
-                values.setdefault(k, set()).add(v)
-        return sorted(k for k, v in values.items() if 2 <= len(v) <= max_cardinality)
-
-    # -- drift --------------------------------------------------------------------------------------------
-    async def drift(self, deployment: str) -> dict[str, Any] | None:
-        async with self.ctx.sessions() as s:
-            dep = await s.get(Deployment, deployment)
-        if dep is None:
-            return None
-        reference, source = await self._reference(dep)
-        current = await self._records(deployment, newest=True)
-        if len(reference) < MIN_ROWS or len(current) < MIN_ROWS:
-            return None
-        label_like = is_label_like([str(r.get("output") or "") for r in reference])
-        for r in reference + current:
-            r["label"] = str(r.get("output") or "").strip() if label_like else None
-        keys = self._attribute_keys(reference + current)
-        if self.pool is None:
-            self.pool = ProcessPoolExecutor(max_workers=1)
-        result = await asyncio.get_running_loop().run_in_executor(self.pool, _drift_in_subprocess, reference,
-                                                                   current, keys, True)
-        html = result.pop("html", None)
-        html_path = None
-        if html:
-            out = self.ctx.settings.data_dir / "drift" / deployment
-            out.mkdir(parents=True, exist_ok=True)
-            html_path = str(out / f"{int(time.time())}.html")
-            Path(html_path).write_text(html)
-        result["reference_source"] = source
-        async with self.ctx.sessions() as s, s.begin():
-            s.add(MonitorRun(deployment=deployment, kind="drift", data=result, html_path=html_path))
-        for f in result["features"]:
-            if f["score"] is not None:
-                metrics.DRIFT_SCORE.labels(deployment, f["feature"], f["method"]).set(f["score"])
-                metrics.DRIFT_DETECTED.labels(deployment, f["feature"]).set(1 if f["drifted"] else 0)
-        metrics.DRIFT_SHARE.labels(deployment).set(result["share"])
-        return result
+            since = (await s.execute(select(func.max(Job.created_at)).where(
+                Job.kind == "drift", Job.deployment == deployment))).scalar_one_or_none() or 0.0
+            newer = (await s.execute(select(Completion.id).where(
+                Completion.deployment == deployment, Completion.created_at > since).limit(MIN_ROWS))).all()
+        return len(newer) >= MIN_ROWS
 
     # -- fairness -----------------------------------------------------------------------------------------
     async def fairness(self, deployment: str) -> dict[str, Any] | None:
@@ -253,7 +127,7 @@ class Monitor:
         if len(rows) < MIN_ROWS:
             return None
         records = [{"output": o, "attributes": a or {}} for o, a, _, _ in rows]
-        keys = self._attribute_keys(records)
+        keys = TrafficWindows.attribute_keys(records)
         if not keys:
             return None
         frame = pd.DataFrame([{

@@ -155,11 +155,12 @@ class Snapshot(Base):
 
 
 class Job(Base):
-    """A queued unit of slow work run by a worker: a fine-tuning job, an evaluation or a snapshot's curation."""
+    """A queued unit of slow work run by a worker: a fine-tuning job, an evaluation, a snapshot's curation or
+    a drift computation."""
 
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))  # fine_tune | evaluation | snapshot
+    kind: Mapped[str] = mapped_column(String(16))  # fine_tune | evaluation | snapshot | drift
     deployment: Mapped[str] = mapped_column(String(64), index=True)
     status: Mapped[str] = mapped_column(String(16), default="queued")
     spec: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -21,7 +21,7 @@ import pytest_asyncio
 
 from service.vllm import VLLMOptions, VLLMPool, VLLMRequestError, VLLMServer, VLLMSupervisor, VLLMUnavailable
 from service.vllm.supervisor import free_port
-from tests.conftest_vllm import REPO, START_TIMEOUT_S, vllm_test_options
+from tests.conftest_vllm import REPO, START_TIMEOUT_S, make_random_lora, require_test_model, vllm_test_options
 
 pytestmark = pytest.mark.vllm
 
@@ -89,6 +89,36 @@ async def test_runtime_lora_load_answer_unload(vllm_pool: VLLMPool, tiny_lora_ad
     await vllm_pool.unload_adapter(name)  # unloading an absent adapter is not an error
     with pytest.raises(VLLMRequestError):
         await vllm_pool.probe(name)
+
+
+async def test_base_requests_batched_with_lora_requests_answer_as_alone(
+    vllm_pool: VLLMPool, tiny_lora_adapter: Path, tmp_path: Path
+) -> None:
+    """Both LoRA slots busy (the test server has max_loras=2) and base-model requests in the same batches:
+    the base requests must get no adapter. vLLM's CPU op applied the last slot's adapter to them
+    (index -1 read as "last"); service/vllm/cpu_lora.py, the plugin the server loads, fixes that."""
+    names = {"mix-a": tiny_lora_adapter, "mix-b": make_random_lora(require_test_model(), tmp_path / "b", seed=1)}
+    questions = ["Name three colours.", "What is the capital of France?", "Say hello.", "Count to five."]
+
+    async def ask(model: str, question: str) -> str:
+        response = await vllm_pool.pick().client.post("/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 12,
+            "temperature": 0.0})
+        assert response.status_code == 200, response.text
+        return str(response.json()["choices"][0]["message"]["content"])
+
+    for name, path in names.items():
+        await vllm_pool.load_adapter(name, str(path))
+    try:
+        alone = [await ask("base", q) for q in questions]
+        models = ["base", *names]
+        batched = await asyncio.gather(*(ask(m, q) for q in questions for m in models))
+        assert batched[:: len(models)] == alone
+        loras = [a for i, a in enumerate(batched) if i % len(models)]
+        assert sum(a not in alone for a in loras) >= len(questions), "the adapters must change the answers"
+    finally:
+        for name in names:
+            await vllm_pool.unload_adapter(name)
 
 
 async def test_load_of_missing_adapter_dir_raises(vllm_pool: VLLMPool, tmp_path: Path) -> None:

@@ -376,6 +376,8 @@ def _workload(service: Any, live: Live, banking77_dir: Path) -> None:
         assert r.status_code == 202, r.text
         q = {"deployment": dep}
         stages["drift_runs"] = len(_poll(lambda: c.get("/v1/monitoring/drift", params=q).json()["data"], bool, 300))
+        # the worker computed it; the API exports the newest run, and Prometheus scrapes it
+        stages["drift_share_series"] = len(live.prom.wait_for(f'tuneloop_drift_share{{deployment="{dep}"}}', 60))
         stages["fairness_runs"] = len(_poll(lambda: c.get("/v1/monitoring/fairness", params=q).json()["data"],
                                             bool, 300))
         trig = _poll(lambda: c.get("/v1/monitoring/triggers", params=q).json()["data"], bool, 300)
@@ -534,6 +536,7 @@ def test_the_workload_reached_every_stage(live: Live) -> None:
     s = live.stages
     assert s["upload"]["accepted"] >= 10 and s["upload"]["duplicates"] >= 1 and s["upload"]["rejected"] >= 1, s
     assert s["completions"] == 48 and s["drift_runs"] >= 1 and s["fairness_runs"] >= 1, s
+    assert s["drift_share_series"] == 1, s
     assert s["experiment_series"] == 2, s
     assert s["trigger"] and s["trigger"]["outcome"] == "job_created", s
     assert s["job"]["status"] == "succeeded", s

@@ -68,9 +68,52 @@ def test_register_replaces_the_ops_punica_cpu_calls(monkeypatch: pytest.MonkeyPa
     for module in (vllm_ops, punica_cpu):
         for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
             monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    wrapper = punica_cpu.PunicaWrapperCPU
+    for name in ("update_metadata", "add_lora_linear"):
+        monkeypatch.setattr(wrapper, name, getattr(wrapper, name))
+    monkeypatch.setattr(wrapper, "_tuneloop_patched", False, raising=False)
     monkeypatch.setenv(cpu_lora.ENV, "vllm")
     cpu_lora.register()
     assert punica_cpu.bgmv_shrink is not cpu_lora.bgmv_shrink
     monkeypatch.delenv(cpu_lora.ENV)
     cpu_lora.register()
     assert punica_cpu.bgmv_shrink is cpu_lora.bgmv_shrink and vllm_ops.bgmv_expand is cpu_lora.bgmv_expand
+    assert wrapper.add_lora_linear.__name__ == "fast_add_lora_linear"
+
+
+@pytest.mark.parametrize("case", ["one adapter", "no adapter", "mixed"])
+def test_linear_fast_path_matches_the_definition(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`PunicaWrapperCPU.add_lora_linear` with the plugin's per-step fast path (a private subclass, so the
+    global class stays as it is) against the per-token definition, for a merged layer of two slices.
+    A mixed batch takes vLLM's path, which calls the plugin's ops."""
+    from vllm.lora.punica_wrapper import punica_cpu
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+        monkeypatch.setattr(vllm_ops, name, getattr(cpu_lora, name))
+        monkeypatch.setattr(punica_cpu, name, getattr(cpu_lora, name))
+
+    cls = type("Wrapper", (PunicaWrapperCPU,), {})
+    cpu_lora._install_linear_fast_path(cls)
+    wrapper = cls(max_num_batched_tokens=64, max_batches=8, device="cpu")
+    g = torch.Generator().manual_seed(7)
+    tokens, widths = 6, (24, 16)
+    idx = {"one adapter": torch.full((tokens,), 1), "no adapter": torch.full((tokens,), -1),
+           "mixed": torch.tensor([0, 2, -1, 1, 1, 0])}[case]
+    wrapper._token_lora_indices[:tokens] = idx
+    wrapper.indices_len = [tokens] * 4
+    wrapper.is_prefill = False
+    wrapper._tuneloop_slot = cpu_lora.batch_slot(idx)
+    assert wrapper._tuneloop_slot == {"one adapter": 1, "no adapter": cpu_lora.NO_ADAPTER, "mixed": None}[case]
+
+    x = torch.randn(tokens, 40, generator=g)
+    a = tuple(torch.randn(SLOTS, 1, RANK, 40, generator=g) for _ in widths)
+    b = tuple(torch.randn(SLOTS, 1, w, RANK, generator=g) for w in widths)
+    y = torch.randn(tokens, sum(widths), generator=g)
+    expected = y.clone()
+    offset = 0
+    for ai, bi, w in zip(a, b, widths, strict=True):
+        expected[:, offset: offset + w] += 0.5 * _per_token(_per_token(x, ai, idx), bi, idx)
+        offset += w
+    wrapper.add_lora_linear(y, x, a, b, 0.5, widths)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)

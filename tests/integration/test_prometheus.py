@@ -375,6 +375,12 @@ def _workload(service: Any, live: Live, banking77_dir: Path) -> None:
         r = c.post("/v1/monitoring/run", params={"deployment": dep})
         assert r.status_code == 202, r.text
         q = {"deployment": dep}
+        drift_job = r.json()["drift_job"]["id"]
+        done = _poll(lambda: c.get(f"/v1/monitoring/drift_jobs/{drift_job}").json(),
+                     lambda j: j["status"] in ("succeeded", "failed", "cancelled"), 300)
+        events = c.get(f"/v1/monitoring/drift_jobs/{drift_job}/events").json()["data"]
+        stages["drift_job"] = {"status": done["status"], "result": done.get("result"),
+                               "events": [e["type"] for e in events]}
         stages["drift_runs"] = len(_poll(lambda: c.get("/v1/monitoring/drift", params=q).json()["data"], bool, 300))
         # the worker computed it; the API exports the newest run, and Prometheus scrapes it
         stages["drift_share_series"] = len(live.prom.wait_for(f'tuneloop_drift_share{{deployment="{dep}"}}', 60))
@@ -537,6 +543,8 @@ def test_the_workload_reached_every_stage(live: Live) -> None:
     assert s["upload"]["accepted"] >= 10 and s["upload"]["duplicates"] >= 1 and s["upload"]["rejected"] >= 1, s
     assert s["completions"] == 48 and s["drift_runs"] >= 1 and s["fairness_runs"] >= 1, s
     assert s["drift_share_series"] == 1, s
+    assert s["drift_job"]["status"] == "succeeded" and s["drift_job"]["result"]["current_rows"] == 48, s
+    assert s["drift_job"]["events"] == ["created", "windows", "computing", "succeeded"], s
     assert s["experiment_series"] == 2, s
     assert s["trigger"] and s["trigger"]["outcome"] == "job_created", s
     assert s["job"]["status"] == "succeeded", s

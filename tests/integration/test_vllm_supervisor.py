@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from service.vllm import VLLMOptions, VLLMPool, VLLMRequestError, VLLMServer, VLLMSupervisor, VLLMUnavailable
-from service.vllm.supervisor import free_port
+from service.vllm.supervisor import build_env, free_port
 from tests.conftest_vllm import REPO, START_TIMEOUT_S, make_random_lora, require_test_model, vllm_test_options
 
 pytestmark = pytest.mark.vllm
@@ -281,3 +281,13 @@ def test_options_validate_their_fields() -> None:
         VLLMOptions(model_path="/m", max_lora_rank=12)
     with pytest.raises(ValueError, match="max_cpu_loras"):
         VLLMOptions(model_path="/m", max_loras=4, max_cpu_loras=2)
+    with pytest.raises(ValueError, match="cpu_threads"):
+        VLLMOptions(model_path="/m", cpu_threads=len(os.sched_getaffinity(0)) + 1)
+
+
+def test_cpu_threads_leave_the_other_cores_to_the_service() -> None:
+    """vLLM binds its worker to every core it does not reserve; `cpu_threads` says how many it keeps."""
+    cores = len(os.sched_getaffinity(0))
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in build_env(VLLMOptions(model_path="/m"), {})
+    assert build_env(VLLMOptions(model_path="/m", cpu_threads=1), {})["VLLM_CPU_NUM_OF_RESERVED_CPU"] == str(cores - 1)
+    assert build_env(VLLMOptions(model_path="/m", cpu_threads=cores), {})["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"

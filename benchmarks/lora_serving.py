@@ -11,13 +11,19 @@ The same vLLM command runs twice, one server at a time (2 cores): once with `TUN
   batches as LoRA requests must answer exactly as the base model alone does.
 
     .venv/bin/python benchmarks/lora_serving.py            # about 10 minutes here
+
+`--cpu-threads 1,2 --ops tuneloop` instead compares the cores vLLM computes on (`VLLMOptions.cpu_threads`;
+1 is vLLM's own default on this 2-core machine), and `--busy-cores 2` runs a matmul loop on that many threads
+meanwhile, standing in for a worker that trains beside vLLM.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
+import multiprocessing
 import os
 import signal
 import statistics
@@ -33,6 +39,32 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.evaluation_speed import make_adapter, start_vllm
 from service.vllm.cpu_lora import ENV
+
+
+def _burn(threads: int, stop: multiprocessing.synchronize.Event) -> None:
+    """A training stand-in: fp32 matmuls on `threads` torch threads until told to stop."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(1024, 1024)
+    while not stop.is_set():
+        a @ a
+
+
+@contextlib.contextmanager
+def busy(threads: int):  # type: ignore[no-untyped-def]
+    if not threads:
+        yield
+        return
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    proc = ctx.Process(target=_burn, args=(threads, stop), daemon=True)
+    proc.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        proc.join(30)
 
 
 async def chat(c: httpx.AsyncClient, model: str, text: str, max_tokens: int) -> tuple[str, float]:
@@ -96,6 +128,8 @@ def main() -> None:
     p.add_argument("--mixed", type=int, default=8, help="base-model probes for the mixed-batch check")
     p.add_argument("--mixed-tokens", type=int, default=12)
     p.add_argument("--ops", default="vllm,tuneloop", help="which runs, in order")
+    p.add_argument("--cpu-threads", default="", help="e.g. 1,2: one run per value (VLLMOptions.cpu_threads)")
+    p.add_argument("--busy-cores", type=int, default=0, help="threads of a matmul loop running meanwhile")
     args = p.parse_args()
 
     with args.test_csv.open(newline="") as fh:
@@ -104,13 +138,17 @@ def main() -> None:
     adapters = [make_adapter(args.model, tmp / f"a{i}", args.rank, args.targets, 0.02 * (i + 1))
                 for i in range(args.max_loras)]
     results: dict[str, dict[str, object]] = {}
-    for ops in args.ops.split(","):
+    runs = [(ops, threads) for ops in args.ops.split(",") for threads in args.cpu_threads.split(",")]
+    for ops, threads in runs:
+        name = f"{ops}, {threads} cores" if threads else ops
         t0 = time.perf_counter()
-        proc, url = start_vllm(args.model, args.rank, tmp / f"vllm-{ops}.log", args.max_loras, {ENV: ops})
+        proc, url = start_vllm(args.model, args.rank, tmp / f"vllm-{ops}-{threads}.log", args.max_loras, {ENV: ops},
+                               cpu_threads=int(threads) if threads else None)
         try:
-            print(f"[{ops}] vLLM up in {time.perf_counter() - t0:.0f} s", flush=True)
-            results[ops] = asyncio.run(measure(url, adapters, texts, args))
-            print(f"[{ops}] {results[ops]}", flush=True)
+            print(f"[{name}] vLLM up in {time.perf_counter() - t0:.0f} s", flush=True)
+            with busy(args.busy_cores):
+                results[name] = asyncio.run(measure(url, adapters, texts, args))
+            print(f"[{name}] {results[name]}", flush=True)
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(60)

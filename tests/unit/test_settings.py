@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,11 @@ def test_postgres_url_is_used_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TUNELOOP_DATABASE_URL", "postgresql+asyncpg://u@h/db")
     s = Settings.from_env()
     assert s.database == "postgresql+asyncpg://u@h/db" and not s.is_sqlite
+
+
+def test_managed_vllm_takes_every_core_only_where_no_worker_trains() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert Settings(start_worker=True).managed_vllm_cpu_threads is None  # vLLM's default: all cores but one
+    assert Settings(start_worker=False).managed_vllm_cpu_threads == cores
+    assert Settings(start_worker=True, vllm_cpu_threads=2).managed_vllm_cpu_threads == 2
+    assert Settings(start_worker=False, vllm_cpu_threads=1).managed_vllm_cpu_threads == 1

@@ -103,25 +103,29 @@ def timed(fn, *args):  # type: ignore[no-untyped-def]
 
 
 def run_vllm(args: argparse.Namespace, adapter: Path, prompts: list[list[dict[str, str]]], choices: list[str] | None,
-             results: dict[str, dict[str, float | list[str] | None]], tmp: Path) -> None:
-    """The vLLM runtime-LoRA path (and its constrained run) on --vllm-url or a server started here."""
+             results: dict[str, dict[str, float | list[str] | None]], tmp: Path, threads: int | None) -> None:
+    """The vLLM runtime-LoRA path (and its constrained run) on --vllm-url or a server started here on
+    `threads` cores (None: vLLM's default, as the service runs it beside its worker)."""
     proc = None
+    cores = f", {threads} cores" if threads else ""
     try:
         url = args.vllm_url
         if url is None:
             t0 = time.perf_counter()
-            proc, url = start_vllm(args.model, args.rank, tmp / "vllm.log")
+            proc, url = start_vllm(args.model, args.rank, tmp / f"vllm{threads or ''}.log", cpu_threads=threads)
             print(f"vLLM start: {time.perf_counter() - t0:.0f} s", flush=True)
         vgen = VLLMGenerator.for_model(url, ModelRef(str(args.model), str(adapter), "bench"),
                                        max_concurrency=args.concurrency)
         try:
             vgen.generate(prompts[:2], 2)  # warm-up: first LoRA request pays the adapter load
             answers, gen_s = timed(vgen.generate, prompts, args.max_new_tokens)
-            results[f"vllm_lora (concurrency {args.concurrency})"] = {"gen_s": gen_s, "nll_s": None, "answers": answers}
+            results[f"vllm_lora{cores} (concurrency {args.concurrency})"] = {"gen_s": gen_s, "nll_s": None,
+                                                                             "answers": answers}
             if choices:
                 vgen.generate(prompts[:2], 2, choices)  # warm-up: the first request compiles the grammar
                 answers, gen_s = timed(vgen.generate, prompts, args.max_new_tokens, choices)
-                results[f"vllm_lora + {len(choices)} choices"] = {"gen_s": gen_s, "nll_s": None, "answers": answers}
+                results[f"vllm_lora{cores} + {len(choices)} choices"] = {"gen_s": gen_s, "nll_s": None,
+                                                                        "answers": answers}
         finally:
             vgen.close()
     finally:
@@ -148,6 +152,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24, help="covers the longest intent name (18 tokens)")
     ap.add_argument("--vllm-url", default=None, help="use a running server (served name 'base') instead of starting one")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vllm-cpu-threads", default="",
+                    help="e.g. 1,2: one vLLM run per value (default: vLLM's own, every core but one)")
     ap.add_argument("--no-vllm", action="store_true", help="only the transformers paths (no vLLM server needed)")
     ap.add_argument("--answer-choices", action="store_true",
                     help="also run each batched path constrained to the intent names")
@@ -181,7 +187,8 @@ def main() -> None:
     gen.close()
 
     if not args.no_vllm:
-        run_vllm(args, adapter, prompts, choices, results, tmp)
+        for threads in args.vllm_cpu_threads.split(","):
+            run_vllm(args, adapter, prompts, choices, results, tmp, int(threads) if threads else None)
 
     base = results["baseline (1-by-1 generate)"]
     base_answers = base["answers"]

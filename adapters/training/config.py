@@ -45,6 +45,7 @@ class Hyperparameters:
     early_stopping_patience: int = 0
     max_steps: int | None = None
     seed: int = 0
+    replay_fraction: float = 0.0  # SFT only: share of the base model's own general answers (replay.py)
 
     def __post_init__(self) -> None:
         _check_range("n_epochs", self.n_epochs, 1, 50, integer=True)
@@ -72,6 +73,7 @@ class Hyperparameters:
             _check_range("max_steps", self.max_steps, 1, 10**9, integer=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        _check_range("replay_fraction", self.replay_fraction, 0, 0.9, integer=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Hyperparameters:
@@ -219,6 +221,8 @@ class TrainingJobSpec:
                 _check_range(name, value, 1, 10**9, integer=True)
         if self.search is not None and not self.validation_path:
             raise ValueError("validation_path is required when search is set (trials are ranked on validation loss)")
+        if self.hyperparameters.replay_fraction and self.method != "sft":
+            raise ValueError(f"replay_fraction applies to sft only, not {self.method}")
         if self.hyperparameters.early_stopping_patience and not self.validation_path:
             raise ValueError("validation_path is required when early_stopping_patience > 0")
 

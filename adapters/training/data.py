@@ -70,14 +70,15 @@ def _messages(prompt: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def encode_sft(tokenizer: Any, prompt: list[dict[str, Any]], completion: str, max_seq_len: int,
-               weight: float = 1.0) -> Example:
+               weight: float = 1.0, finished: bool = True) -> Example:
     """Tokenise prompt + answer exactly as they will be seen at inference time.
 
     The prompt is rendered with the generation prompt (what vLLM sends); the answer is the rest of the
     fully rendered conversation, cut right after the first end-of-turn token (SmolLM2's template adds a
     newline after ``<|im_end|>`` that the model never has to generate). If the template emits no
     end-of-turn token, the tokenizer's EOS is appended so the model still learns to stop.
-    Too-long examples lose prompt tokens from the left first, so the answer survives.
+    Too-long examples lose prompt tokens from the left first, so the answer survives. An answer that is
+    not ``finished`` (cut at a token limit) gets no end-of-turn token: the model must not learn to stop there.
     """
     msgs = _messages(prompt)
     prompt_text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -94,8 +95,8 @@ def encode_sft(tokenizer: Any, prompt: list[dict[str, Any]], completion: str, ma
     eos = tokenizer.eos_token_id
     if eos is not None:
         if eos in answer_ids:
-            answer_ids = answer_ids[: answer_ids.index(eos) + 1]
-        else:
+            answer_ids = answer_ids[: answer_ids.index(eos) + int(finished)]
+        elif finished:
             answer_ids = answer_ids + [eos]
     if len(answer_ids) >= max_seq_len:
         answer_ids = answer_ids[: max_seq_len - 1]
@@ -106,8 +107,8 @@ def encode_sft(tokenizer: Any, prompt: list[dict[str, Any]], completion: str, ma
 
 
 def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], max_seq_len: int) -> list[Example]:
-    return [encode_sft(tokenizer, r["prompt"], str(r["completion"]), max_seq_len, float(r.get("weight", 1.0)))
-            for r in rows]
+    return [encode_sft(tokenizer, r["prompt"], str(r["completion"]), max_seq_len, float(r.get("weight", 1.0)),
+                       bool(r.get("finished", True))) for r in rows]
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,

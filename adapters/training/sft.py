@@ -43,6 +43,7 @@ from adapters.training.common import (
 )
 from adapters.training.config import TrainingJobSpec
 from adapters.training.data import IGNORE_INDEX, Example, encode_rows, epoch_batches, read_rows
+from adapters.training.replay import replay_rows
 
 MIN_SHARED_PREFIX = 4  # below this the extra forward call costs more than it saves
 KEEP_LAST_CHECKPOINTS = 2
@@ -130,7 +131,8 @@ class SFTRecipe:
         self.output_dir = Path(spec.output_dir)
 
     # --- setup -------------------------------------------------------------------------------------
-    def _setup(self) -> None:
+    def _setup(self) -> bool:
+        """Load data and model; False when a cancel arrived while replay rows were generated."""
         from peft import get_peft_model
         from transformers import get_scheduler
 
@@ -138,7 +140,15 @@ class SFTRecipe:
         seed_everything(hp.seed)
         self.tokenizer = load_tokenizer(self.spec.base_model_path)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        self.train = encode_rows(self.tokenizer, read_rows(self.spec.train_path, "sft"), hp.max_seq_len)
+        rows = read_rows(self.spec.train_path, "sft")
+        self.n_task_rows = len(rows)
+        if hp.replay_fraction:
+            replayed = replay_rows(self.spec.base_model_path, self.output_dir, len(rows), hp.replay_fraction,
+                                   hp.max_seq_len, hp.seed, self.emit, self.should_stop)
+            if replayed is None:
+                return False
+            rows += replayed
+        self.train = encode_rows(self.tokenizer, rows, hp.max_seq_len)
         self.val = (encode_rows(self.tokenizer, read_rows(self.spec.validation_path, "sft"), hp.max_seq_len)
                     if self.spec.validation_path else [])
         self.lengths = [len(e.input_ids) for e in self.train]
@@ -167,6 +177,7 @@ class SFTRecipe:
         self.bad_evals = 0
         self.last_loss: float | None = None
         self.history: list[dict[str, float]] = []
+        return True
 
     # --- checkpoints -------------------------------------------------------------------------------
     def _save_checkpoint(self) -> Path:
@@ -257,7 +268,9 @@ class SFTRecipe:
         return bool(patience and self.bad_evals >= patience)
 
     def run(self) -> RecipeResult:
-        self._setup()
+        if not self._setup():
+            self.emit({"type": "cancelled", "step": 0})
+            return RecipeResult(status="cancelled", metrics={}, trained_tokens=0, adapter_dir=None)
         ckpt = latest_checkpoint(self.output_dir)
         if ckpt is not None:
             self._resume(ckpt)
@@ -299,6 +312,7 @@ class SFTRecipe:
         metrics: dict[str, Any] = {
             "train_loss": self.last_loss, "steps": self.step, "total_steps": self.total_steps,
             "epochs": self.step / self.steps_per_epoch, "train_rows": len(self.train),
+            "replay_rows": len(self.train) - self.n_task_rows,
             "validation_rows": len(self.val), "best_val_loss": self.best_val, "best_step": self.best_step,
             "stopped_early": stopped_early, "runtime_seconds": elapsed,
             "tokens_per_second": run_tokens / max(elapsed, 1e-9), "val_history": self.history,

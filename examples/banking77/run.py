@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     h.add_argument("--max-seq-len", type=int, default=96,
                    help="96 keeps 99.6%% of rows whole with SmolLM2's template (64 cuts ~8%% of prompts)")
     h.add_argument("--max-steps", type=int, default=None, help="cap optimizer steps (quick runs)")
+    h.add_argument("--replay-fraction", type=float, default=0.0,
+                   help="share of the base model's own answers to general prompts mixed in against forgetting "
+                        "(adapters/training/replay.py); raises max_seq_len to 224 so those answers fit")
     h.add_argument("--validation-fraction", type=float, default=0.02)
     e = p.add_argument_group("evaluation and measurement")
     e.add_argument("--eval-max-rows", type=int, default=300, help="rows of the automatic evaluation")
@@ -135,6 +138,9 @@ def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
                           "early_stopping_patience": 0, "seed": args.seed}
     if args.max_steps:
         hp["max_steps"] = args.max_steps
+    if args.replay_fraction:
+        hp["replay_fraction"] = args.replay_fraction
+        hp["max_seq_len"] = max(args.max_seq_len, 224)
     return hp
 
 

@@ -46,6 +46,9 @@ def _message(ev: dict[str, Any]) -> str:
                 f"eta {ev.get('eta_seconds', 0):.0f}s")
     if t == "validation":
         return f"step {ev.get('step')}: validation loss {ev.get('val_loss', float('nan')):.4f}"
+    if t == "replay":
+        return (f"replay: {ev.get('generated')}/{ev.get('total')} base-model answers generated, "
+                f"{ev.get('unfinished')} of them cut at the token limit")
     if t == "trial":
         return f"trial {ev.get('trial')}: {ev.get('state', '')} {ev.get('value', '')}"
     return str(ev.get("message") or t)

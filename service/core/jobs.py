@@ -95,6 +95,9 @@ class JobService:
                 hyper = Hyperparameters.from_dict(params).to_dict()
             except (ValueError, TypeError) as exc:
                 raise Unprocessable(str(exc), field=_field_of(exc, "method.hyperparameters")) from exc
+            if hyper["replay_fraction"] and mtype != "sft":
+                raise Unprocessable(f"replay_fraction applies to sft only, not {mtype}",
+                                    field="method.hyperparameters.replay_fraction")
         search = body.get("search")
         if search is not None:
             if not isinstance(search, dict):

@@ -82,10 +82,13 @@ async def test_too_little_traffic_is_a_skipped_run_not_an_error(sessions, tmp_pa
 
 async def test_cancel_kills_the_computation_and_stores_nothing(sessions, tmp_path: Path) -> None:
     await _seed(sessions, rows=60)
+    # A warm child from an earlier test computes 60 rows faster than a heartbeat: start cold, so the
+    # cancel lands while the child still imports evidently (seconds) and the race cannot be lost.
+    drift._kill_pool()
     await drift.queue_drift_job(sessions, "drifty")
     claimed = await claim_job(sessions, "test-worker", ("drift",))
     task = asyncio.create_task(drift.run_drift_job(_worker(sessions, tmp_path, window=60), claimed))
-    for _ in range(600):  # the child process starts and imports evidently: seconds, cancelled long before
+    for _ in range(600):  # the event comes before the child has even started
         if "computing" in [e.type for e in await _events(sessions, claimed.id)]:
             break
         await asyncio.sleep(0.05)

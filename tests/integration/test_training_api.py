@@ -68,6 +68,9 @@ def test_bad_hyperparameters_are_rejected_before_a_job_exists(service, snapshot_
         r = c.post("/v1/fine_tuning/jobs", json={"deployment": "trainer", "snapshot_id": snapshot_id,
                                                  "method": {"type": "ppo"}})
         assert r.status_code == 422 and r.json()["field"] == "method.type"
+        r = c.post("/v1/fine_tuning/jobs", json={"deployment": "trainer", "snapshot_id": snapshot_id, "method": {
+            "type": "dpo", "hyperparameters": {"replay_fraction": 0.2}}})
+        assert r.status_code == 422 and r.json()["field"] == "method.hyperparameters.replay_fraction"
         after = len(c.get("/v1/fine_tuning/jobs", params={"deployment": "trainer", "limit": 100}).json()["data"])
     assert after == before
 

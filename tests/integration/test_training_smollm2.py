@@ -1,4 +1,5 @@
-"""The SFT recipe on the real SmolLM2-135M-Instruct with ~40 Banking77 rows: validation loss falls."""
+"""The SFT recipe on the real SmolLM2-135M-Instruct with Banking77 rows: validation loss falls; replay mixes
+the base model's own answers in."""
 
 import csv
 import json
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from adapters.training.config import Hyperparameters, TrainingJobSpec
+from adapters.training.replay import REPLAY_FILE, load_prompts, replay_rows
 from adapters.training.sft import train_sft
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,3 +40,47 @@ def test_validation_loss_falls_on_banking77(tmp_path: Path) -> None:
     assert result.status == "succeeded" and len(vals) == 3  # steps 2, 4 and the last (5)
     assert vals[-1] < 0.92 * vals[0]  # measured: 4.73 -> 4.17 nats per answer token
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def _banking_rows(n: int) -> list[dict]:
+    with open(BANKING, newline="", encoding="utf-8") as fh:
+        data = list(csv.DictReader(fh))
+    random.Random(1).shuffle(data)
+    return [{"kind": "sft", "prompt": [{"role": "user", "content": r["text"]}], "completion": r["category"]}
+            for r in data[:n]]
+
+
+def test_replay_mixes_the_base_models_own_answers_in(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in _banking_rows(24)))
+    spec = TrainingJobSpec(
+        method="sft", base_model_path=str(SMOL), train_path=str(tmp_path / "train.jsonl"),
+        output_dir=str(tmp_path / "out"),
+        hyperparameters=Hyperparameters(n_epochs=1, batch_size=8, max_steps=1, max_seq_len=256, lora_r=4,
+                                        lora_alpha=8, target_modules=["q_proj"], replay_fraction=0.25),
+    )
+    events: list[dict] = []
+    result = train_sft(spec, emit=events.append)
+
+    cached = tmp_path / "out" / REPLAY_FILE
+    replayed = [json.loads(line) for line in cached.read_text().splitlines()]
+    progress = [e for e in events if e["type"] == "replay"]
+    assert progress[-1]["total"] == 8 == len(replayed)  # 24 task rows, a quarter of the mix: 8 prompts
+    assert progress[-1]["unfinished"] == sum(not r["finished"] for r in replayed)
+    assert result.status == "succeeded"
+    assert (result.metrics["train_rows"], result.metrics["replay_rows"]) == (24 + len(replayed), len(replayed))
+    bundled = set(load_prompts())
+    for row in replayed:
+        assert row["prompt"][0]["content"] in bundled and row["completion"].strip()
+    # A resumed run trains on the same rows: they are read back, not generated again (nor cancelled).
+    again = replay_rows(str(SMOL), tmp_path / "out", 24, 0.25, 256, 0, events.append, lambda: True)
+    assert again == replayed
+
+
+def test_a_cancel_during_replay_generation_trains_nothing(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in _banking_rows(8)))
+    spec = TrainingJobSpec(method="sft", base_model_path=str(SMOL), train_path=str(tmp_path / "train.jsonl"),
+                           output_dir=str(tmp_path / "out"), hyperparameters=Hyperparameters(replay_fraction=0.5))
+    result = train_sft(spec, should_stop=lambda: True)
+    assert result.status == "cancelled" and not (tmp_path / "out" / REPLAY_FILE).exists()
+    assert not (tmp_path / "out" / "adapter").exists()

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from adapters.training.config import Hyperparameters, SearchSpec, TrainingJobSpec, auto_hyperparameters
+from adapters.training.replay import replay_count
 
 
 @pytest.mark.parametrize(
@@ -14,7 +15,8 @@ from adapters.training.config import Hyperparameters, SearchSpec, TrainingJobSpe
         ("learning_rate", 1e-1), ("learning_rate", 1e-7), ("lr_scheduler", "constant"), ("warmup_ratio", 0.6),
         ("weight_decay", -0.1), ("lora_r", 0), ("lora_alpha", 2000), ("lora_dropout", 0.9),
         ("target_modules", "q_proj"), ("target_modules", []), ("max_seq_len", 8), ("early_stopping_patience", 101),
-        ("max_steps", 0), ("seed", -1), ("n_epochs", 2.5), ("batch_size", True),
+        ("max_steps", 0), ("seed", -1), ("n_epochs", 2.5), ("batch_size", True), ("replay_fraction", 0.95),
+        ("replay_fraction", -0.1),
     ],
 )
 def test_bad_hyperparameter_names_the_field(field: str, value: object) -> None:
@@ -54,6 +56,15 @@ def test_spec_rejects_unknown_fields_and_methods() -> None:
         TrainingJobSpec.from_dict({**base, "method": "ppo"})
     with pytest.raises(ValueError, match="validation_path"):
         TrainingJobSpec.from_dict({**base, "search": {"n_trials": 2, "space": {"lora_r": [4, 8]}}})
+    with pytest.raises(ValueError, match="replay_fraction applies to sft only"):
+        TrainingJobSpec.from_dict({**base, "method": "dpo", "hyperparameters": {"replay_fraction": 0.2}})
+
+
+@pytest.mark.parametrize(("n_train", "fraction", "available", "expected"),
+                         [(24, 0.25, 240, 8), (762, 0.2, 240, 190), (1000, 0.5, 240, 240), (10, 0.0, 240, 0)])
+def test_replay_rows_make_up_the_asked_share_of_the_mix(n_train: int, fraction: float, available: int,
+                                                         expected: int) -> None:
+    assert replay_count(n_train, fraction, available) == expected
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,14 @@ def test_prompt_is_masked_and_answer_end_of_turn_carries_loss(tokenizer) -> None
     assert prompt_text.endswith("<|im_start|>assistant\n") and "I am still waiting" in prompt_text
 
 
+def test_an_unfinished_answer_trains_its_tokens_but_no_end_of_turn(tokenizer) -> None:
+    prompt = [{"role": "user", "content": "Explain photosynthesis."}]
+    cut = encode_sft(tokenizer, prompt, "Plants turn light into", 256, finished=False)
+    whole = encode_sft(tokenizer, prompt, "Plants turn light into", 256)
+    assert tokenizer.decode(cut.labels[cut.prompt_len:]) == "Plants turn light into"
+    assert cut.input_ids == whole.input_ids[:-1] and whole.input_ids[-1] == tokenizer.eos_token_id
+
+
 def test_collate_masks_padding_but_not_the_answer_end_of_turn(tokenizer) -> None:
     short = encode_sft(tokenizer, [{"role": "user", "content": "hi"}], "a", 256)
     long = encode_sft(tokenizer, [{"role": "user", "content": "a much longer question here"}], "b c d", 256)

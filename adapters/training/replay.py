@@ -65,24 +65,26 @@ def replay_rows(base_model_path: str, output_dir: str | Path, n_train: int, frac
 
     generator = MergedHFGenerator(base_model_path, batch_size=GENERATE_CHUNK)
     chats = [[{"role": "user", "content": p}] for p in prompts]
-    longest_prompt = max(len(generator.encoder.prompt_ids(c)) for c in chats)
-    limit = min(MAX_NEW_TOKENS, max_seq_len - longest_prompt)
-    if limit < MIN_NEW_TOKENS:
-        raise ValueError(f"max_seq_len {max_seq_len} leaves {limit} answer tokens for replay; "
-                         f"need at least {MIN_NEW_TOKENS} (raise max_seq_len)")
     rows: list[dict[str, Any]] = []
-    for start in range(0, len(chats), GENERATE_CHUNK):
-        if should_stop():
-            return None
-        chunk = chats[start:start + GENERATE_CHUNK]
-        for chat, answer in zip(chunk, generator.generate(chunk, limit), strict=True):
-            if answer:  # the end-of-turn token is part of answer_ids: more than `limit` means cut off
-                finished = len(generator.encoder.answer_ids(chat, answer)) <= limit
-                rows.append({"kind": "sft", "prompt": chat, "completion": answer, "finished": finished,
-                             "source": "replay"})
-        emit({"type": "replay", "generated": min(start + GENERATE_CHUNK, len(chats)), "total": len(chats),
-              "rows": len(rows), "unfinished": sum(not r["finished"] for r in rows)})
-    generator.close()
+    try:
+        longest_prompt = max(len(generator.encoder.prompt_ids(c)) for c in chats)
+        limit = min(MAX_NEW_TOKENS, max_seq_len - longest_prompt)
+        if limit < MIN_NEW_TOKENS:
+            raise ValueError(f"max_seq_len {max_seq_len} leaves {limit} answer tokens for replay; "
+                             f"need at least {MIN_NEW_TOKENS} (raise max_seq_len)")
+        for start in range(0, len(chats), GENERATE_CHUNK):
+            if should_stop():
+                return None
+            chunk = chats[start:start + GENERATE_CHUNK]
+            for chat, answer in zip(chunk, generator.generate(chunk, limit), strict=True):
+                if answer:  # the end-of-turn token is part of answer_ids: more than `limit` means cut off
+                    finished = len(generator.encoder.answer_ids(chat, answer)) <= limit
+                    rows.append({"kind": "sft", "prompt": chat, "completion": answer, "finished": finished,
+                                 "source": "replay"})
+            emit({"type": "replay", "generated": min(start + GENERATE_CHUNK, len(chats)), "total": len(chats),
+                  "rows": len(rows), "unfinished": sum(not r["finished"] for r in rows)})
+    finally:
+        generator.close()
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

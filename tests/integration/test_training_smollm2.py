@@ -19,13 +19,17 @@ BANKING = REPO.parent / "shared" / "datasets" / "banking77" / "train.csv"
 pytestmark = pytest.mark.slow
 
 
-def test_validation_loss_falls_on_banking77(tmp_path: Path) -> None:
-    torch.set_num_threads(2)
+def _banking_rows(n: int, seed: int = 1) -> list[dict]:
     with open(BANKING, newline="", encoding="utf-8") as fh:
         data = list(csv.DictReader(fh))
-    random.Random(0).shuffle(data)
-    rows = [{"kind": "sft", "prompt": [{"role": "user", "content": r["text"]}], "completion": r["category"]}
-            for r in data[:48]]
+    random.Random(seed).shuffle(data)
+    return [{"kind": "sft", "prompt": [{"role": "user", "content": r["text"]}], "completion": r["category"]}
+            for r in data[:n]]
+
+
+def test_validation_loss_falls_on_banking77(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    rows = _banking_rows(48, seed=0)
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:40]))
     (tmp_path / "val.jsonl").write_text("\n".join(json.dumps(r) for r in rows[40:]))
     spec = TrainingJobSpec(
@@ -40,14 +44,6 @@ def test_validation_loss_falls_on_banking77(tmp_path: Path) -> None:
     assert result.status == "succeeded" and len(vals) == 3  # steps 2, 4 and the last (5)
     assert vals[-1] < 0.92 * vals[0]  # measured: 4.73 -> 4.17 nats per answer token
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
-
-
-def _banking_rows(n: int) -> list[dict]:
-    with open(BANKING, newline="", encoding="utf-8") as fh:
-        data = list(csv.DictReader(fh))
-    random.Random(1).shuffle(data)
-    return [{"kind": "sft", "prompt": [{"role": "user", "content": r["text"]}], "completion": r["category"]}
-            for r in data[:n]]
 
 
 def test_replay_mixes_the_base_models_own_answers_in(tmp_path: Path) -> None:

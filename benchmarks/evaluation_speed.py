@@ -70,13 +70,13 @@ def make_adapter(model: Path, out: Path, rank: int, targets: str, std: float) ->
 
 def start_vllm(model: Path, rank: int, log: Path, max_loras: int = 1,
                extra_env: dict[str, str] | None = None,
-               cpu_threads: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+               cpu_threads: int | None = None, dtype: str = "float32") -> tuple[subprocess.Popen[bytes], str]:
     """A vLLM server as the service starts it (small KV cache), in its own process group; waits for health."""
     from service.vllm.supervisor import VLLMOptions, build_command, build_env, free_port
 
     opts = VLLMOptions(model_path=str(model), served_model_name="base", max_lora_rank=max(rank, 8),
                        max_loras=max_loras, max_cpu_loras=max_loras, kv_cache_space_gib=2, max_model_len=1024,
-                       cpu_threads=cpu_threads)
+                       cpu_threads=cpu_threads, dtype=dtype)
     port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(build_command(opts, port), env={**build_env(opts), **(extra_env or {})},

@@ -13,7 +13,8 @@ The same vLLM command runs twice, one server at a time (2 cores): once with `TUN
     .venv/bin/python benchmarks/lora_serving.py            # about 10 minutes here
 
 `--cpu-threads 1,2 --ops tuneloop` instead compares the cores vLLM computes on (`VLLMOptions.cpu_threads`;
-1 is vLLM's own default on this 2-core machine), and `--busy-cores 2` runs a matmul loop on that many threads
+1 is vLLM's own default on this 2-core machine), `--dtypes float32,bfloat16 --ops tuneloop` the serving dtype
+(bf16 pays off only on CPUs with AVX512-BF16/AMX units), and `--busy-cores 2` runs a matmul loop on that many threads
 meanwhile, standing in for a worker that trains beside vLLM.
 """
 
@@ -129,6 +130,7 @@ def main() -> None:
     p.add_argument("--mixed-tokens", type=int, default=12)
     p.add_argument("--ops", default="vllm,tuneloop", help="which runs, in order")
     p.add_argument("--cpu-threads", default="", help="e.g. 1,2: one run per value (VLLMOptions.cpu_threads)")
+    p.add_argument("--dtypes", default="float32", help="e.g. float32,bfloat16: one run per value (--dtype)")
     p.add_argument("--busy-cores", type=int, default=0, help="threads of a matmul loop running meanwhile")
     args = p.parse_args()
 
@@ -138,12 +140,13 @@ def main() -> None:
     adapters = [make_adapter(args.model, tmp / f"a{i}", args.rank, args.targets, 0.02 * (i + 1))
                 for i in range(args.max_loras)]
     results: dict[str, dict[str, object]] = {}
-    runs = [(ops, threads) for ops in args.ops.split(",") for threads in args.cpu_threads.split(",")]
-    for ops, threads in runs:
-        name = f"{ops}, {threads} cores" if threads else ops
+    runs = [(ops, threads, dtype) for ops in args.ops.split(",") for threads in args.cpu_threads.split(",")
+            for dtype in args.dtypes.split(",")]
+    for ops, threads, dtype in runs:
+        name = ", ".join([ops] + [f"{threads} cores"] * bool(threads) + [dtype] * (dtype != "float32"))
         t0 = time.perf_counter()
-        proc, url = start_vllm(args.model, args.rank, tmp / f"vllm-{ops}-{threads}.log", args.max_loras, {ENV: ops},
-                               cpu_threads=int(threads) if threads else None)
+        proc, url = start_vllm(args.model, args.rank, tmp / f"vllm-{ops}-{threads}-{dtype}.log", args.max_loras,
+                               {ENV: ops}, cpu_threads=int(threads) if threads else None, dtype=dtype)
         try:
             print(f"[{name}] vLLM up in {time.perf_counter() - t0:.0f} s", flush=True)
             with busy(args.busy_cores):

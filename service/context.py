@@ -95,7 +95,7 @@ class AppContext:
             supervisor = VLLMSupervisor(VLLMOptions(
                 model_path=base_path, max_loras=settings.vllm_max_loras, max_cpu_loras=settings.vllm_max_cpu_loras,
                 max_lora_rank=settings.vllm_max_lora_rank, max_model_len=settings.vllm_max_model_len,
-                dtype=settings.vllm_dtype, kv_cache_space_gib=settings.vllm_kv_cache_gib,
+                dtype=settings.managed_vllm_dtype, kv_cache_space_gib=settings.vllm_kv_cache_gib,
                 cpu_threads=settings.managed_vllm_cpu_threads,
                 log_path=str(settings.data_dir / "logs" / "vllm.log")))
             pool = VLLMPool.from_supervisor(supervisor)

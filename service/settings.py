@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from service.vllm.supervisor import cpu_serving_dtype
+
 DEFAULT_BASE_MODEL = "builtin:smollm2-135m-instruct"
 
 
@@ -41,7 +43,7 @@ class Settings:
     vllm_max_cpu_loras: int = 8
     vllm_max_lora_rank: int = 16
     vllm_max_model_len: int = 2048
-    vllm_dtype: str = "float32"
+    vllm_dtype: str = ""  # empty = by the CPU, see managed_vllm_dtype
     vllm_kv_cache_gib: int = 4
     vllm_cpu_threads: int = 0  # 0 = auto, see managed_vllm_cpu_threads
     vllm_start_timeout: float = 300.0
@@ -74,6 +76,11 @@ class Settings:
         if self.vllm_cpu_threads:
             return self.vllm_cpu_threads
         return None if self.start_worker else len(os.sched_getaffinity(0))
+
+    @property
+    def managed_vllm_dtype(self) -> str:
+        """The setting if given, else bfloat16 where the CPU has BF16 units and float32 elsewhere."""
+        return self.vllm_dtype or cpu_serving_dtype()
 
     @property
     def is_sqlite(self) -> bool:

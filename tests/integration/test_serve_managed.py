@@ -13,10 +13,14 @@ import httpx
 import psutil
 import pytest
 
+from service.settings import Settings
 from tests.conftest import start_service, stop_service
+from tests.conftest_vllm import register_random_lora
 
 pytestmark = pytest.mark.vllm
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+LORA_CHAT = {"model": "managed", "messages": [{"role": "user", "content": "Where is my card?"}], "max_tokens": 8,
+             "temperature": 0}
 
 
 def _vllm_children(pid: int) -> list[psutil.Process]:
@@ -34,6 +38,17 @@ def test_managed_vllm_restart_and_clean_shutdown(tmp_path, base_model_dir) -> No
             assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
             descendants = psutil.Process(svc.proc.pid).children(recursive=True)
             (vllm,) = _vllm_children(svc.proc.pid)
+            cmd = vllm.cmdline()
+            assert cmd[cmd.index("--dtype") + 1] == Settings.from_env().managed_vllm_dtype  # bf16 on CPUs with BF16 units
+            # a LoRA adapter serves in that dtype (tuneloop's CPU LoRA ops) and answers unlike the base model
+            assert c.post("/v1/deployments", json={"name": "managed"}).status_code == 201
+            base_answer = c.post("/v1/chat/completions", json=LORA_CHAT).json()["choices"][0]["message"]["content"]
+            aid = register_random_lora(svc.data_dir / "tuneloop.db", base_model_dir, tmp_path / "lora", "managed", 1)
+            assert c.post("/v1/deployments/managed/promote", json={"adapter_id": aid}).status_code == 200
+            r = c.post("/v1/chat/completions", json=LORA_CHAT)
+            assert r.status_code == 200 and aid in r.headers["x-tuneloop-adapter"], r.text
+            lora_answer = r.json()["choices"][0]["message"]["content"]
+            assert lora_answer != base_answer
             vllm.send_signal(signal.SIGKILL)
             vllm.wait(10)
             r = c.post("/v1/chat/completions", json=CHAT)
@@ -45,6 +60,8 @@ def test_managed_vllm_restart_and_clean_shutdown(tmp_path, base_model_dir) -> No
                 assert time.monotonic() < deadline, "vLLM did not come back"
                 time.sleep(1)
             assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+            r = c.post("/v1/chat/completions", json=LORA_CHAT)  # the restarted vLLM got the adapter back
+            assert aid in r.headers["x-tuneloop-adapter"] and r.json()["choices"][0]["message"]["content"] == lora_answer
             (new_vllm,) = _vllm_children(svc.proc.pid)
             assert new_vllm.pid != vllm.pid
             descendants = psutil.Process(svc.proc.pid).children(recursive=True)

@@ -32,3 +32,16 @@ def test_managed_vllm_takes_every_core_only_where_no_worker_trains() -> None:
     assert Settings(start_worker=False).managed_vllm_cpu_threads == cores
     assert Settings(start_worker=True, vllm_cpu_threads=2).managed_vllm_cpu_threads == 2
     assert Settings(start_worker=False, vllm_cpu_threads=1).managed_vllm_cpu_threads == 1
+
+
+def test_serving_dtype_follows_the_cpus_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.vllm.supervisor import cpu_serving_dtype
+
+    amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n"
+    avx512_bf16 = "flags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    avx2 = "flags\t\t: fpu sse4_2 avx2 fma\nbugs\t\t: avx512_bf16_is_not_a_flag_here\n"
+    assert cpu_serving_dtype(amx) == cpu_serving_dtype(avx512_bf16) == "bfloat16"
+    assert cpu_serving_dtype(avx2) == cpu_serving_dtype("") == "float32"
+    assert Settings().managed_vllm_dtype == cpu_serving_dtype()  # this machine's CPU decides by default
+    monkeypatch.setenv("TUNELOOP_VLLM_DTYPE", "float32")
+    assert Settings.from_env().managed_vllm_dtype == "float32"  # an explicit setting wins

@@ -193,7 +193,7 @@ async def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen[bytes] |
 
 async def main_async(args: argparse.Namespace) -> int:
     from service.vllm import VLLMOptions, VLLMSupervisor
-    from service.vllm.supervisor import free_port
+    from service.vllm.supervisor import cpu_serving_dtype, free_port
 
     supervisor: VLLMSupervisor | None = None
     gateway: subprocess.Popen[bytes] | None = None
@@ -202,7 +202,8 @@ async def main_async(args: argparse.Namespace) -> int:
         vllm_url = args.vllm_url
         if vllm_url is None:
             supervisor = VLLMSupervisor(
-                VLLMOptions(model_path=args.model_dir, log_path=str(tmp / "vllm.log"))
+                VLLMOptions(model_path=args.model_dir, log_path=str(tmp / "vllm.log"),
+                            dtype=args.dtype or cpu_serving_dtype())
             )
             await supervisor.start()
             print(f"starting vLLM ({supervisor.log_path}) ...", file=sys.stderr)
@@ -243,6 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--api-key", default=os.environ.get("TUNELOOP_ADMIN_KEY"), help="gateway API key")
     p.add_argument("--model-dir", default=str(DEFAULT_MODEL))
+    p.add_argument("--dtype", default="", help="of the started vLLM (default: the service's, by the CPU)")
     p.add_argument("--vllm-model", default="base", help="served model name on vLLM")
     p.add_argument("--gateway-model", default="default", help="deployment name on the gateway")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="CSV with a `text` column")

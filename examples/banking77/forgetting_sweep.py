@@ -14,7 +14,6 @@ config is run.py's feedback default, the baseline of the comparison.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import sys
@@ -32,6 +31,7 @@ from adapters.evaluation.retention import load_retention_rows
 from adapters.evaluation.suites import evaluate
 from adapters.training.config import Hyperparameters, TrainingJobSpec
 from adapters.training.sft import train_sft
+from examples.banking77.prepare import read_rows
 
 DATA = REPO.parent / "shared/datasets/banking77"
 MODEL = REPO / "var/models/SmolLM2-135M-Instruct"
@@ -52,9 +52,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def rows(path: Path) -> list[dict[str, Any]]:
-    with path.open(newline="") as fh:
-        return [{"prompt": [{"role": "user", "content": r["text"]}], "completion": r["category"]}
-                for r in csv.DictReader(fh)]
+    """prepare.py's rows as prompt/completion dicts (no system prompt), as the recipe and evaluation read them."""
+    return [{"prompt": [{"role": "user", "content": text}], "completion": intent} for text, intent in read_rows(path)]
 
 
 def per_intent(all_rows: list[dict[str, Any]], n: int, seed: int) -> tuple[list[dict], list[dict]]:

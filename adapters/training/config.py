@@ -15,6 +15,7 @@ from typing import Any, Literal
 Method = Literal["sft", "dpo", "kto"]
 METHODS: tuple[str, ...] = ("sft", "dpo", "kto")
 SCHEDULERS: tuple[str, ...] = ("linear", "cosine")
+REPLAY_OBJECTIVES: tuple[str, ...] = ("answers", "kl")
 
 
 def _check_range(name: str, value: Any, low: float, high: float, *, integer: bool) -> None:
@@ -46,6 +47,7 @@ class Hyperparameters:
     max_steps: int | None = None
     seed: int = 0
     replay_fraction: float = 0.0  # SFT only: share of the base model's own general answers (replay.py)
+    replay_objective: str = "answers"  # "answers": learn the base model's greedy answers; "kl": its distributions
 
     def __post_init__(self) -> None:
         _check_range("n_epochs", self.n_epochs, 1, 50, integer=True)
@@ -74,6 +76,9 @@ class Hyperparameters:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         _check_range("replay_fraction", self.replay_fraction, 0, 0.9, integer=False)
+        if self.replay_objective not in REPLAY_OBJECTIVES:
+            raise ValueError(f"replay_objective must be one of {list(REPLAY_OBJECTIVES)}, "
+                             f"got {self.replay_objective!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Hyperparameters:

@@ -54,11 +54,16 @@ def read_rows(path: str | Path, method: str) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenised SFT example; ``prompt_len`` positions are masked, the rest carry loss."""
+    """One tokenised SFT example; ``prompt_len`` positions are masked, the rest carry loss.
+
+    A ``distill`` example's answer positions are matched to the base model's whole next-token distribution
+    (KL divergence) instead of its one answer token: replay rows anchored to the base model (replay.py).
+    """
 
     input_ids: list[int]
     prompt_len: int
     weight: float = 1.0
+    distill: bool = False
 
     @property
     def labels(self) -> list[int]:

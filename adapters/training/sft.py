@@ -11,12 +11,16 @@ Why a hand-written loop rather than ``transformers.Trainer`` (measured in benchm
 
 Loss: weighted token mean over answer tokens, ``sum_i w_i * sum_t nll_it / sum_i w_i * n_i``, normalised
 over the whole accumulation window, so gradient accumulation is exact and row ``weight`` is honoured.
+With ``replay_objective="kl"`` a replayed row's token term is KL(base || adapter) over the whole vocabulary
+instead of the NLL of the base model's greedy token; the base distribution comes from a no-grad pass of the
+same rows with the adapter disabled.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +74,9 @@ def collate(examples: list[Example], pad_id: int, share_prefix: bool = True) -> 
         if prefix < MIN_SHARED_PREFIX:
             prefix = 0
     weights = torch.tensor([e.weight for e in examples], dtype=torch.float32)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights, "prefix_len": prefix}
+    distill = torch.tensor([e.distill for e in examples], dtype=torch.bool)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights, "prefix_len": prefix,
+            "distill": distill}
 
 
 def loss_terms(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,10 +100,29 @@ def loss_terms(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.T
     targets = labels[:, prefix + 1:]
     hidden = hidden[:, :-1]
     selected = targets != IGNORE_INDEX
-    logits = lm_head(hidden[selected])
-    nll = F.cross_entropy(logits.float(), targets[selected], reduction="none")
+    logits = lm_head(hidden[selected]).float()
+    token_loss = F.cross_entropy(logits, targets[selected], reduction="none")
+    distill = batch.get("distill")
+    if distill is not None and bool(distill.any()):
+        row_of_token = torch.arange(n_rows).unsqueeze(1).expand_as(targets)[selected]
+        distilled = distill[row_of_token]
+        log_q = F.log_softmax(logits[distilled], dim=-1)
+        log_p = base_log_probs(model, ids[distill], mask[distill], labels[distill])
+        kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+        token_loss = token_loss.masked_scatter(distilled, kl)  # KL(base || adapter) replaces their NLL
     token_w = batch["weights"].unsqueeze(1).expand_as(targets)[selected]
-    return (nll * token_w).sum(), token_w.sum()
+    return (token_loss * token_w).sum(), token_w.sum()
+
+
+@torch.no_grad()
+def base_log_probs(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The base model's next-token log-probabilities at the answer positions of these rows (row-major order,
+    as ``loss_terms`` selects them): the LoRA layers are bypassed with peft's ``disable_adapter``."""
+    base = model.get_base_model()
+    with model.disable_adapter():
+        hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        selected = labels[:, 1:] != IGNORE_INDEX
+        return F.log_softmax(base.get_output_embeddings()(hidden[:, :-1][selected]).float(), dim=-1)
 
 
 @torch.no_grad()
@@ -142,13 +167,14 @@ class SFTRecipe:
         self.pad_id = int(self.tokenizer.pad_token_id)
         rows = read_rows(self.spec.train_path, "sft")
         self.n_task_rows = len(rows)
+        self.train = encode_rows(self.tokenizer, rows, hp.max_seq_len)
         if hp.replay_fraction:
             replayed = replay_rows(self.spec.base_model_path, self.output_dir, len(rows), hp.replay_fraction,
                                    hp.max_seq_len, hp.seed, self.emit, self.should_stop)
             if replayed is None:
                 return False
-            rows += replayed
-        self.train = encode_rows(self.tokenizer, rows, hp.max_seq_len)
+            distill = hp.replay_objective == "kl"
+            self.train += [replace(e, distill=distill) for e in encode_rows(self.tokenizer, replayed, hp.max_seq_len)]
         self.val = (encode_rows(self.tokenizer, read_rows(self.spec.validation_path, "sft"), hp.max_seq_len)
                     if self.spec.validation_path else [])
         self.lengths = [len(e.input_ids) for e in self.train]

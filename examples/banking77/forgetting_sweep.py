@@ -48,6 +48,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "mlp": {"target_modules": MLP},
     "qv": {"target_modules": ["q_proj", "v_proj"]},
     "epochs4": {"n_epochs": 4},
+    # a quarter of the rows replayed from the base model (240 general prompts; answers of up to 56 tokens fit
+    # in 128), learnt as its greedy answers or as its next-token distributions (KL)
+    "replay": {"replay_fraction": 0.24, "max_seq_len": 128},
+    "replay_kl": {"replay_fraction": 0.24, "replay_objective": "kl", "max_seq_len": 128},
 }
 
 

@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     h.add_argument("--replay-fraction", type=float, default=0.0,
                    help="share of the base model's own answers to general prompts mixed in against forgetting "
                         "(adapters/training/replay.py); raises max_seq_len to 224 so those answers fit")
+    h.add_argument("--replay-objective", choices=("answers", "kl"), default="answers",
+                   help="train on the replayed greedy answers, or match the base model's distributions on them (KL)")
     h.add_argument("--validation-fraction", type=float, default=0.02)
     e = p.add_argument_group("evaluation and measurement")
     e.add_argument("--eval-max-rows", type=int, default=300, help="rows of the automatic evaluation")
@@ -140,6 +142,7 @@ def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
         hp["max_steps"] = args.max_steps
     if args.replay_fraction:
         hp["replay_fraction"] = args.replay_fraction
+        hp["replay_objective"] = args.replay_objective
         hp["max_seq_len"] = max(args.max_seq_len, 224)
     return hp
 

@@ -16,7 +16,7 @@ from adapters.training.replay import replay_count
         ("weight_decay", -0.1), ("lora_r", 0), ("lora_alpha", 2000), ("lora_dropout", 0.9),
         ("target_modules", "q_proj"), ("target_modules", []), ("max_seq_len", 8), ("early_stopping_patience", 101),
         ("max_steps", 0), ("seed", -1), ("n_epochs", 2.5), ("batch_size", True), ("replay_fraction", 0.95),
-        ("replay_fraction", -0.1),
+        ("replay_fraction", -0.1), ("replay_objective", "logits"),
     ],
 )
 def test_bad_hyperparameter_names_the_field(field: str, value: object) -> None:

@@ -114,3 +114,47 @@ def test_read_rows_reports_file_and_line(tmp_path) -> None:
     with pytest.raises(ValueError, match="no 'sft' rows"):
         read_rows(path, "sft")
     assert len(read_rows(path, "dpo")) == 1
+
+
+def test_distilled_rows_carry_kl_to_the_base_model_instead_of_their_nll(tokenizer, tiny_model) -> None:
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    task = encode_sft(tokenizer, [{"role": "user", "content": "card?"}], "card_arrival", 128)
+    replayed = replace(encode_sft(tokenizer, [{"role": "user", "content": "Why is the sky blue?"}],
+                                  "Because air scatters blue light more.", 128), distill=True)
+    try:
+        batch = collate([task, replayed], tokenizer.pad_token_id)
+        with torch.no_grad():
+            task_only, _ = loss_terms(model, collate([task], tokenizer.pad_token_id))
+            s, n = loss_terms(model, batch)
+        # A fresh LoRA (B = 0) is the base model: the distilled row adds nothing, its tokens still count.
+        assert s.item() == pytest.approx(task_only.item(), rel=1e-5)
+        assert n.item() == (len(task.input_ids) - task.prompt_len) + (len(replayed.input_ids) - replayed.prompt_len)
+
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        ids = torch.tensor([replayed.input_ids])
+        start = replayed.prompt_len - 1  # logits at this position predict the first answer token
+        with torch.no_grad():
+            log_q = F.log_softmax(model(input_ids=ids).logits[0, start:-1], -1)
+            with model.disable_adapter():
+                log_p = F.log_softmax(model(input_ids=ids).logits[0, start:-1], -1)
+            expected_kl = (log_p.exp() * (log_p - log_q)).sum().item()
+            task_nll, _ = loss_terms(model, collate([task], tokenizer.pad_token_id))
+        assert expected_kl > 0.01
+        for share in (True, False):
+            model.zero_grad()
+            s, _ = loss_terms(model, collate([task, replayed], tokenizer.pad_token_id, share_prefix=share))
+            assert s.item() == pytest.approx(task_nll.item() + expected_kl, rel=1e-4)
+            s.backward()
+            lora_grads = [p.grad for name, p in model.named_parameters() if "lora_" in name]
+            assert all(g is not None for g in lora_grads) and any(g.abs().sum() > 0 for g in lora_grads)
+    finally:
+        model.unload()  # leave the shared fixture model without LoRA layers

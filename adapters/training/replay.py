@@ -7,6 +7,10 @@ model's own greedy answers to bundled generic prompts (``adapters/data/replay_pr
 this purpose, outside any task domain): training on them anchors the adapter to the base model's behaviour
 outside the task at no labelling cost.
 
+With ``replay_objective="kl"`` (sft.py) the replayed answers serve only as the text on which the adapter's
+next-token distribution is pulled towards the base model's (KL divergence over the whole vocabulary), which
+carries far more of the base model's behaviour per token than its one greedy choice.
+
 ``replay_fraction`` is the share of replayed rows in the mixed training set: ``k / (n + k)``. Answers that
 hit the token limit are kept as ``finished: false`` rows: they train the continuation but not an end-of-turn
 (dropping them would teach shorter answers, itself a kind of forgetting). The rows are written to

@@ -46,14 +46,16 @@ def test_validation_loss_falls_on_banking77(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_replay_mixes_the_base_models_own_answers_in(tmp_path: Path) -> None:
+@pytest.mark.parametrize("objective", ["answers", "kl"])
+def test_replay_mixes_the_base_models_own_answers_in(tmp_path: Path, objective: str) -> None:
     torch.set_num_threads(2)
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in _banking_rows(24)))
     spec = TrainingJobSpec(
         method="sft", base_model_path=str(SMOL), train_path=str(tmp_path / "train.jsonl"),
         output_dir=str(tmp_path / "out"),
         hyperparameters=Hyperparameters(n_epochs=1, batch_size=8, max_steps=1, max_seq_len=256, lora_r=4,
-                                        lora_alpha=8, target_modules=["q_proj"], replay_fraction=0.25),
+                                        lora_alpha=8, target_modules=["q_proj"], replay_fraction=0.25,
+                                        replay_objective=objective),
     )
     events: list[dict] = []
     result = train_sft(spec, emit=events.append)

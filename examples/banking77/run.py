@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-test", type=int, default=None, help="seeded sample of test.csv (default: all rows)")
     p.add_argument("--seed", type=int, default=0)
     h = p.add_argument_group("hyperparameters (SmolLM2-135M on CPU)")
-    h.add_argument("--epochs", type=int, default=None, help="default 1 (full) / 3 (feedback: few rows)")
+    h.add_argument("--epochs", type=int, default=None, help="default 1 (full) / 8 (feedback: few rows)")
     h.add_argument("--batch-size", type=int, default=16)
     h.add_argument("--grad-accum", type=int, default=1)
     h.add_argument("--lr", type=float, default=1e-3)
@@ -78,10 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     h.add_argument("--max-seq-len", type=int, default=96,
                    help="96 keeps 99.6%% of rows whole with SmolLM2's template (64 cuts ~8%% of prompts)")
     h.add_argument("--max-steps", type=int, default=None, help="cap optimizer steps (quick runs)")
-    h.add_argument("--replay-fraction", type=float, default=0.0,
+    h.add_argument("--replay-fraction", type=float, default=None,
                    help="share of the base model's own answers to general prompts mixed in against forgetting "
-                        "(adapters/training/replay.py); raises max_seq_len to 224 so those answers fit")
-    h.add_argument("--replay-objective", choices=("answers", "kl"), default="answers",
+                        "(adapters/training/replay.py); default 0 (full) / 0.24 (feedback); raises max_seq_len to "
+                        "128 (prompts are <= 72 tokens; longer answers are cut and trained without an end of turn)")
+    h.add_argument("--replay-objective", choices=("answers", "kl"), default="kl",
                    help="train on the replayed greedy answers, or match the base model's distributions on them (KL)")
     h.add_argument("--validation-fraction", type=float, default=0.02)
     e = p.add_argument_group("evaluation and measurement")
@@ -116,7 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.deployment is None:
         args.deployment = "banking77" if args.mode == "full" else "banking77-feedback"
     if args.epochs is None:
-        args.epochs = 1 if args.mode == "full" else 3
+        args.epochs = 1 if args.mode == "full" else 8
+    if args.replay_fraction is None:
+        args.replay_fraction = 0.0 if args.mode == "full" else 0.24
     if not 0 <= args.sft_min_rating <= 1:
         p.error("--sft-min-rating must be in [0, 1]")
     for name in ("limit_train", "limit_test", "max_steps", "round"):
@@ -143,7 +146,7 @@ def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
     if args.replay_fraction:
         hp["replay_fraction"] = args.replay_fraction
         hp["replay_objective"] = args.replay_objective
-        hp["max_seq_len"] = max(args.max_seq_len, 224)
+        hp["max_seq_len"] = max(args.max_seq_len, 128)
     return hp
 
 

@@ -85,7 +85,7 @@ async def _resolve_hyperparameters(ctx: WorkerContext, job: Job, snap: Snapshot,
             chars += len(line)
     cfg = json.loads((Path(base_path) / "config.json").read_text()) if Path(base_path, "config.json").exists() else {}
     params = int(cfg.get("hidden_size", 576) ** 2 * 12 * cfg.get("num_hidden_layers", 30))
-    hp = auto_hyperparameters(n, chars / max(n, 1) / 4, params).to_dict()
+    hp = auto_hyperparameters(n, chars / max(n, 1) / 4, params, job.spec.get("method", "sft")).to_dict()
     if job.spec.get("seed") is not None:
         hp["seed"] = job.spec["seed"]
     async with ctx.sessions() as s, s.begin():

@@ -89,5 +89,9 @@ def test_auto_hyperparameters_follow_the_documented_table() -> None:
     big = auto_hyperparameters(20_000, 300, 7_000_000_000)
     assert (big.n_epochs, big.learning_rate, big.batch_size, big.max_seq_len) == (2, 1e-4, 6, 1024)
     assert big.early_stopping_patience == 3
+    # SFT replays the base model's answers (KL) against forgetting; the rows must leave room for them
+    assert (small.replay_fraction, small.replay_objective, small.max_seq_len) == (0.24, "kl", 128)
+    preference = auto_hyperparameters(50, 20, 135_000_000, method="dpo")
+    assert (preference.replay_fraction, preference.max_seq_len) == (0.0, 64)
     with pytest.raises(ValueError, match="n_train_rows"):
         auto_hyperparameters(0, 10, 1)

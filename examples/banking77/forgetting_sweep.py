@@ -2,8 +2,8 @@
 
 The feedback mode of run.py trains on about ten corrections per intent, and without replay its adapters fail
 the retention gate (+39 % to +75 % GSM8K answer NLL against the 5 % allowed). A run through the API costs
-30-80 minutes, so this script isolates the lever: the same 770 train rows (10 per intent, seeded, from train.csv, as the
-simulation sends train-style queries), the same 300 test rows and 50 retention rows, one recipe run
+30-80 minutes, so this script isolates the lever: the same 770 train rows (10 per intent, seeded, from
+train.csv, as the simulation sends train-style queries), the same 300 test rows and 50 retention rows, one recipe run
 (adapters/training/sft.py) and one evaluation (adapters/evaluation, the worker's code) per config. The first
 config is run.py's feedback recipe without replay, the baseline of the comparison; ``replay_kl`` is what run.py
 now does by default.

@@ -1,8 +1,10 @@
 """Durable completion log: every gateway response waits until its row is committed (group commit).
 
-On SQLite the commit runs as one synchronous call on a dedicated thread (``make_sqlite_writer``): this
-write sits on every response's critical path, and aiosqlite's per-statement thread hops were most of the
-gateway's added latency (see benchmarks/README.md, gateway_overhead.py).
+On SQLite this write sits on every response's critical path, so it avoids thread hops: the row is first
+committed right on the event loop with a connection that never waits for the lock (busy timeout 0; a WAL
+commit is a fraction of a millisecond); only if another writer holds the lock does it go to the group
+commit on a dedicated thread, which waits. aiosqlite's per-statement hops, then the hops to the writer
+thread, were most of the gateway's added latency (benchmarks/README.md, gateway_overhead.py).
 
 It also remembers the last `cache_size` committed completions' routing facts (`CompletionRef`), so that
 feedback on a fresh completion — the common case — is checked without a database read. Completions are
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, insert, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.core.group_commit import GroupCommit
@@ -49,6 +52,11 @@ class CompletionLog(GroupCommit[dict[str, Any], None]):
         self._cache_size = cache_size
         self._writer = sqlite_writer
         self._thread = ThreadPoolExecutor(1, "completion-log") if sqlite_writer is not None else None
+        self._inline = sqlite_writer.connect() if sqlite_writer is not None else None
+        if self._inline is not None:
+            self._inline.exec_driver_sql("PRAGMA busy_timeout=0")  # never block the event loop on the lock
+            self._inline.commit()
+        self.inline_commits = 0  # how many rows took the fast path (tests, diagnostics)
 
     async def _commit(self, items: list[dict[str, Any]]) -> list[None]:
         if self._thread is None:  # no SQLite writer: the async session path
@@ -60,10 +68,24 @@ class CompletionLog(GroupCommit[dict[str, Any], None]):
         with self._writer.begin() as conn:  # type: ignore[union-attr]  # only called with a writer
             conn.execute(insert(Completion.__table__), items)  # type: ignore[arg-type]
 
+    def _commit_inline(self, row: dict[str, Any]) -> bool:
+        """Commit `row` on the calling thread if the write lock is free right now; False otherwise."""
+        if self._inline is None:
+            return False
+        try:
+            with self._inline.begin():  # BEGIN IMMEDIATE: fails at once when another writer holds the lock
+                self._inline.execute(insert(Completion.__table__), [row])
+        except SQLAlchemyError:
+            return False  # busy (or anything else): the group commit retries it and reports real failures
+        self.inline_commits += 1
+        return True
+
     async def stop(self) -> None:
         await super().stop()
         if self._thread is not None:
             self._thread.shutdown(wait=True)
+        if self._inline is not None:
+            self._inline.close()
         if self._writer is not None:
             self._writer.dispose()
 
@@ -75,7 +97,8 @@ class CompletionLog(GroupCommit[dict[str, Any], None]):
 
     async def write(self, row: dict[str, Any]) -> None:
         """Return once `row` is committed; raises if the commit failed."""
-        await self.submit(row)
+        if not self._commit_inline(row):
+            await self.submit(row)
         self._remember(CompletionRef(row["id"], row["deployment"], row["adapter"], row.get("variant"),
                                      row.get("attributes") or {}))
 

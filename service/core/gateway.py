@@ -16,13 +16,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import httpx
-
 from monitoring import metrics
 from service.core.completion_log import CompletionLog
 from service.core.routing import Choice, Router
 from service.errors import BadRequest, NotFound, ServiceError, Unavailable, Unprocessable
-from service.vllm.pool import VLLMPool, VLLMUnavailable
+from service.vllm.pool import TRANSPORT_ERRORS, VLLMPool, VLLMUnavailable
 
 Kind = Literal["chat", "text"]
 _PATHS = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
@@ -144,14 +142,17 @@ class Gateway:
 
     async def _post(self, kind: Kind, upstream: dict[str, Any], labels: tuple[str, str, str]) -> dict[str, Any]:
         try:
-            server = self.pool.pick()
-            resp = await server.client.post(server.base_url + _PATHS[kind], json=upstream)
-        except (VLLMUnavailable, httpx.TransportError) as exc:
+            resp = await self.pool.pick().send(_PATHS[kind], upstream)
+            try:
+                raw = await resp.read()
+            finally:
+                resp.release()
+        except (VLLMUnavailable, *TRANSPORT_ERRORS) as exc:
             metrics.REQUEST_ERRORS.labels(*labels, "unavailable").inc()
             raise Unavailable("the model server is unavailable; retry shortly") from exc
-        if resp.status_code >= 400:
-            raise self._upstream_error(resp.status_code, resp.text, labels)
-        return resp.json()
+        if resp.status >= 400:
+            raise self._upstream_error(resp.status, raw.decode(errors="replace"), labels)
+        return json.loads(raw)
 
     def _upstream_error(self, status: int, text: str, labels: tuple[str, str, str]) -> ServiceError:
         try:
@@ -186,24 +187,23 @@ class Gateway:
         tracker = self.router.track(choice.target.served_name)
         tracker.__enter__()
         try:
-            server = self.pool.pick()
-            req = server.client.build_request("POST", server.base_url + _PATHS[kind], json=upstream)
-            resp = await server.client.send(req, stream=True)
-        except (VLLMUnavailable, httpx.TransportError) as exc:
+            resp = await self.pool.pick().send(_PATHS[kind], upstream)
+            error_body = (await resp.read()).decode(errors="replace") if resp.status >= 400 else None
+        except (VLLMUnavailable, *TRANSPORT_ERRORS) as exc:
             tracker.__exit__(None, None, None)
             metrics.REQUEST_ERRORS.labels(*labels, "unavailable").inc()
             raise Unavailable("the model server is unavailable; retry shortly") from exc
-        if resp.status_code >= 400:
-            text = (await resp.aread()).decode(errors="replace")
-            await resp.aclose()
+        if error_body is not None:
+            resp.release()
             tracker.__exit__(None, None, None)
-            raise self._upstream_error(resp.status_code, text, labels)
+            raise self._upstream_error(resp.status, error_body, labels)
 
         async def events() -> AsyncIterator[bytes]:
             parts: list[str] = []
             done = False
             try:
-                async for line in resp.aiter_lines():
+                async for raw_line in resp.content:
+                    line = raw_line.decode().rstrip("\r\n")
                     if not line.startswith("data:"):
                         continue
                     payload = line[5:].strip()
@@ -230,11 +230,14 @@ class Gateway:
                     yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
                 if not done:
                     row["error"] = "upstream stream ended early"
-            except httpx.TransportError as exc:
-                row["error"] = f"upstream stream failed: {exc}"
+            except TRANSPORT_ERRORS as exc:
+                row["error"] = f"upstream stream failed: {exc!r}"
                 metrics.REQUEST_ERRORS.labels(*labels, "upstream").inc()
             finally:
-                await resp.aclose()
+                if done:
+                    resp.release()  # the connection goes back to the pool
+                else:
+                    resp.close()  # stops the generation on vLLM (client gone or stream broken)
                 tracker.__exit__(None, None, None)
                 row["output"] = "".join(parts)
                 row["latency_seconds"] = time.perf_counter() - start

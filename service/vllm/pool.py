@@ -3,6 +3,12 @@
 Why a pool: the embedded default runs one supervised server, a larger deployment points the gateway at
 several external replicas (`--vllm-url`). Every replica must hold the same adapters, so adapter
 load/unload fans out to all of them, and requests go round-robin to the replicas that are ready.
+
+Two HTTP clients per server, on purpose: every gateway request goes through `VLLMServer.send` (aiohttp),
+rare admin calls (adapter load/unload/probe, health, model list) through `client` (httpx). Against an
+instant upstream, one request cost 0.64 ms with httpx and 0.30 ms with aiohttp on this CPU, and a profile
+of the gateway put over half of its request CPU in httpx/httpcore/anyio (benchmarks/README.md,
+gateway_overhead.py): on a 2-core box that CPU is taken from vLLM.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import httpx
 
 if TYPE_CHECKING:
@@ -25,6 +32,10 @@ logger = logging.getLogger(__name__)
 #: Generation can take minutes on a busy CPU: generous read timeout, short connect timeout.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=60.0)
 DEFAULT_LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=60.0)
+#: The same bounds for the request path: no overall deadline (a stream may run long), 10 min between bytes.
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=600.0)
+#: What a failed upstream request raises on the request path (connection refused/reset, read timeout).
+TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 class VLLMUnavailable(Exception):
@@ -72,6 +83,8 @@ class VLLMServer:
     ) -> None:
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, limits=limits)
+        self._session: aiohttp.ClientSession | None = None  # made in the event loop, on first use
+        self._max_connections = limits.max_connections or 0
         self._ready_fn = ready_fn
         self.healthy = False
 
@@ -97,8 +110,18 @@ class VLLMServer:
         except httpx.HTTPError as exc:
             raise VLLMRequestError(self.base_url, action, None, f"{type(exc).__name__}: {exc}") from exc
 
+    async def send(self, path: str, payload: dict[str, Any]) -> aiohttp.ClientResponse:
+        """POST a request of the gateway; the caller reads the response (whole or as a stream) and must
+        `release()` it. Raises one of TRANSPORT_ERRORS when the server cannot be reached."""
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60.0)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT, read_bufsize=2**20)
+        return await self._session.post(self.base_url + path, json=payload)
+
     async def aclose(self) -> None:
         await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def __repr__(self) -> str:
         return f"VLLMServer({self.base_url!r}, ready={self.ready})"

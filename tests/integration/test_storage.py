@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 import pytest
@@ -49,6 +50,40 @@ async def test_completion_log_reports_a_failed_commit(sessions, database_url: st
         await log.write(_row(2))  # the writer survives a failed batch
     finally:
         await log.stop()
+
+
+async def test_sqlite_completion_log_never_blocks_the_event_loop_on_the_lock(tmp_path) -> None:
+    """A free write lock: the row commits right away on the loop. A lock held by another writer (another
+    process, an upload): the write waits on the writer thread while the loop keeps serving, then lands."""
+    from service.storage.db import make_engine, make_sessionmaker
+    from service.storage.migrate import upgrade
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'tuneloop.db'}"
+    await asyncio.to_thread(upgrade, url)
+    engine = make_engine(url)
+    log = CompletionLog(make_sessionmaker(engine), sqlite_writer=make_sqlite_writer(url))
+    log.start()
+    other = sqlite3.connect(tmp_path / "tuneloop.db", isolation_level=None)
+    # The loop's connection gives up at once when the lock is taken, instead of SQLite's busy wait.
+    assert log._inline.exec_driver_sql("PRAGMA busy_timeout").scalar() == 0
+    log._inline.rollback()
+    try:
+        await log.write(_row(1))
+        assert log.inline_commits == 1
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        pending = asyncio.create_task(log.write(_row(2)))
+        await asyncio.sleep(0.2)
+        assert not pending.done() and log.inline_commits == 1  # went to the writer thread, which waits
+        other.execute("COMMIT")
+        await asyncio.wait_for(pending, 30)
+        await log.write(_row(3))
+        assert log.inline_commits == 2  # the fast path is back once the lock is free
+    finally:
+        other.close()
+        await log.stop()
+        await engine.dispose()
+    count = sqlite3.connect(tmp_path / "tuneloop.db").execute("SELECT count(*) FROM completions").fetchone()[0]
+    assert count == 3
 
 
 async def test_feedback_joins_cached_and_stored_completions(sessions) -> None:

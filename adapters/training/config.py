@@ -48,6 +48,7 @@ class Hyperparameters:
     seed: int = 0
     replay_fraction: float = 0.0  # SFT only: share of the base model's own general answers (replay.py)
     replay_objective: str = "kl"  # "kl": match the base model's distributions on them; "answers": its greedy answers
+    neftune_noise_alpha: float = 0.0  # NEFTune: uniform noise on input embeddings while training (0 = off)
 
     def __post_init__(self) -> None:
         _check_range("n_epochs", self.n_epochs, 1, 50, integer=True)
@@ -76,6 +77,7 @@ class Hyperparameters:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         _check_range("replay_fraction", self.replay_fraction, 0, 0.9, integer=False)
+        _check_range("neftune_noise_alpha", self.neftune_noise_alpha, 0, 50, integer=False)
         if self.replay_objective not in REPLAY_OBJECTIVES:
             raise ValueError(f"replay_objective must be one of {list(REPLAY_OBJECTIVES)}, "
                              f"got {self.replay_objective!r}")

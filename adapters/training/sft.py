@@ -11,6 +11,9 @@ Why a hand-written loop rather than ``transformers.Trainer`` (measured in benchm
 
 Loss: weighted token mean over answer tokens, ``sum_i w_i * sum_t nll_it / sum_i w_i * n_i``, normalised
 over the whole accumulation window, so gradient accumulation is exact and row ``weight`` is honoured.
+With ``neftune_noise_alpha`` > 0 (NEFTune, Jain et al. 2023, as in TRL) the input embeddings get uniform noise
+of magnitude alpha / sqrt(L * d) in training steps only, L the batch's padded row length.
+
 With ``replay_objective="kl"`` a replayed row's token term is KL(base || adapter) over the whole vocabulary
 instead of the NLL of the base model's greedy token; the base distribution comes from a no-grad pass of the
 same rows with the adapter disabled.
@@ -114,6 +117,23 @@ def loss_terms(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.T
     return (token_loss * token_w).sum(), token_w.sum()
 
 
+class EmbeddingNoise:
+    """NEFTune as a forward hook on the input embeddings. It acts only while the model trains with gradients
+    on, so validation and the no-grad base-model pass of KL replay see clean embeddings. ``length`` is set per
+    batch to the full padded row length, so a shared prefix (embedded in its own call) gets the same scale."""
+
+    def __init__(self, model: Any, alpha: float) -> None:
+        self.alpha = alpha
+        self.length = 1
+        self.handle = model.get_input_embeddings().register_forward_hook(self)
+
+    def __call__(self, module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if not (module.training and torch.is_grad_enabled()):
+            return output
+        magnitude = self.alpha / math.sqrt(self.length * output.size(-1))
+        return output + torch.empty_like(output).uniform_(-magnitude, magnitude)
+
+
 @torch.no_grad()
 def base_log_probs(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The base model's next-token log-probabilities at the answer positions of these rows (row-major order,
@@ -188,6 +208,7 @@ class SFTRecipe:
         base = load_base_model(self.spec.base_model_path)
         self.model = get_peft_model(base, lora_config(hp))
         self.model.train()
+        self.noise = EmbeddingNoise(self.model, hp.neftune_noise_alpha) if hp.neftune_noise_alpha else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         self.scheduler = get_scheduler(hp.lr_scheduler, self.optimizer,
@@ -267,7 +288,10 @@ class SFTRecipe:
         total = 0.0
         tokens = 0
         for mb in examples:
-            s, _ = loss_terms(self.model, collate(mb, self.pad_id, self.share_prefix))
+            batch = collate(mb, self.pad_id, self.share_prefix)
+            if self.noise is not None:
+                self.noise.length = batch["input_ids"].shape[1]
+            s, _ = loss_terms(self.model, batch)
             loss = s / denom
             loss.backward()
             total += loss.item()

@@ -60,7 +60,8 @@ def common_args(spec: TrainingJobSpec, n_train: int, batch_size: int, has_eval: 
         per_device_eval_batch_size=batch_size, gradient_accumulation_steps=hp.gradient_accumulation_steps,
         learning_rate=hp.learning_rate, lr_scheduler_type=hp.lr_scheduler,
         warmup_steps=float(hp.warmup_ratio) if hp.warmup_ratio else 0, weight_decay=hp.weight_decay,
-        num_train_epochs=hp.n_epochs, max_steps=total, seed=hp.seed, data_seed=hp.seed,
+        num_train_epochs=hp.n_epochs, max_steps=total,
+        neftune_noise_alpha=hp.neftune_noise_alpha or None, seed=hp.seed, data_seed=hp.seed,
         max_length=hp.max_seq_len, save_strategy="steps", save_steps=save_every, save_total_limit=2,
     )
     if has_eval:

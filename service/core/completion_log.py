@@ -4,7 +4,10 @@ On SQLite this write sits on every response's critical path, so it avoids thread
 committed right on the event loop with a connection that never waits for the lock (busy timeout 0; a WAL
 commit is a fraction of a millisecond); only if another writer holds the lock does it go to the group
 commit on a dedicated thread, which waits. aiosqlite's per-statement hops, then the hops to the writer
-thread, were most of the gateway's added latency (benchmarks/README.md, gateway_overhead.py).
+thread, were most of the gateway's added latency (benchmarks/README.md, gateway_overhead.py). The loop's
+commit goes straight to the sqlite3 connection with the INSERT SQLAlchemy compiled once from the table and
+each column type's own bind processor (JSON, Boolean), so the table stays the one definition of the row:
+SQLAlchemy's per-statement machinery was half of that commit's time.
 
 It also remembers the last `cache_size` committed completions' routing facts (`CompletionRef`), so that
 feedback on a fresh completion — the common case — is checked without a database read. Completions are
@@ -14,13 +17,13 @@ never updated, so the cache cannot go stale.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, insert, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.core.group_commit import GroupCommit
@@ -35,6 +38,17 @@ class CompletionRef:
     adapter: str
     variant: str | None
     attributes: dict[str, Any]
+
+
+def _compiled_insert(engine: Engine) -> tuple[str, dict[str, Any]]:
+    """The completions INSERT as the dialect's SQL, and each column's bind processor in parameter order."""
+    table = Completion.__table__
+    compiled = insert(table).compile(dialect=engine.dialect, column_keys=[c.key for c in table.columns])
+    names = compiled.positiontup or []
+    if [c.key for c in table.columns] != names:
+        raise RuntimeError(f"unexpected parameter order for the completions INSERT: {names}")
+    return compiled.string, {c.key: c.type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
+                             for c in table.columns}
 
 
 async def _insert(session: AsyncSession, rows: list[dict[str, Any]]) -> list[None]:
@@ -52,10 +66,11 @@ class CompletionLog(GroupCommit[dict[str, Any], None]):
         self._cache_size = cache_size
         self._writer = sqlite_writer
         self._thread = ThreadPoolExecutor(1, "completion-log") if sqlite_writer is not None else None
-        self._inline = sqlite_writer.connect() if sqlite_writer is not None else None
-        if self._inline is not None:
-            self._inline.exec_driver_sql("PRAGMA busy_timeout=0")  # never block the event loop on the lock
-            self._inline.commit()
+        self._inline: Any = None  # the DBAPI (sqlite3) connection of the loop's fast path
+        if sqlite_writer is not None:
+            self._inline = sqlite_writer.raw_connection()  # the engine's pragmas: WAL, synchronous=FULL
+            self._inline.driver_connection.execute("PRAGMA busy_timeout=0")  # never block the loop on the lock
+            self._insert_sql, self._columns = _compiled_insert(sqlite_writer)
         self.inline_commits = 0  # how many rows took the fast path (tests, diagnostics)
 
     async def _commit(self, items: list[dict[str, Any]]) -> list[None]:
@@ -70,13 +85,19 @@ class CompletionLog(GroupCommit[dict[str, Any], None]):
 
     def _commit_inline(self, row: dict[str, Any]) -> bool:
         """Commit `row` on the calling thread if the write lock is free right now; False otherwise."""
-        if self._inline is None:
+        if self._inline is None or row.keys() != self._columns.keys():
             return False
+        conn = self._inline.driver_connection
         try:
-            with self._inline.begin():  # BEGIN IMMEDIATE: fails at once when another writer holds the lock
-                self._inline.execute(insert(Completion.__table__), [row])
-        except SQLAlchemyError:
-            return False  # busy (or anything else): the group commit retries it and reports real failures
+            conn.execute("BEGIN IMMEDIATE")  # fails at once when another writer holds the lock
+        except sqlite3.Error:
+            return False  # busy: the group commit waits for the lock
+        try:
+            conn.execute(self._insert_sql, [bind(row[k]) if bind else row[k] for k, bind in self._columns.items()])
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            conn.execute("ROLLBACK")
+            return False  # the group commit retries it and reports real failures (e.g. a duplicate id)
         self.inline_commits += 1
         return True
 

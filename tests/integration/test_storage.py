@@ -31,12 +31,17 @@ async def test_completion_log_commits_every_concurrent_write(sessions, database_
     assert (log._writer is not None) == database_url.startswith("sqlite")
     log.start()
     try:
-        await asyncio.gather(*(log.write(_row(i)) for i in range(300)))
+        await asyncio.gather(*(log.write(_row(i)) for i in range(299)), log.write({**_row(299), "stream": True}))
+        # SQLite: every row took the loop's raw-sqlite3 path; what SQLAlchemy reads back below checks its binds
+        assert log.inline_commits == (300 if database_url.startswith("sqlite") else 0)
     finally:
         await log.stop()
     async with sessions() as s:
         assert (await s.execute(select(func.count()).select_from(Completion))).scalar_one() == 300
+        last = await s.get(Completion, "chatcmpl-299")
+        assert last is not None and last.stream is True and last.finish_reason == "stop" and last.error is None
         c = await s.get(Completion, "chatcmpl-7")
+        assert c.stream is False and c.prompt_tokens == 3 and abs(c.latency_seconds - 0.1) < 1e-12
     assert c is not None and c.attributes == {"segment": "retail"} and c.prompt[0]["content"] == "hi 7"
 
 
@@ -64,9 +69,11 @@ async def test_sqlite_completion_log_never_blocks_the_event_loop_on_the_lock(tmp
     log = CompletionLog(make_sessionmaker(engine), sqlite_writer=make_sqlite_writer(url))
     log.start()
     other = sqlite3.connect(tmp_path / "tuneloop.db", isolation_level=None)
-    # The loop's connection gives up at once when the lock is taken, instead of SQLite's busy wait.
-    assert log._inline.exec_driver_sql("PRAGMA busy_timeout").scalar() == 0
-    log._inline.rollback()
+    # The loop's connection gives up at once when the lock is taken, instead of SQLite's busy wait, and its
+    # commits are durable (synchronous=FULL is 2).
+    conn = log._inline.driver_connection
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 0
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
     try:
         await log.write(_row(1))
         assert log.inline_commits == 1

@@ -18,6 +18,7 @@ from aiohttp import web
 from service.core.gateway import Gateway
 from service.core.routing import Router, Target
 from service.errors import Unavailable
+from service.storage.models import Completion
 from service.vllm.pool import VLLMPool, VLLMServer
 from service.vllm.supervisor import free_port
 
@@ -101,6 +102,8 @@ async def test_a_whole_answer_is_relabelled_and_logged(upstream) -> None:
     (row,) = log.rows
     assert (row["id"], row["output"], row["prompt_tokens"], row["completion_tokens"]) == (data["id"], "card_arrival", 7, 2)
     assert row["attributes"] == {"segment": "retail"} and not router.inflight
+    # exactly the table's columns: what SQLite's raw fast path in CompletionLog needs (else it takes the thread)
+    assert row.keys() == {c.key for c in Completion.__table__.columns}
 
 
 async def test_an_unreachable_upstream_is_unavailable_and_logs_nothing() -> None:

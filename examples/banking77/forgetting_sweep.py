@@ -59,6 +59,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # NEFTune noise on the input embeddings (alpha 5, the paper's and TRL's usual value): a regulariser for
     # small data, where the validation loss turns up after about 2/3 of the 8 epochs
     "neftune": {"neftune_noise_alpha": 5.0},
+    # the baseline with another training seed (LoRA init, dropout, batch order; same rows): how far one
+    # config's numbers move by chance, to read the one-change rows above against
+    "seed1": {"seed": 1},
 }
 
 

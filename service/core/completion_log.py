@@ -7,7 +7,7 @@ commit on a dedicated thread, which waits. aiosqlite's per-statement hops, then 
 thread, were most of the gateway's added latency (benchmarks/README.md, gateway_overhead.py). The loop's
 commit goes straight to the sqlite3 connection with the INSERT SQLAlchemy compiled once from the table and
 each column type's own bind processor (JSON, Boolean), so the table stays the one definition of the row:
-SQLAlchemy's per-statement machinery was half of that commit's time.
+SQLAlchemy's per-statement machinery was a third of that commit's time (0.185 → 0.123 ms).
 
 It also remembers the last `cache_size` committed completions' routing facts (`CompletionRef`), so that
 feedback on a fresh completion — the common case — is checked without a database read. Completions are
@@ -17,6 +17,7 @@ never updated, so the cache cannot go stale.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -96,7 +97,8 @@ class CompletionLog(GroupCommit[dict[str, Any], None]):
             conn.execute(self._insert_sql, [bind(row[k]) if bind else row[k] for k, bind in self._columns.items()])
             conn.execute("COMMIT")
         except sqlite3.Error:
-            conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # SQLite may already have rolled back (I/O errors)
+                conn.execute("ROLLBACK")
             return False  # the group commit retries it and reports real failures (e.g. a duplicate id)
         self.inline_commits += 1
         return True

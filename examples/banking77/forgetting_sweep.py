@@ -62,6 +62,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # the baseline with another training seed (LoRA init, dropout, batch order; same rows): how far one
     # config's numbers move by chance, to read the one-change rows above against
     "seed1": {"seed": 1},
+    "seed2": {"seed": 2},
 }
 
 

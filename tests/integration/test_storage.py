@@ -41,8 +41,8 @@ async def test_completion_log_commits_every_concurrent_write(sessions, database_
         last = await s.get(Completion, "chatcmpl-299")
         assert last is not None and last.stream is True and last.finish_reason == "stop" and last.error is None
         c = await s.get(Completion, "chatcmpl-7")
-        assert c.stream is False and c.prompt_tokens == 3 and abs(c.latency_seconds - 0.1) < 1e-12
     assert c is not None and c.attributes == {"segment": "retail"} and c.prompt[0]["content"] == "hi 7"
+    assert c.stream is False and c.prompt_tokens == 3 and abs(c.latency_seconds - 0.1) < 1e-12
 
 
 async def test_completion_log_reports_a_failed_commit(sessions, database_url: str) -> None:

@@ -67,12 +67,17 @@ def _gguf_path() -> Path:
     return path
 
 
-def convert_smollm2(target: Path) -> Path:
-    """Dequantise the bundled GGUF into an fp32 HF directory at `target` (atomic)."""
+def convert_gguf(gguf: Path, target: Path, *, chat_template: str | None = None,
+                 end_of_turn: str | None = None) -> Path:
+    """Dequantise a GGUF file into an fp32 HF directory at `target` (atomic).
+
+    `chat_template` is for GGUFs that carry none (pretrained models); `end_of_turn` names the token that ends
+    an answer when it is not the GGUF's EOS: it becomes the tokenizer's EOS (training appends it) and one
+    more stop token of the generation config (vLLM and `generate` stop there).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
@@ -81,6 +86,14 @@ def convert_smollm2(target: Path) -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        if chat_template:
+            tokenizer.chat_template = chat_template
+        if end_of_turn:
+            eos = model.generation_config.eos_token_id
+            stops = [*(eos if isinstance(eos, list) else [] if eos is None else [eos])]
+            stops.append(tokenizer.convert_tokens_to_ids(end_of_turn))
+            tokenizer.eos_token = end_of_turn
+            model.config.eos_token_id = model.generation_config.eos_token_id = stops
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -97,6 +110,11 @@ def convert_smollm2(target: Path) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert_smollm2(target: Path) -> Path:
+    """Dequantise the bundled SmolLM2 GGUF into an fp32 HF directory at `target` (atomic)."""
+    return convert_gguf(_gguf_path(), target)
 
 
 def prepare_base_model(spec: str, data_dir: Path) -> str:

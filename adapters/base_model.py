@@ -90,7 +90,7 @@ def convert_gguf(gguf: Path, target: Path, *, chat_template: str | None = None,
             tokenizer.chat_template = chat_template
         if end_of_turn:
             eos = model.generation_config.eos_token_id
-            stops = [*(eos if isinstance(eos, list) else [] if eos is None else [eos])]
+            stops = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
             stops.append(tokenizer.convert_tokens_to_ids(end_of_turn))
             tokenizer.eos_token = end_of_turn
             model.config.eos_token_id = model.generation_config.eos_token_id = stops

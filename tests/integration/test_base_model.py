@@ -14,7 +14,7 @@ TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|endoft
 
 
 def test_convert_gguf_adds_a_chat_template_and_an_end_of_turn(tmp_path: Path) -> None:
-    """What a pretrained GGUF without a chat template needs (examples/banking77/gemma_base.py): the template
+    """What a pretrained GGUF without a chat template needs (examples/banking77/pypi_base.py): the template
     renders, the end-of-turn token ends every training answer and stops generation next to the GGUF's own
     EOS, and the checksummed directory verifies until a file changes."""
     out = convert_gguf(_gguf_path(), tmp_path / "m", chat_template=TEMPLATE, end_of_turn="<|endoftext|>")

@@ -4,8 +4,9 @@ baseline, on the same Banking77 subset, in one run.
 Baseline = what people write first: full conversation tokenised, ``DataCollatorForLanguageModeling``
 (pads to the longest row of a random batch, labels = input ids with pad masked -> loss on every token,
 and, since SmolLM2's pad is ``<|im_end|>``, no loss on the end of turn). Same LoRA (r, alpha, targets),
-learning rate, batch size, epochs and fp32 for both. Prints examples/s of both, the ratio, and greedy
-exact-match accuracy of both adapters on held-out rows (batched ``generate``).
+learning rate, batch size, epochs and fp32 for both; on CPUs with BF16 units our recipe runs a second time in
+bf16 (its ``auto`` precision there). Prints examples/s of each, the ratios, and greedy exact-match accuracy of
+each adapter on held-out rows (batched ``generate``, fp32).
 
     python benchmarks/training_throughput.py --rows 400 --val-rows 64
 """
@@ -26,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from adapters.cpu import has_bf16_units
 from adapters.training.common import load_base_model, load_tokenizer, lora_config
 from adapters.training.config import Hyperparameters, TrainingJobSpec
 from adapters.training.sft import train_sft
@@ -97,6 +99,8 @@ def main() -> None:
     ap.add_argument("--learning-rate", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precisions", default=None,
+                    help="comma list of our recipe's precisions (default: fp32, and bf16 too on CPUs with BF16 units)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,25 +108,34 @@ def main() -> None:
     hp = Hyperparameters(n_epochs=args.epochs, batch_size=args.batch_size, lora_r=args.lora_r,
                          lora_alpha=2 * args.lora_r, learning_rate=args.learning_rate, lora_dropout=0.05,
                          warmup_ratio=0.05, max_seq_len=256, seed=args.seed)
+    precisions = args.precisions.split(",") if args.precisions else ["fp32", "bf16"] if has_bf16_units() else ["fp32"]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "train.jsonl").write_text("\n".join(json.dumps(r) for r in train))
-        spec = TrainingJobSpec(method="sft", base_model_path=args.model, train_path=str(tmp / "train.jsonl"),
-                               output_dir=str(tmp / "ours"), hyperparameters=hp)
-        ours = train_sft(spec)
-        ours_s = ours.metrics["runtime_seconds"]
-        print(f"ours:     {len(train) * args.epochs / ours_s:6.2f} examples/s ({ours_s:.1f} s)", flush=True)
+        ours = {}
+        for precision in precisions:
+            spec = TrainingJobSpec(method="sft", base_model_path=args.model, train_path=str(tmp / "train.jsonl"),
+                                   output_dir=str(tmp / f"ours-{precision}"),
+                                   hyperparameters=hp.replace(precision=precision))
+            ours[precision] = train_sft(spec)
+            seconds = ours[precision].metrics["runtime_seconds"]
+            print(f"ours {precision}: {len(train) * args.epochs / seconds:6.2f} examples/s ({seconds:.1f} s)", flush=True)
         base_model, base_s = baseline_train(args.model, train, hp, tmp / "baseline")
-        print(f"baseline: {len(train) * args.epochs / base_s:6.2f} examples/s ({base_s:.1f} s)", flush=True)
+        print(f"baseline fp32: {len(train) * args.epochs / base_s:6.2f} examples/s ({base_s:.1f} s)", flush=True)
         tok = load_tokenizer(args.model)
-        acc_base = exact_match(base_model, tok, val)
+        accuracy = {"baseline": exact_match(base_model, tok, val)}
         from peft import PeftModel
 
-        ours_model = PeftModel.from_pretrained(load_base_model(args.model), ours.adapter_dir)
-        acc_ours = exact_match(ours_model, tok, val)
-    print(f"ratio (ours / baseline examples per second): {base_s / ours_s:.2f}x")
-    print(f"exact-match on {len(val)} held-out rows: ours {acc_ours:.1%}, baseline {acc_base:.1%}")
-
+        for precision, result in ours.items():
+            model = PeftModel.from_pretrained(load_base_model(args.model), result.adapter_dir)  # evaluated in fp32
+            accuracy[precision] = exact_match(model, tok, val)
+    for precision, result in ours.items():
+        print(f"ratio (ours {precision} / baseline examples per second): "
+              f"{base_s / result.metrics['runtime_seconds']:.2f}x")
+    if {"fp32", "bf16"} <= ours.keys():
+        print(f"ratio (ours bf16 / ours fp32): "
+              f"{ours['fp32'].metrics['runtime_seconds'] / ours['bf16'].metrics['runtime_seconds']:.2f}x")
+    print(f"exact-match on {len(val)} held-out rows: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
 
 if __name__ == "__main__":
     main()

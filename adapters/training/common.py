@@ -156,8 +156,24 @@ def load_tokenizer(path: str) -> Any:
     return tok
 
 
-def load_base_model(path: str) -> Any:
-    """fp32 + sdpa: this CPU has no bf16 units (DESIGN.md), so fp32 is both faster and exact."""
+def load_base_model(path: str, precision: str = "fp32") -> Any:
+    """sdpa attention; fp32 weights, or bf16 ones (half the memory, no per-step casts under bf16 autocast) for
+    ``precision="bf16"``. On CPUs without BF16 units fp32 is faster and exact (DESIGN.md)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model.get_output_embeddings().float()  # the logits stay fp32 (fp32_logits)
+    return model
+
+
+def fp32_logits(lm_head: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits computed in fp32 even under bf16 autocast: rounded to bf16 they are 0.125 apart near 20, noise as
+    large as the late-training loss itself. The LM head runs only on answer positions, so this costs little."""
+    with torch.autocast("cpu", enabled=False):
+        return lm_head(hidden.float())
+
+
+def compute_precision(precision: str) -> Any:
+    """The autocast context for a resolved precision: bf16 matmuls (LoRA included), or nothing for fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")

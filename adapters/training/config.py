@@ -12,10 +12,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from adapters.cpu import has_bf16_units
+
 Method = Literal["sft", "dpo", "kto"]
 METHODS: tuple[str, ...] = ("sft", "dpo", "kto")
 SCHEDULERS: tuple[str, ...] = ("linear", "cosine")
 REPLAY_OBJECTIVES: tuple[str, ...] = ("answers", "kl")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 
 def _check_range(name: str, value: Any, low: float, high: float, *, integer: bool) -> None:
@@ -49,6 +52,9 @@ class Hyperparameters:
     replay_fraction: float = 0.0  # SFT only: share of the base model's own general answers (replay.py)
     replay_objective: str = "kl"  # "kl": match the base model's distributions on them; "answers": its greedy answers
     neftune_noise_alpha: float = 0.0  # NEFTune: uniform noise on input embeddings while training (0 = off)
+    # SFT only: "bf16" keeps the frozen base weights in bfloat16 and computes under bf16 autocast (LoRA weights
+    # and optimizer stay fp32); "auto" picks bf16 on CPUs with BF16 units (adapters.cpu), else fp32
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         _check_range("n_epochs", self.n_epochs, 1, 50, integer=True)
@@ -78,6 +84,8 @@ class Hyperparameters:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         _check_range("replay_fraction", self.replay_fraction, 0, 0.9, integer=False)
         _check_range("neftune_noise_alpha", self.neftune_noise_alpha, 0, 50, integer=False)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.replay_objective not in REPLAY_OBJECTIVES:
             raise ValueError(f"replay_objective must be one of {list(REPLAY_OBJECTIVES)}, "
                              f"got {self.replay_objective!r}")
@@ -95,6 +103,12 @@ class Hyperparameters:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def resolved_precision(self) -> str:
+        """"fp32" or "bf16": what ``precision`` means on this machine."""
+        if self.precision == "auto":
+            return "bf16" if has_bf16_units() else "fp32"
+        return self.precision
 
     def replace(self, **changes: Any) -> Hyperparameters:
         """A validated copy with some fields changed (used by the search)."""

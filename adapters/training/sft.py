@@ -17,6 +17,10 @@ of magnitude alpha / sqrt(L * d) in training steps only, L the batch's padded ro
 With ``replay_objective="kl"`` a replayed row's token term is KL(base || adapter) over the whole vocabulary
 instead of the NLL of the base model's greedy token; the base distribution comes from a no-grad pass of the
 same rows with the adapter disabled.
+
+Precision (``Hyperparameters.precision``): on CPUs with BF16 units ``auto`` loads the frozen base weights in
+bfloat16 and runs every step under bf16 autocast; the LoRA weights, their gradients, AdamW, the LM head and
+its logits stay fp32, and so does the saved adapter. Without the units bf16 is emulated and slower, so ``auto`` means fp32 there.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from adapters.training.common import (
     ShouldStop,
     atomic_dir,
     checkpoint_root,
+    compute_precision,
     discard,
+    fp32_logits,
     latest_checkpoint,
     load_base_model,
     load_tokenizer,
@@ -103,7 +109,7 @@ def loss_terms(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.T
     targets = labels[:, prefix + 1:]
     hidden = hidden[:, :-1]
     selected = targets != IGNORE_INDEX
-    logits = lm_head(hidden[selected]).float()
+    logits = fp32_logits(lm_head, hidden[selected])
     token_loss = F.cross_entropy(logits, targets[selected], reduction="none")
     distill = batch.get("distill")
     if distill is not None and bool(distill.any()):
@@ -142,7 +148,7 @@ def base_log_probs(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: to
     with model.disable_adapter():
         hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         selected = labels[:, 1:] != IGNORE_INDEX
-        return F.log_softmax(base.get_output_embeddings()(hidden[:, :-1][selected]).float(), dim=-1)
+        return F.log_softmax(fp32_logits(base.get_output_embeddings(), hidden[:, :-1][selected]), dim=-1)
 
 
 @torch.no_grad()
@@ -205,7 +211,8 @@ class SFTRecipe:
         self.eval_every = self.spec.eval_every_steps or max(1, self.total_steps // 10)
         self.ckpt_every = self.spec.checkpoint_every_steps or self.eval_every
 
-        base = load_base_model(self.spec.base_model_path)
+        self.precision = hp.resolved_precision()
+        base = load_base_model(self.spec.base_model_path, self.precision)
         self.model = get_peft_model(base, lora_config(hp))
         self.model.train()
         self.noise = EmbeddingNoise(self.model, hp.neftune_noise_alpha) if hp.neftune_noise_alpha else None
@@ -331,7 +338,8 @@ class SFTRecipe:
         stopped_early = False
         while self.step < self.total_steps:
             window = self._next_window()
-            t_loss, t_tokens = self._train_step(window)
+            with compute_precision(self.precision):
+                t_loss, t_tokens = self._train_step(window)
             self.step += 1
             run_steps += 1
             run_tokens += t_tokens
@@ -346,7 +354,9 @@ class SFTRecipe:
             })
             is_last = self.step == self.total_steps
             if self.val and (self.step % self.eval_every == 0 or is_last):
-                if self._validate():
+                with compute_precision(self.precision):
+                    early_stop = self._validate()
+                if early_stop:
                     stopped_early = True
                     break
             elif self.step % self.ckpt_every == 0 and not is_last:
@@ -364,7 +374,7 @@ class SFTRecipe:
             "epochs": self.step / self.steps_per_epoch, "train_rows": len(self.train),
             "replay_rows": len(self.train) - self.n_task_rows,
             "validation_rows": len(self.val), "best_val_loss": self.best_val, "best_step": self.best_step,
-            "stopped_early": stopped_early, "runtime_seconds": elapsed,
+            "stopped_early": stopped_early, "runtime_seconds": elapsed, "precision": self.precision,
             "tokens_per_second": run_tokens / max(elapsed, 1e-9), "val_history": self.history,
         }
         result = RecipeResult(status=status, metrics=metrics, trained_tokens=self.trained_tokens,

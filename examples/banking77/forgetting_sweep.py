@@ -50,6 +50,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "mlp": {"target_modules": MLP},
     "qv": {"target_modules": ["q_proj", "v_proj"]},
     "epochs4": {"n_epochs": 4},
+    "epochs2": {"n_epochs": 2},  # for --per-intent 0 (the whole train set)
     # a quarter of the rows replayed from the base model (240 general prompts; answers of up to 56 tokens fit
     # in 128), learnt as its greedy answers or as its next-token distributions (KL)
     "replay": {"replay_fraction": 0.24, "replay_objective": "answers", "max_seq_len": 128},
@@ -70,17 +71,19 @@ def rows(path: Path) -> list[dict[str, Any]]:
 
 
 def per_intent(all_rows: list[dict[str, Any]], n: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """``n`` rows per intent for training and one more per intent (every fourth intent) for validation."""
+    """``n`` rows per intent (0: all of them) for training and one more per intent (every fourth intent) for
+    validation."""
     by_intent: dict[str, list[dict]] = defaultdict(list)
     for r in all_rows:
         by_intent[r["completion"]].append(r)
     rng = random.Random(seed)
     train, val = [], []
     for i, intent in enumerate(sorted(by_intent)):
-        picked = rng.sample(by_intent[intent], n + 1)
-        train += picked[:n]
-        if i % 4 == 0:
-            val.append(picked[n])
+        picked = rng.sample(by_intent[intent], n + 1 if n else len(by_intent[intent]))
+        held_out = i % 4 == 0
+        train += picked[:n] if n else picked[held_out:]
+        if held_out:
+            val.append(picked[n] if n else picked[0])
     rng.shuffle(train)
     return train, val
 
@@ -93,7 +96,7 @@ def write_jsonl(path: Path, items: list[dict[str, Any]]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {sorted(CONFIGS)}")
-    ap.add_argument("--per-intent", type=int, default=10)
+    ap.add_argument("--per-intent", type=int, default=10, help="train rows per intent; 0: the whole train.csv")
     ap.add_argument("--test-rows", type=int, default=300)
     ap.add_argument("--retention-rows", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0, help="which rows: the train/validation/test samples")
@@ -101,6 +104,8 @@ def main() -> int:
                     help="the training seed of every config (LoRA init, dropout, batch order; the rows stay)")
     ap.add_argument("--out", type=Path, default=None, help="JSON with every config's numbers (rewritten after each)")
     ap.add_argument("--model", type=Path, default=MODEL, help="base model directory (default: the bundled SmolLM2)")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="training precision (auto: bf16 on CPUs with BF16 units)")
     args = ap.parse_args()
     names = args.configs.split(",")
     unknown = set(names) - set(CONFIGS)
@@ -117,7 +122,8 @@ def main() -> int:
 
     results: dict[str, dict[str, Any]] = {}
     for name in names:
-        hp = Hyperparameters.from_dict({**BASE, **CONFIGS[name], "seed": args.train_seed})
+        hp = Hyperparameters.from_dict({**BASE, **CONFIGS[name], "seed": args.train_seed,
+                                      "precision": args.precision})
         spec = TrainingJobSpec(method="sft", base_model_path=str(args.model), train_path=train_path,
                                validation_path=val_path, output_dir=str(work / name), hyperparameters=hp)
         t0 = time.monotonic()
@@ -131,7 +137,7 @@ def main() -> int:
             "changes": CONFIGS[name], "accuracy": ev.task["candidate"].accuracy,
             "base_accuracy": ev.task["reference"].accuracy, "retention": ev.retention.relative_change,
             "best_val_loss": trained.best_val_loss, "best_step": trained.metrics["best_step"],
-            "steps": trained.metrics["steps"], "train_seconds": train_s, "eval_seconds": time.monotonic() - t0,
+            "steps": trained.metrics["steps"], "precision": trained.metrics["precision"], "train_seconds": train_s, "eval_seconds": time.monotonic() - t0,
         }
         print(f"[{name}] {json.dumps(results[name])}", flush=True)
         if args.out:

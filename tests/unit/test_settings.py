@@ -35,6 +35,7 @@ def test_managed_vllm_takes_every_core_only_where_no_worker_trains() -> None:
 
 
 def test_serving_dtype_follows_the_cpus_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapters.cpu import has_bf16_units
     from service.vllm.supervisor import cpu_serving_dtype
 
     amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n"
@@ -42,6 +43,7 @@ def test_serving_dtype_follows_the_cpus_bf16_units(monkeypatch: pytest.MonkeyPat
     avx2 = "flags\t\t: fpu sse4_2 avx2 fma\nbugs\t\t: avx512_bf16_is_not_a_flag_here\n"
     assert cpu_serving_dtype(amx) == cpu_serving_dtype(avx512_bf16) == "bfloat16"
     assert cpu_serving_dtype(avx2) == cpu_serving_dtype("") == "float32"
+    assert has_bf16_units(amx) and has_bf16_units(avx512_bf16) and not has_bf16_units(avx2)
     assert Settings().managed_vllm_dtype == cpu_serving_dtype()  # this machine's CPU decides by default
     monkeypatch.setenv("TUNELOOP_VLLM_DTYPE", "float32")
     assert Settings.from_env().managed_vllm_dtype == "float32"  # an explicit setting wins

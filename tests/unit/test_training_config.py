@@ -16,7 +16,7 @@ from adapters.training.replay import replay_count
         ("weight_decay", -0.1), ("lora_r", 0), ("lora_alpha", 2000), ("lora_dropout", 0.9),
         ("target_modules", "q_proj"), ("target_modules", []), ("max_seq_len", 8), ("early_stopping_patience", 101),
         ("max_steps", 0), ("seed", -1), ("n_epochs", 2.5), ("batch_size", True), ("replay_fraction", 0.95),
-        ("replay_fraction", -0.1), ("replay_objective", "logits"),
+        ("replay_fraction", -0.1), ("replay_objective", "logits"), ("precision", "fp16"), ("precision", None),
     ],
 )
 def test_bad_hyperparameter_names_the_field(field: str, value: object) -> None:
@@ -34,6 +34,16 @@ def test_defaults_are_valid_and_replace_validates() -> None:
     assert hp.replace(lora_r=8).lora_r == 8
     with pytest.raises(ValueError, match="lora_r"):
         hp.replace(lora_r=1000)
+
+
+def test_auto_precision_is_bf16_only_on_cpus_with_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapters.training import config
+
+    for units, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(config, "has_bf16_units", lambda units=units: units)
+        assert Hyperparameters().resolved_precision() == expected
+        assert Hyperparameters(precision="fp32").resolved_precision() == "fp32"  # an explicit choice wins
+        assert Hyperparameters(precision="bf16").resolved_precision() == "bf16"
 
 
 def test_spec_json_round_trip() -> None:

@@ -18,9 +18,10 @@ With ``replay_objective="kl"`` a replayed row's token term is KL(base || adapter
 instead of the NLL of the base model's greedy token; the base distribution comes from a no-grad pass of the
 same rows with the adapter disabled.
 
-Precision (``Hyperparameters.precision``): on CPUs with BF16 units ``auto`` loads the frozen base weights in
-bfloat16 and runs every step under bf16 autocast; the LoRA weights, their gradients, AdamW, the LM head and
-its logits stay fp32, and so does the saved adapter. Without the units bf16 is emulated and slower, so ``auto`` means fp32 there.
+Precision (``Hyperparameters.precision``, fp32 by default): ``bf16`` loads the frozen base weights in bfloat16
+and runs every step under bf16 autocast; the LoRA weights, their gradients, AdamW, the LM head and its logits
+stay fp32, and so does the saved adapter. ``auto`` means bf16 only on CPUs with BF16 units: without them bf16 is
+emulated and slower.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def main() -> int:
                     help="the training seed of every config (LoRA init, dropout, batch order; the rows stay)")
     ap.add_argument("--out", type=Path, default=None, help="JSON with every config's numbers (rewritten after each)")
     ap.add_argument("--model", type=Path, default=MODEL, help="base model directory (default: the bundled SmolLM2)")
-    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
                     help="training precision (auto: bf16 on CPUs with BF16 units)")
     args = ap.parse_args()
     names = args.configs.split(",")

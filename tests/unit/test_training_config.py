@@ -41,8 +41,8 @@ def test_auto_precision_is_bf16_only_on_cpus_with_bf16_units(monkeypatch: pytest
 
     for units, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(config, "has_bf16_units", lambda units=units: units)
-        assert Hyperparameters().resolved_precision() == expected
-        assert Hyperparameters(precision="fp32").resolved_precision() == "fp32"  # an explicit choice wins
+        assert Hyperparameters(precision="auto").resolved_precision() == expected
+        assert Hyperparameters().resolved_precision() == "fp32"  # the default is exact on every CPU
         assert Hyperparameters(precision="bf16").resolved_precision() == "bf16"
 
 

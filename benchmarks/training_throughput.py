@@ -119,7 +119,8 @@ def main() -> None:
                                    hyperparameters=hp.replace(precision=precision))
             ours[precision] = train_sft(spec)
             seconds = ours[precision].metrics["runtime_seconds"]
-            print(f"ours {precision}: {len(train) * args.epochs / seconds:6.2f} examples/s ({seconds:.1f} s)", flush=True)
+            print(f"ours {precision}: {len(train) * args.epochs / seconds:6.2f} examples/s ({seconds:.1f} s)",
+                  flush=True)
         base_model, base_s = baseline_train(args.model, train, hp, tmp / "baseline")
         print(f"baseline fp32: {len(train) * args.epochs / base_s:6.2f} examples/s ({base_s:.1f} s)", flush=True)
         tok = load_tokenizer(args.model)
@@ -136,6 +137,7 @@ def main() -> None:
         print(f"ratio (ours bf16 / ours fp32): "
               f"{ours['fp32'].metrics['runtime_seconds'] / ours['bf16'].metrics['runtime_seconds']:.2f}x")
     print(f"exact-match on {len(val)} held-out rows: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
+
 
 if __name__ == "__main__":
     main()

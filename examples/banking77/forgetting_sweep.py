@@ -137,7 +137,8 @@ def main() -> int:
             "changes": CONFIGS[name], "accuracy": ev.task["candidate"].accuracy,
             "base_accuracy": ev.task["reference"].accuracy, "retention": ev.retention.relative_change,
             "best_val_loss": trained.best_val_loss, "best_step": trained.metrics["best_step"],
-            "steps": trained.metrics["steps"], "precision": trained.metrics["precision"], "train_seconds": train_s, "eval_seconds": time.monotonic() - t0,
+            "steps": trained.metrics["steps"], "precision": trained.metrics["precision"],
+            "train_seconds": train_s, "eval_seconds": time.monotonic() - t0,
         }
         print(f"[{name}] {json.dumps(results[name])}", flush=True)
         if args.out:

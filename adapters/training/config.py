@@ -54,8 +54,8 @@ class Hyperparameters:
     neftune_noise_alpha: float = 0.0  # NEFTune: uniform noise on input embeddings while training (0 = off)
     # SFT only: "bf16" keeps the frozen base weights in bfloat16 and computes under bf16 autocast (LoRA weights,
     # optimizer and logits stay fp32); "auto" picks bf16 on CPUs with BF16 units (adapters.cpu), else fp32.
-    # fp32 by default: exact and the same on every CPU; bf16 is faster there, at -1.7 accuracy points on average
-    # over two paired seeds on Banking77, within seed noise (examples/banking77/README.md)
+    # fp32 by default: exact and the same on every CPU; bf16 is faster there, at -1.3 accuracy points on average
+    # over three paired seeds on Banking77, within seed noise (examples/banking77/README.md)
     precision: str = "fp32"
 
     def __post_init__(self) -> None:

@@ -60,6 +60,18 @@ def lora_config(hp: Any) -> Any:
                       target_modules=hp.target_modules, bias="none", task_type="CAUSAL_LM")
 
 
+def lora_model(base: Any, hp: Any, init_adapter_path: str | None = None) -> Any:
+    """The trainable PEFT model: a fresh LoRA from ``hp``, or (continued training) the adapter saved at
+    ``init_adapter_path`` with trainable weights and this run's dropout. Either way the adapter is "default"."""
+    from peft import PeftConfig, PeftModel, get_peft_model
+
+    if init_adapter_path is None:
+        return get_peft_model(base, lora_config(hp))
+    config = PeftConfig.from_pretrained(init_adapter_path)
+    config.lora_dropout = hp.lora_dropout
+    return PeftModel.from_pretrained(base, init_adapter_path, is_trainable=True, config=config)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

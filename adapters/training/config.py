@@ -19,6 +19,8 @@ METHODS: tuple[str, ...] = ("sft", "dpo", "kto")
 SCHEDULERS: tuple[str, ...] = ("linear", "cosine")
 REPLAY_OBJECTIVES: tuple[str, ...] = ("answers", "kl")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+# What a parent adapter fixes when training continues from it (its weights only fit that shape).
+LORA_SHAPE: tuple[str, ...] = ("lora_r", "lora_alpha", "target_modules")
 
 
 def _check_range(name: str, value: Any, low: float, high: float, *, integer: bool) -> None:
@@ -52,8 +54,9 @@ class Hyperparameters:
     replay_fraction: float = 0.0  # SFT only: share of the base model's own general answers (replay.py)
     replay_objective: str = "kl"  # "kl": match the base model's distributions on them; "answers": its greedy answers
     neftune_noise_alpha: float = 0.0  # NEFTune: uniform noise on input embeddings while training (0 = off)
-    # SFT only: "bf16" keeps the frozen base weights in bfloat16 and computes under bf16 autocast (LoRA weights,
-    # optimizer and logits stay fp32); "auto" picks bf16 on CPUs with BF16 units (adapters.cpu), else fp32.
+    # "bf16" keeps the frozen base weights in bfloat16 and computes under bf16 autocast (LoRA weights and optimizer
+    # stay fp32, in SFT the logits too; DPO/KTO use Accelerate's autocast); "auto": bf16 on CPUs with BF16 units
+    # (adapters.cpu), else fp32.
     # fp32 by default: exact and the same on every CPU; bf16 is faster there, at -1.3 accuracy points on average
     # over three paired seeds on Banking77, within seed noise (examples/banking77/README.md)
     precision: str = "fp32"
@@ -178,6 +181,32 @@ def auto_hyperparameters(n_train_rows: int, mean_tokens: float, base_model_param
     )
 
 
+def parent_lora_shape(adapter_dir: str | Path) -> dict[str, Any]:
+    """The LoRA shape of a saved PEFT adapter: its rank, alpha and target modules (peft stores "all-linear"
+    expanded to module names)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise ValueError(f"the parent adapter has no adapter_config.json in {adapter_dir}")
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    return {"lora_r": int(cfg["r"]), "lora_alpha": int(cfg["lora_alpha"]),
+            "target_modules": sorted(cfg["target_modules"])}
+
+
+def inherit_lora_shape(hyperparameters: dict[str, Any], adapter_dir: str | Path,
+                       explicit: Any = ()) -> dict[str, Any]:
+    """``hyperparameters`` with the parent adapter's LoRA shape. A field the user set explicitly (named in
+    ``explicit``) to another value is an error naming it; ``target_modules: "all-linear"`` always fits."""
+    shape = parent_lora_shape(adapter_dir)
+    for name in LORA_SHAPE:
+        if name not in explicit or hyperparameters.get(name) == "all-linear":
+            continue
+        given = hyperparameters.get(name)
+        if (sorted(given) if isinstance(given, list) else given) != shape[name]:
+            raise ValueError(f"{name} must match the parent adapter's ({shape[name]!r}) or be left out, "
+                             f"got {given!r}")
+    return {**hyperparameters, **shape}
+
+
 # Search-space keys and how they are sampled: [low, high] ranges or a list of choices.
 _FLOAT_RANGES = {"learning_rate", "warmup_ratio", "weight_decay", "lora_dropout"}
 _CHOICE_ONLY = {"lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps", "n_epochs", "lr_scheduler",
@@ -231,6 +260,8 @@ class TrainingJobSpec:
     eval_every_steps: int | None = None  # None: about 10 evaluations per run
     checkpoint_every_steps: int | None = None  # None: at every evaluation (or every eval-sized interval)
     num_threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
+    # Continued training: start from this PEFT adapter's weights instead of a fresh LoRA (its shape must match)
+    init_adapter_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -255,6 +286,12 @@ class TrainingJobSpec:
             raise ValueError(f"replay_fraction applies to sft only, not {self.method}")
         if self.hyperparameters.early_stopping_patience and not self.validation_path:
             raise ValueError("validation_path is required when early_stopping_patience > 0")
+        if self.init_adapter_path is not None:
+            if not isinstance(self.init_adapter_path, str) or not self.init_adapter_path:
+                raise ValueError("init_adapter_path must be a non-empty path string or null")
+            fixed = sorted(set(self.search.space) & set(LORA_SHAPE)) if self.search else []
+            if fixed:
+                raise ValueError(f"search.space.{fixed[0]} cannot vary: the parent adapter fixes the LoRA shape")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

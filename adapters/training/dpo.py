@@ -1,7 +1,8 @@
 """DPO recipe: TRL ``DPOTrainer`` with a peft LoRA config, on preference rows (prompt, chosen, rejected).
 
 With ``peft_config`` TRL uses the base model with the adapter disabled as the reference model, so no
-second copy of the weights is loaded. fp32 on CPU (no bf16 units here).
+second copy of the weights is loaded; continued from a parent adapter, the parent is the reference
+(``trl_common.policy``). ``precision`` bf16 runs under Accelerate's CPU autocast.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from adapters.training.common import (
     RecipeResult,
     ShouldStop,
     discard,
-    load_base_model,
     load_tokenizer,
-    lora_config,
     never_stop,
     seed_everything,
 )
@@ -28,6 +27,7 @@ from adapters.training.trl_common import (
     finish,
     last_trainer_checkpoint,
     messages,
+    policy,
     shuffled,
 )
 
@@ -55,11 +55,12 @@ def train_dpo(spec: TrainingJobSpec, emit: Emit = discard, should_stop: ShouldSt
     callbacks: list[Any] = [callback]
     if val_rows and hp.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=hp.early_stopping_patience))
+    model, peft_config = policy(spec)
     trainer = DPOTrainer(
-        model=load_base_model(spec.base_model_path), args=args,
+        model=model, args=args,
         train_dataset=preference_dataset(train_rows),
         eval_dataset=preference_dataset(val_rows) if val_rows else None,
-        processing_class=load_tokenizer(spec.base_model_path), peft_config=lora_config(hp), callbacks=callbacks,
+        processing_class=load_tokenizer(spec.base_model_path), peft_config=peft_config, callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=last_trainer_checkpoint(spec))
     return finish(trainer, spec, callback)

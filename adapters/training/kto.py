@@ -15,9 +15,7 @@ from adapters.training.common import (
     RecipeResult,
     ShouldStop,
     discard,
-    load_base_model,
     load_tokenizer,
-    lora_config,
     never_stop,
     seed_everything,
 )
@@ -30,6 +28,7 @@ from adapters.training.trl_common import (
     finish,
     last_trainer_checkpoint,
     messages,
+    policy,
     shuffled,
 )
 
@@ -70,11 +69,12 @@ def train_kto(spec: TrainingJobSpec, emit: Emit = discard, should_stop: ShouldSt
     callbacks: list[Any] = [callback]
     if val_rows and hp.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=hp.early_stopping_patience))
+    model, peft_config = policy(spec)
     trainer = KTOTrainer(
-        model=load_base_model(spec.base_model_path), args=args,
+        model=model, args=args,
         train_dataset=unpaired_dataset(train_rows),
         eval_dataset=unpaired_dataset(val_rows) if val_rows else None,
-        processing_class=load_tokenizer(spec.base_model_path), peft_config=lora_config(hp), callbacks=callbacks,
+        processing_class=load_tokenizer(spec.base_model_path), peft_config=peft_config, callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=last_trainer_checkpoint(spec))
     return finish(trainer, spec, callback)

@@ -48,7 +48,7 @@ from adapters.training.common import (
     latest_checkpoint,
     load_base_model,
     load_tokenizer,
-    lora_config,
+    lora_model,
     never_stop,
     prune_checkpoints,
     rng_state,
@@ -185,7 +185,6 @@ class SFTRecipe:
     # --- setup -------------------------------------------------------------------------------------
     def _setup(self) -> bool:
         """Load data and model; False when a cancel arrived while replay rows were generated."""
-        from peft import get_peft_model
         from transformers import get_scheduler
 
         hp = self.hp
@@ -214,7 +213,7 @@ class SFTRecipe:
 
         self.precision = hp.resolved_precision()
         base = load_base_model(self.spec.base_model_path, self.precision)
-        self.model = get_peft_model(base, lora_config(hp))
+        self.model = lora_model(base, hp, self.spec.init_adapter_path)
         self.model.train()
         self.noise = EmbeddingNoise(self.model, hp.neftune_noise_alpha) if hp.neftune_noise_alpha else None
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -18,12 +18,15 @@ from adapters.training.common import (
     ShouldStop,
     atomic_dir,
     checkpoint_root,
+    load_base_model,
+    lora_config,
+    lora_model,
 )
 from adapters.training.config import TrainingJobSpec
 
-# The Trainer defaults a TRL config changes that are wrong for a CPU box without bf16 units.
+# The Trainer defaults a TRL config changes that are wrong for a CPU box (bf16 is set from ``precision``).
 CPU_ARGS: dict[str, Any] = {
-    "bf16": False, "fp16": False, "use_cpu": True, "gradient_checkpointing": False, "report_to": "none",
+    "fp16": False, "use_cpu": True, "gradient_checkpointing": False, "report_to": "none",
     "disable_tqdm": True, "dataloader_num_workers": 0, "logging_steps": 1, "save_only_model": False,
     "include_num_input_tokens_seen": True,
 }
@@ -43,6 +46,17 @@ def shuffled(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
     return rows
 
 
+def policy(spec: TrainingJobSpec) -> tuple[Any, Any]:
+    """(model, peft_config) for a TRL trainer: the base model and the LoRA config TRL applies to it, or, when
+    training continues from a parent adapter, the parent as a trainable PEFT model. TRL then copies it into a
+    frozen "ref" adapter, so the reference policy of the DPO/KTO loss is the parent, not the base model."""
+    hp = spec.hyperparameters
+    base = load_base_model(spec.base_model_path, hp.resolved_precision())
+    if spec.init_adapter_path is None:
+        return base, lora_config(hp)
+    return lora_model(base, hp, spec.init_adapter_path), None
+
+
 def common_args(spec: TrainingJobSpec, n_train: int, batch_size: int, has_eval: bool) -> dict[str, Any]:
     """TrainingArguments shared by DPO and KTO, derived from our Hyperparameters."""
     hp = spec.hyperparameters
@@ -56,6 +70,7 @@ def common_args(spec: TrainingJobSpec, n_train: int, batch_size: int, has_eval: 
         save_every = eval_every  # load_best_model_at_end needs saves on evaluation steps
     args: dict[str, Any] = dict(CPU_ARGS)
     args.update(
+        bf16=hp.resolved_precision() == "bf16",  # Accelerate's CPU autocast; LoRA weights and AdamW stay fp32
         output_dir=str(checkpoint_root(spec.output_dir)), per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size, gradient_accumulation_steps=hp.gradient_accumulation_steps,
         learning_rate=hp.learning_rate, lr_scheduler_type=hp.lr_scheduler,
@@ -136,11 +151,12 @@ def finish(trainer: Any, spec: TrainingJobSpec, callback: EventCallback) -> Reci
         return RecipeResult(status="cancelled", metrics={"steps": state.global_step},
                             trained_tokens=int(state.num_input_tokens_seen or 0))
     out = Path(spec.output_dir) / ADAPTER_DIR
-    atomic_dir(out, lambda tmp: trainer.model.save_pretrained(tmp))
+    # only "default": a run continued from a parent also holds TRL's frozen "ref" copy of it
+    atomic_dir(out, lambda tmp: trainer.model.save_pretrained(tmp, selected_adapters=["default"]))
     history = [{"step": h["step"], "val_loss": h["eval_loss"]} for h in state.log_history if "eval_loss" in h]
     best = min((h["val_loss"] for h in history), default=None)
     metrics: dict[str, Any] = {
-        "train_loss": callback.last_loss, "steps": state.global_step, "total_steps": state.max_steps,
+        "precision": spec.hyperparameters.resolved_precision(), "train_loss": callback.last_loss, "steps": state.global_step, "total_steps": state.max_steps,
         "epochs": float(state.epoch or 0.0), "best_val_loss": best, "val_history": history,
         "runtime_seconds": time.monotonic() - callback.started,
     }

@@ -28,7 +28,7 @@ def adapter_json(a: Adapter) -> dict[str, Any]:
             "method": a.method, "path": a.path, "base_model": a.base_model, "base_model_hash": a.base_model_hash,
             "job_id": a.job_id, "snapshot_id": a.snapshot_id, "feedback_range": a.feedback_range,
             "hyperparameters": a.hyperparameters, "metrics": a.metrics, "evaluation_id": a.evaluation_id,
-            "created_at": int(a.created_at)}
+            "parent_adapter_id": a.parent_adapter_id, "created_at": int(a.created_at)}
 
 
 # --- jobs -------------------------------------------------------------------------------------------------

@@ -206,6 +206,13 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
         await _finish(ctx, job.id, status="failed", error={"message": "the job's snapshot is missing"})
         return
     hp = await _resolve_hyperparameters(ctx, job, snap, base_path)
+    parent_path = await _parent_adapter_path(ctx, job, base_path)
+    if parent_path is None and job.spec.get("parent_adapter_id"):
+        return
+    if parent_path is not None:
+        from adapters.training.config import inherit_lora_shape
+
+        hp = inherit_lora_shape(hp, parent_path)  # "auto" hyperparameters get the parent's LoRA shape too
     jdir = _job_dir(ctx, job)
     jdir.mkdir(parents=True, exist_ok=True)
     validation = Path(snap.path) / "validation.jsonl"
@@ -215,7 +222,8 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
     spec = {"method": job.spec.get("method", "sft"), "base_model_path": base_path,
             "train_path": str(Path(snap.path) / "train.jsonl"),
             "validation_path": str(validation) if has_val else None,
-            "output_dir": str(jdir / "output"), "hyperparameters": hp, "search": job.spec.get("search")}
+            "output_dir": str(jdir / "output"), "hyperparameters": hp, "search": job.spec.get("search"),
+            "init_adapter_path": parent_path}
     spec_path = jdir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     resumed = any((jdir / "output" / "checkpoints").glob("step-*")) if (jdir / "output").exists() else False
@@ -290,6 +298,24 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
     await enqueue_evaluation(ctx, adapter, job)
 
 
+async def _parent_adapter_path(ctx: WorkerContext, job: Job, base_path: str) -> str | None:
+    """The parent adapter's directory for a continued job; None (and the job failed) if it no longer fits."""
+    parent_id = job.spec.get("parent_adapter_id")
+    if not parent_id:
+        return None
+    async with ctx.sessions() as s:
+        parent = await s.get(Adapter, parent_id)
+    problem = None
+    if parent is None or not (Path(parent.path) / "adapter_config.json").is_file():
+        problem = f"the parent adapter {parent_id} or its files are gone"
+    elif parent.base_model_hash != await asyncio.to_thread(model_hash, Path(base_path)):
+        problem = f"the parent adapter {parent_id} was trained on another base model ({parent.base_model})"
+    if problem:
+        await _finish(ctx, job.id, status="failed", error={"message": problem, "code": "parent_adapter"})
+        return None
+    return parent.path
+
+
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str))
 
@@ -309,6 +335,7 @@ async def register_adapter(ctx: WorkerContext, job: Job, snap: Snapshot, base_pa
                       status="candidate", method=job.spec.get("method", "sft"), base_model=base_path,
                       base_model_hash=await asyncio.to_thread(model_hash, Path(base_path)), job_id=job.id,
                       snapshot_id=snap.id, feedback_range=snap.feedback_range,
+                      parent_adapter_id=job.spec.get("parent_adapter_id"),
                       hyperparameters=result.get("hyperparameters") or {}, metrics=_clean(result.get("metrics") or {}))
     async with ctx.sessions() as s, s.begin():
         s.add(adapter)

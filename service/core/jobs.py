@@ -10,15 +10,16 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters.training.config import METHODS, Hyperparameters, SearchSpec
+from adapters.training.config import LORA_SHAPE, METHODS, Hyperparameters, SearchSpec, inherit_lora_shape
 from service.core.datasets import DatasetService
 from service.errors import Conflict, NotFound, Unprocessable
-from service.storage.models import Deployment, Job, JobEvent, Snapshot
+from service.storage.models import Adapter, Deployment, Job, JobEvent, Snapshot
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*)")
@@ -49,7 +50,8 @@ def job_json(j: Job) -> dict[str, Any]:
             "hyperparameters": j.hyperparameters, "trained_tokens": j.trained_tokens, "metrics": j.metrics,
             "adapter_id": j.adapter_id, "fine_tuned_model": j.adapter_id, "error": j.error,
             "attempts": j.attempts, "suffix": j.spec.get("suffix"), "seed": j.spec.get("seed"),
-            "search": j.spec.get("search"), "auto_deploy": j.spec.get("auto_deploy")}
+            "search": j.spec.get("search"), "auto_deploy": j.spec.get("auto_deploy"),
+            "parent_adapter_id": j.spec.get("parent_adapter_id")}
 
 
 def event_json(e: JobEvent) -> dict[str, Any]:
@@ -66,7 +68,7 @@ class JobService:
         if not isinstance(body, dict):
             raise Unprocessable("body must be an object")
         allowed = {"deployment", "snapshot_id", "datasets", "include_feedback", "method", "search", "suffix", "seed",
-                   "auto_deploy", "curation"}
+                   "auto_deploy", "curation", "parent_adapter_id"}
         unknown = sorted(set(body) - allowed)
         if unknown:
             raise Unprocessable(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
@@ -106,6 +108,18 @@ class JobService:
                 search = SearchSpec(**search).to_dict()
             except (ValueError, TypeError) as exc:
                 raise Unprocessable(str(exc), field=_field_of(exc, "search")) from exc
+        parent_id = body.get("parent_adapter_id")
+        if parent_id is not None:
+            parent = await self._parent(parent_id, deployment)
+            if isinstance(hyper, dict):
+                try:
+                    hyper = Hyperparameters.from_dict(inherit_lora_shape(hyper, parent.path, explicit=hp)).to_dict()
+                except (ValueError, TypeError) as exc:
+                    raise Unprocessable(str(exc), field=_field_of(exc, "method.hyperparameters")) from exc
+            fixed = sorted(set((search or {}).get("space", {})) & set(LORA_SHAPE))
+            if fixed:
+                raise Unprocessable(f"search.space.{fixed[0]} cannot vary: the parent adapter fixes the LoRA shape",
+                                    field=f"search.space.{fixed[0]}")
         suffix = body.get("suffix")
         if suffix is not None and (not isinstance(suffix, str) or not re.fullmatch(r"[a-z0-9_-]{1,40}", suffix)):
             raise Unprocessable("suffix must match [a-z0-9_-]{1,40}", field="suffix")
@@ -131,7 +145,7 @@ class JobService:
                                                          body.get("curation"))).to_json()
 
         spec = {"method": mtype, "hyperparameters": hyper, "search": search, "suffix": suffix, "seed": seed,
-                "auto_deploy": auto_deploy, "sources": sources}
+                "auto_deploy": auto_deploy, "sources": sources, "parent_adapter_id": parent_id}
         job = Job(id="ftjob-" + uuid.uuid4().hex[:20], kind="fine_tune", deployment=deployment, status="queued",
                   spec=spec, hyperparameters=hyper if isinstance(hyper, dict) else {}, snapshot_id=snapshot_id)
         async with self.sessions() as s, s.begin():
@@ -140,6 +154,19 @@ class JobService:
                            message=f"{mtype} job queued on "
                            + (f"snapshot {snapshot_id}" if snapshot_id else "a snapshot the worker will curate")))
         return job
+
+    async def _parent(self, adapter_id: Any, deployment: str) -> Adapter:
+        """The adapter a job continues from: one of this deployment's, with its files on disk."""
+        async with self.sessions() as s:
+            parent = await s.get(Adapter, adapter_id) if isinstance(adapter_id, str) else None
+        if parent is None:
+            raise NotFound(f"adapter {adapter_id!r} does not exist", field="parent_adapter_id")
+        if parent.deployment != deployment:
+            raise Unprocessable(f"adapter {adapter_id} belongs to deployment {parent.deployment!r}, not {deployment!r}",
+                                field="parent_adapter_id")
+        if not (Path(parent.path) / "adapter_config.json").is_file():
+            raise Unprocessable(f"adapter {adapter_id} has no files at {parent.path}", field="parent_adapter_id")
+        return parent
 
     async def get(self, job_id: str, kind: str = "fine_tune") -> Job:
         async with self.sessions() as s:

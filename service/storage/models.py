@@ -207,6 +207,7 @@ class Adapter(Base):
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     evaluation_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    parent_adapter_id: Mapped[str | None] = mapped_column(String(40), nullable=True)  # continued from (lineage)
     created_at: Mapped[float] = mapped_column(Float, default=now)
     __table_args__ = (UniqueConstraint("deployment", "version", name="uq_adapter_version"),)
 

@@ -230,3 +230,39 @@ def test_auto_deploy_starts_an_experiment_after_a_passed_evaluation(service, sna
         assert served == {"base", f"trainer--{adapter_id}"}  # the seed makes the split deterministic
         assert c.post(f"/v1/experiments/{exp['id']}/stop").status_code == 200
         assert c.get(f"/v1/experiments/{exp['id']}").json()["status"] != "running"
+
+
+def test_a_job_continues_from_a_parent_adapter(service, snapshot_id) -> None:
+    """Continued training through the API: the parent's LoRA shape is inherited (a conflicting one is a 422
+    before any job exists), the child starts from the parent's weights and records it in its lineage."""
+    with service.client() as c:
+        r = c.post("/v1/fine_tuning/jobs", json={"deployment": "trainer", "snapshot_id": snapshot_id,
+                                                 "method": {"type": "sft", "hyperparameters": {**SMALL, "max_steps": 6}}})
+        parent = _wait(c, r.json()["id"])
+        assert parent["status"] == "succeeded", parent
+        parent_id = parent["adapter_id"]
+
+        continued = {"deployment": "trainer", "snapshot_id": snapshot_id, "parent_adapter_id": parent_id}
+        r = c.post("/v1/fine_tuning/jobs", json={**continued, "method": {"type": "sft", "hyperparameters": {
+            "lora_r": 16, "max_steps": 2}}})
+        assert r.status_code == 422 and r.json()["field"] == "method.hyperparameters.lora_r"
+        assert "parent adapter" in r.json()["detail"] and "8" in r.json()["detail"]
+        r = c.post("/v1/fine_tuning/jobs", json={**continued, "parent_adapter_id": "adp-missing"})
+        assert r.status_code == 404 and r.json()["field"] == "parent_adapter_id"
+
+        r = c.post("/v1/fine_tuning/jobs", json={**continued, "method": {"type": "sft", "hyperparameters": {
+            "max_steps": 2, "learning_rate": 1e-6, "max_seq_len": 64}}})
+        assert r.status_code == 201, r.text
+        assert r.json()["parent_adapter_id"] == parent_id
+        assert r.json()["hyperparameters"]["lora_r"] == 8  # inherited, not the default 16
+        child = _wait(c, r.json()["id"])
+        assert child["status"] == "succeeded", child
+        adapter = c.get(f"/v1/adapters/{child['adapter_id']}").json()
+        assert adapter["parent_adapter_id"] == parent_id
+        assert adapter["hyperparameters"]["target_modules"] == ["q_proj", "v_proj"]
+        # steps at lr <= 1e-6 from the parent end where the parent's kept (best) adapter was: the child's first
+        # validation loss is the parent's best (a fresh LoRA would start from the base model's higher loss)
+        parent_val = [e["data"]["val_loss"] for e in _events(c, parent["id"]) if e["type"] == "validation"]
+        child_val = [e["data"]["val_loss"] for e in _events(c, child["id"]) if e["type"] == "validation"]
+        assert child_val[0] == pytest.approx(min(parent_val), rel=1e-3)
+        assert min(parent_val) < parent_val[0]  # the parent did move away from where it started

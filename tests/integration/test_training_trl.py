@@ -41,10 +41,14 @@ def spec(root: Path, method: str, out: str, **extra) -> TrainingJobSpec:
                            hyperparameters=extra.pop("hyperparameters", hp), eval_every_steps=2, **extra)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("method", ["dpo", "kto"])
-def test_preference_recipes_train_and_save_a_peft_adapter(root: Path, method: str) -> None:
+def test_preference_recipes_train_and_save_a_peft_adapter(root: Path, method: str, precision: str) -> None:
     events: list[dict] = []
-    result = run_spec(spec(root, method, method), events.append, lambda: False)
+    hp = Hyperparameters(n_epochs=1, batch_size=2, max_steps=3, lora_r=4, lora_alpha=8, learning_rate=1e-3,
+                         precision=precision)
+    out = f"{method}-{precision}"
+    result = run_spec(spec(root, method, out, hyperparameters=hp), events.append, lambda: False)
     steps = [e for e in events if e["type"] == "step"]
     assert result.status == "succeeded"
     assert [e["step"] for e in steps] == [1, 2, 3] and steps[-1]["total_steps"] == 3
@@ -53,8 +57,51 @@ def test_preference_recipes_train_and_save_a_peft_adapter(root: Path, method: st
     adapter = Path(result.adapter_dir)
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())  # it moved
-    saved = json.loads((root / method / "result.json").read_text())
+    assert all(v.dtype == torch.float32 for v in weights.values())  # bf16 computes, the adapter stays fp32
+    saved = json.loads((root / out / "result.json").read_text())
     assert saved["status"] == "succeeded" and saved["method"] == method
+    assert saved["metrics"]["precision"] == precision
+
+
+def _lora_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_training_continues_from_a_parent_adapter(root: Path, method: str) -> None:
+    """The child starts from the parent's weights (one step at a negligible lr leaves them almost unchanged,
+    where a fresh LoRA has B = 0), saves only its own adapter, and DPO measures rewards against the parent:
+    with dropout off, policy and reference agree exactly at the first step."""
+    parent_hp = Hyperparameters(n_epochs=1, batch_size=4, max_steps=4, lora_r=4, lora_alpha=8, learning_rate=1e-2,
+                                lora_dropout=0.0)
+    parent = run_spec(spec(root, "sft", f"parent-{method}", hyperparameters=parent_hp), lambda e: None, lambda: False)
+    parent_w = _lora_weights(parent.adapter_dir)
+    assert max(v.abs().max() for k, v in parent_w.items() if "lora_B" in k) > 1e-3
+
+    child_hp = parent_hp.replace(max_steps=1, learning_rate=1e-6)
+    events: list[dict] = []
+    child = run_spec(spec(root, method, f"child-{method}", hyperparameters=child_hp,
+                          init_adapter_path=parent.adapter_dir), events.append, lambda: False)
+    assert child.status == "succeeded"
+    child_w = _lora_weights(child.adapter_dir)
+    assert set(child_w) == set(parent_w)  # the same modules, no second ("ref") adapter saved
+    for key, value in parent_w.items():
+        assert torch.allclose(child_w[key], value, atol=1e-4), key
+    assert not (Path(child.adapter_dir) / "ref").exists()
+    if method == "dpo":
+        first = next(e for e in events if e["type"] == "step")
+        assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5)
+        assert first["rewards/rejected"] == pytest.approx(0, abs=1e-5)
+
+    fresh = run_spec(spec(root, method, f"fresh-{method}", hyperparameters=child_hp), lambda e: None, lambda: False)
+    assert max(v.abs().max() for k, v in _lora_weights(fresh.adapter_dir).items() if "lora_B" in k) < 1e-4
+
+
+def test_a_parent_fixes_the_lora_shape(root: Path) -> None:
+    parent = run_spec(spec(root, "sft", "parent-shape"), lambda e: None, lambda: False)
+    with pytest.raises(ValueError, match="search.space.lora_r cannot vary"):
+        spec(root, "sft", "x", init_adapter_path=parent.adapter_dir,
+             search=SearchSpec(n_trials=2, space={"lora_r": [2, 4]}))
 
 
 def test_dpo_stop_flag_cancels_after_the_current_step(root: Path) -> None:

@@ -105,3 +105,22 @@ def test_auto_hyperparameters_follow_the_documented_table() -> None:
     assert (preference.replay_fraction, preference.max_seq_len) == (0.0, 64)
     with pytest.raises(ValueError, match="n_train_rows"):
         auto_hyperparameters(0, 10, 1)
+
+
+def test_a_parent_adapter_fixes_the_lora_shape(tmp_path) -> None:
+    from adapters.training.config import inherit_lora_shape
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"r": 8, "lora_alpha": 16, "target_modules": ["v_proj", "q_proj"], "peft_type": "LORA"}))
+    hp = Hyperparameters(lora_r=16).to_dict()
+    inherited = inherit_lora_shape(hp, tmp_path)  # nothing explicit: the parent's shape wins
+    assert (inherited["lora_r"], inherited["lora_alpha"], inherited["target_modules"]) == (8, 16, ["q_proj", "v_proj"])
+    assert inherit_lora_shape({**hp, "lora_r": 8, "target_modules": ["q_proj", "v_proj"]}, tmp_path,
+                              explicit={"lora_r", "target_modules"})["lora_r"] == 8
+    assert inherit_lora_shape(hp, tmp_path, explicit={"target_modules"})["target_modules"] == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match=r"^lora_r must match the parent adapter's \(8\)"):
+        inherit_lora_shape(hp, tmp_path, explicit={"lora_r"})
+    with pytest.raises(ValueError, match="^target_modules must match"):
+        inherit_lora_shape({**hp, "target_modules": ["q_proj"]}, tmp_path, explicit={"target_modules"})
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        inherit_lora_shape(hp, tmp_path / "missing")

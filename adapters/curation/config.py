@@ -186,7 +186,8 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class FeedbackRowsConfig:
-    """How feedback becomes rows (before the steps): a correction is an SFT row, a rating an unpaired (KTO)
+    """How feedback becomes rows (before the steps; adapters/curation/feedback_rows.py): a correction is an SFT
+    row, a desirable unpaired (KTO) row and a preference row over the answer it corrects, a rating an unpaired
     row, two differently rated answers to one prompt a preference row. With `sft_min_rating` set, an answer
     rated at least that high (and not corrected) is an SFT row too: what users accepted teaches as well as
     what they corrected, and it is most of the feedback once an adapter is mostly right."""

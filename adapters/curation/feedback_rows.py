@@ -1,8 +1,10 @@
 """Turn user feedback on logged completions into training rows.
 
-A correction is the answer that should have been given (→ SFT); a rating says whether the given
-answer was good (→ unpaired/KTO row, and optionally an SFT row when it is high enough); two
-differently rated completions of the same prompt say which answer is better (→ preference/DPO row).
+A correction is the answer that should have been given (→ SFT row, a desirable unpaired/KTO row, and a
+preference/DPO row over the answer it corrects); a rating says whether the given answer was good (→ unpaired/KTO
+row, and optionally an SFT row when it is high enough); two differently rated completions of the same prompt say
+which answer is better (→ preference/DPO row). Corrections are what live traffic yields most: each user asks
+their own question, so two rated answers to one prompt are rare, while every correction is a ready pair.
 """
 
 from __future__ import annotations
@@ -50,19 +52,22 @@ def rows_from_feedback(
     sft_min_rating: float | None = None,
     skip_invalid: bool = False,
 ) -> list[Row]:
-    """Rows in a deterministic order: per item (input order) its sft then unpaired row, then
-    preference rows per prompt (prompts in first-seen order, pairs in input order).
+    """Rows in a deterministic order: per item (input order) its sft row, the unpaired row of its rating,
+    the unpaired row of its correction; then preference rows per prompt (prompts in first-seen order;
+    correction pairs, then rating pairs, each in input order).
 
     The sft row is the correction or, without one, the given answer if it was rated at least
     ``sft_min_rating`` (None: ratings never make sft rows).
 
-    Every pair of rated completions of one prompt with different ratings and different outputs
-    becomes a preference row (higher rating = chosen, carrying the chosen completion's attributes),
-    at most ``max_pairs_per_prompt`` per prompt. Invalid prompts raise `RowError`, or are skipped
-    with ``skip_invalid``.
+    A correction that differs from the given answer is a desirable unpaired row and a preference row
+    (chosen = the correction, rejected = the answer). Every pair of rated completions of one prompt with
+    different ratings and different outputs becomes a preference row (higher rating = chosen, carrying the
+    chosen completion's attributes). At most ``max_pairs_per_prompt`` distinct pairs per prompt. Invalid
+    prompts raise `RowError`, or are skipped with ``skip_invalid``.
     """
     rows: list[Row] = []
     rated: dict[str, list[tuple[FeedbackItem, tuple[Message, ...], dict[str, str]]]] = {}
+    pairs: dict[str, list[tuple[tuple[Message, ...], str, str, dict[str, str]]]] = {}
     for item in items:
         try:
             prompt = _prompt(item)
@@ -77,35 +82,30 @@ def rows_from_feedback(
               and item.output.strip()):
             rows.append(Row(kind="sft", prompt=prompt, completion=item.output, attributes=attrs))
         if item.rating is not None:
-            rows.append(
-                Row(
-                    kind="unpaired",
-                    prompt=prompt,
-                    completion=item.output,
-                    label=item.rating >= 0.5,
-                    attributes=attrs,
-                )
-            )
-            key = json.dumps([m.to_json() for m in prompt], sort_keys=True, ensure_ascii=False)
+            rows.append(Row(kind="unpaired", prompt=prompt, completion=item.output, label=item.rating >= 0.5,
+                            attributes=attrs))
+        key = json.dumps([m.to_json() for m in prompt], sort_keys=True, ensure_ascii=False)
+        group = pairs.setdefault(key, [])  # prompts in first-seen order
+        correction = (item.correction or "").strip()
+        if correction and correction != item.output.strip():
+            rows.append(Row(kind="unpaired", prompt=prompt, completion=item.correction, label=True, attributes=attrs))
+            if item.output.strip():
+                group.append((prompt, item.correction, item.output, attrs))
+        if item.rating is not None:
             rated.setdefault(key, []).append((item, prompt, attrs))
-    for group in rated.values():
-        made = 0
+    for key, group in rated.items():
         for a in range(len(group)):
             for b in range(a + 1, len(group)):
-                if made >= max_pairs_per_prompt:
-                    break
                 (ia, prompt, aa), (ib, _, ab) = group[a], group[b]
                 if ia.rating == ib.rating or ia.output == ib.output:
                     continue
                 hi, lo, attrs = (ia, ib, aa) if (ia.rating or 0) > (ib.rating or 0) else (ib, ia, ab)
-                rows.append(
-                    Row(
-                        kind="preference",
-                        prompt=prompt,
-                        chosen=hi.output,
-                        rejected=lo.output,
-                        attributes=attrs,
-                    )
-                )
-                made += 1
+                pairs[key].append((prompt, hi.output, lo.output, attrs))
+    for group in pairs.values():
+        seen: set[tuple[str, str]] = set()
+        for prompt, chosen, rejected, attrs in group:
+            if len(seen) >= max_pairs_per_prompt or (chosen, rejected) in seen:
+                continue
+            seen.add((chosen, rejected))
+            rows.append(Row(kind="preference", prompt=prompt, chosen=chosen, rejected=rejected, attributes=attrs))
     return rows

@@ -156,8 +156,8 @@ def finish(trainer: Any, spec: TrainingJobSpec, callback: EventCallback) -> Reci
     history = [{"step": h["step"], "val_loss": h["eval_loss"]} for h in state.log_history if "eval_loss" in h]
     best = min((h["val_loss"] for h in history), default=None)
     metrics: dict[str, Any] = {
-        "precision": spec.hyperparameters.resolved_precision(), "train_loss": callback.last_loss, "steps": state.global_step, "total_steps": state.max_steps,
-        "epochs": float(state.epoch or 0.0), "best_val_loss": best, "val_history": history,
+        "train_loss": callback.last_loss, "steps": state.global_step, "total_steps": state.max_steps,
+        "precision": spec.hyperparameters.resolved_precision(), "epochs": float(state.epoch or 0.0), "best_val_loss": best, "val_history": history,
         "runtime_seconds": time.monotonic() - callback.started,
     }
     tokens = int(state.num_input_tokens_seen or 0)

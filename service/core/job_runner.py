@@ -206,12 +206,13 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
         await _finish(ctx, job.id, status="failed", error={"message": "the job's snapshot is missing"})
         return
     hp = await _resolve_hyperparameters(ctx, job, snap, base_path)
-    parent_path = await _parent_adapter_path(ctx, job, base_path)
-    if parent_path is None and job.spec.get("parent_adapter_id"):
-        return
-    if parent_path is not None:
+    parent_path = None
+    if job.spec.get("parent_adapter_id"):
         from adapters.training.config import inherit_lora_shape
 
+        parent_path = await _parent_adapter_path(ctx, job, job.spec["parent_adapter_id"], base_path)
+        if parent_path is None:
+            return  # failed with the reason
         hp = inherit_lora_shape(hp, parent_path)  # "auto" hyperparameters get the parent's LoRA shape too
     jdir = _job_dir(ctx, job)
     jdir.mkdir(parents=True, exist_ok=True)
@@ -298,11 +299,8 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
     await enqueue_evaluation(ctx, adapter, job)
 
 
-async def _parent_adapter_path(ctx: WorkerContext, job: Job, base_path: str) -> str | None:
+async def _parent_adapter_path(ctx: WorkerContext, job: Job, parent_id: str, base_path: str) -> str | None:
     """The parent adapter's directory for a continued job; None (and the job failed) if it no longer fits."""
-    parent_id = job.spec.get("parent_adapter_id")
-    if not parent_id:
-        return None
     async with ctx.sessions() as s:
         parent = await s.get(Adapter, parent_id)
     problem = None

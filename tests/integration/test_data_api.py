@@ -196,8 +196,12 @@ def test_feedback_becomes_training_rows(service) -> None:
         with open(f"{service.data_dir}/snapshots/{snap['id']}/train.jsonl") as f:
             return [json.loads(line) for line in f]
 
-    # correction → sft; two ratings → two unpaired rows + one preference pair (same prompt, different ratings)
-    assert sorted(r["kind"] for r in rows(s)) == ["preference", "sft", "unpaired", "unpaired"]
-    liked = next(r["completion"] for r in rows(s) if r["kind"] == "unpaired" and r["label"])
+    # correction → sft, a desirable unpaired row and a preference pair over the answer it corrects;
+    # two ratings → two unpaired rows + one preference pair (same prompt, different ratings)
+    assert sorted(r["kind"] for r in rows(s)) == ["preference", "preference", "sft", "unpaired", "unpaired", "unpaired"]
+    prefs = [(r["chosen"], r["rejected"]) for r in rows(s) if r["kind"] == "preference"]
+    assert prefs[0][0] == "card_arrival" and prefs[0][1] != "card_arrival"  # the correction over the answer
+    liked = next(r["completion"] for r in rows(s) if r["kind"] == "unpaired" and r["label"]
+                 and r["completion"] != "card_arrival")
     assert s2["id"] != s["id"]
     assert sorted(r["completion"] for r in rows(s2) if r["kind"] == "sft") == sorted(["card_arrival", liked])

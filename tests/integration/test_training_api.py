@@ -13,6 +13,7 @@ import pytest
 
 from examples.banking77.prepare import read_rows, to_chat
 from tests.conftest import make_snapshot
+from tests.conftest_vllm import register_random_lora
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -232,10 +233,25 @@ def test_auto_deploy_starts_an_experiment_after_a_passed_evaluation(service, sna
         assert c.get(f"/v1/experiments/{exp['id']}").json()["status"] != "running"
 
 
-def test_a_job_continues_from_a_parent_adapter(service, snapshot_id) -> None:
+def test_a_job_continues_from_a_parent_adapter(service, snapshot_id, base_model_dir, tmp_path) -> None:
     """Continued training through the API: the parent's LoRA shape is inherited (a conflicting one is a 422
-    before any job exists), the child starts from the parent's weights and records it in its lineage."""
+    before any job exists), the child starts from the parent's weights and records it in its lineage; a parent
+    of another deployment is refused, one made for another base model fails the job with that reason."""
+    db = service.data_dir / "tuneloop.db"
     with service.client() as c:
+        elsewhere = register_random_lora(db, base_model_dir, tmp_path / "elsewhere", "elsewhere", 1)
+        r = c.post("/v1/fine_tuning/jobs", json={"deployment": "trainer", "snapshot_id": snapshot_id,
+                                                 "parent_adapter_id": elsewhere})
+        assert r.status_code == 422 and r.json()["field"] == "parent_adapter_id" and "elsewhere" in r.json()["detail"]
+        foreign = register_random_lora(db, base_model_dir, tmp_path / "foreign", "trainer", 2)  # base hash "000…"
+        r = c.post("/v1/fine_tuning/jobs", json={"deployment": "trainer", "snapshot_id": snapshot_id,
+                                                 "parent_adapter_id": foreign,
+                                                 "method": {"type": "sft", "hyperparameters": {"max_steps": 1}}})
+        assert r.status_code == 201, r.text
+        failed = _wait(c, r.json()["id"])
+        assert failed["status"] == "failed" and failed["error"]["code"] == "parent_adapter"
+        assert "another base model" in failed["error"]["message"]
+
         r = c.post("/v1/fine_tuning/jobs", json={"deployment": "trainer", "snapshot_id": snapshot_id,
                                                  "method": {"type": "sft", "hyperparameters": {**SMALL, "max_steps": 6}}})
         parent = _wait(c, r.json()["id"])

@@ -147,14 +147,33 @@ def test_feedback_rows_corrections_ratings_and_pairs() -> None:
     ]
     rows = rows_from_feedback(items)
     kinds = [r.kind for r in rows]
-    assert kinds == ["sft", "unpaired", "unpaired", "unpaired", "preference", "preference"]
+    # c1: its correction (sft), its rated answer, the correction as a desirable answer; c2, c3: rated answers;
+    # one preference row: c1's correction over its answer, the same pair c2 over c1 gives, kept once
+    assert kinds == ["sft", "unpaired", "unpaired", "unpaired", "unpaired", "preference"]
     sft = rows[0]
     assert sft.completion == "card_arrival" and dict(sft.attributes) == {"segment": "a"}
-    assert [r.label for r in rows[1:4]] == [False, True, True]
-    prefs = rows[4:]
-    assert {(p.chosen, p.rejected) for p in prefs} == {("card_arrival", "no idea")}
-    assert dict(prefs[0].attributes) == {"segment": "b"}  # the chosen completion's attributes (c2)
+    assert [(r.completion, r.label) for r in rows[1:5]] == [("no idea", False), ("card_arrival", True),
+                                                            ("card_arrival", True), ("card_arrival", True)]
+    (pref,) = rows[5:]
+    assert (pref.chosen, pref.rejected) == ("card_arrival", "no idea")
+    assert dict(pref.attributes) == {"segment": "a"}  # the correction's item (c1) comes first
     assert all(r.prompt == (Message("user", "where is my card?"),) for r in rows)
+
+
+def test_a_correction_is_a_preference_pair_even_without_ratings() -> None:
+    """Live traffic rarely rates two answers to one prompt; a correction alone must give DPO and KTO rows."""
+    items = [
+        FeedbackItem("c1", [{"role": "user", "content": "q1"}], "wrong", correction="right"),
+        FeedbackItem("c2", [{"role": "user", "content": "q2"}], "same", correction=" same "),  # no disagreement
+        FeedbackItem("c3", [{"role": "user", "content": "q3"}], "", correction="right"),  # nothing to reject
+        FeedbackItem("c4", [{"role": "user", "content": "q1"}], "other", rating=0.0, correction="right"),
+    ]
+    rows = rows_from_feedback(items, max_pairs_per_prompt=1)
+    prefs = [(r.prompt[0].content, r.chosen, r.rejected) for r in rows if r.kind == "preference"]
+    assert prefs == [("q1", "right", "wrong")]  # capped at one pair for q1
+    assert len(rows_from_feedback(items)) - len(rows) == 1  # the cap was what dropped c4's pair
+    desirable = [(r.prompt[0].content, r.completion) for r in rows if r.kind == "unpaired" and r.label]
+    assert desirable == [("q1", "right"), ("q3", "right"), ("q1", "right")]
 
 
 def test_feedback_invalid_prompt_raises_or_is_skipped() -> None:

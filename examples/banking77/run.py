@@ -112,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     f.add_argument("--sft-min-rating", type=float, default=1.0,
                    help="answers rated at least this become SFT rows too (curation feedback.sft_min_rating); "
                         "0 turns it off")
+    f.add_argument("--method", choices=("sft", "kto", "dpo"), default="sft",
+                   help="training method of the feedback job: kto learns from the rated answers (and corrections "
+                        "as desirable answers), dpo from each correction over the answer it corrects")
+    f.add_argument("--continue", dest="continue_training", action="store_true",
+                   help="round > 1: continue training from the adapter the deployment serves (parent_adapter_id) "
+                        "instead of a fresh LoRA; its LoRA shape is kept")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "var" / "banking77-results.json")
     args = p.parse_args(argv)
     if args.deployment is None:
@@ -119,7 +125,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.epochs is None:
         args.epochs = 1 if args.mode == "full" else 8
     if args.replay_fraction is None:
-        args.replay_fraction = 0.0 if args.mode == "full" else 0.24
+        args.replay_fraction = 0.0 if args.mode == "full" or args.method != "sft" else 0.24
+    if args.replay_fraction and args.method != "sft":
+        p.error("--replay-fraction applies to --method sft only")
+    if args.continue_training and (args.mode != "feedback" or args.round < 2):
+        p.error("--continue needs --mode feedback and --round 2 or later (an adapter to continue from)")
     if not 0 <= args.sft_min_rating <= 1:
         p.error("--sft-min-rating must be in [0, 1]")
     for name in ("limit_train", "limit_test", "max_steps", "round"):
@@ -399,11 +409,17 @@ def main(argv: list[str] | None = None) -> int:
             results["adapter_id"] = results["job"]["adapter_id"]
         else:
             results["feedback"] = simulate_feedback(api, args, train_rows)
-            step("4. training job from feedback only")
-            results["job"] = train(api, args, {"deployment": args.deployment, "include_feedback": True,
-                                               "datasets": [], "curation": curation(args),
-                                               "method": {"type": "sft", "hyperparameters": hp},
-                                               "suffix": f"feedback-r{args.round}", "seed": args.seed})
+            step(f"4. training job from feedback only ({args.method})")
+            body = {"deployment": args.deployment, "include_feedback": True, "datasets": [],
+                    "curation": curation(args), "method": {"type": args.method, "hyperparameters": hp},
+                    "suffix": f"feedback-r{args.round}", "seed": args.seed}
+            if args.continue_training:
+                parent = api.get(f"/v1/deployments/{args.deployment}")["production_adapter_id"]
+                if parent is None:
+                    raise RuntimeError(f"--continue: {args.deployment} serves the base model, no adapter to continue")
+                say(f"   continuing from the production adapter {parent}")
+                body["parent_adapter_id"] = parent
+            results["job"] = train(api, args, body)
             results["adapter_id"] = results["job"]["adapter_id"]
 
         results["evaluation"], results["promotion"] = evaluate_and_promote(api, args, results["adapter_id"])
@@ -426,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         key = args.mode if args.round == 1 else f"{args.mode}-round{args.round}"
+        key += "" if args.method == "sft" else f"-{args.method}"
+        key += "-continued" if args.continue_training else ""
         write_results(args.out, key + ("-choices" if args.answer_choices else ""), results)
         api.close()
 

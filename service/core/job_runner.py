@@ -214,6 +214,8 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
         if parent_path is None:
             return  # failed with the reason
         hp = inherit_lora_shape(hp, parent_path)  # "auto" hyperparameters get the parent's LoRA shape too
+        async with ctx.sessions() as s, s.begin():
+            await s.execute(update(Job).where(Job.id == job.id).values(hyperparameters=hp))
     jdir = _job_dir(ctx, job)
     jdir.mkdir(parents=True, exist_ok=True)
     validation = Path(snap.path) / "validation.jsonl"

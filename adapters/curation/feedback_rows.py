@@ -85,12 +85,12 @@ def rows_from_feedback(
             rows.append(Row(kind="unpaired", prompt=prompt, completion=item.output, label=item.rating >= 0.5,
                             attributes=attrs))
         key = json.dumps([m.to_json() for m in prompt], sort_keys=True, ensure_ascii=False)
-        group = pairs.setdefault(key, [])  # prompts in first-seen order
+        prompt_pairs = pairs.setdefault(key, [])  # prompts in first-seen order
         correction = (item.correction or "").strip()
         if correction and correction != item.output.strip():
             rows.append(Row(kind="unpaired", prompt=prompt, completion=item.correction, label=True, attributes=attrs))
             if item.output.strip():
-                group.append((prompt, item.correction, item.output, attrs))
+                prompt_pairs.append((prompt, item.correction, item.output, attrs))
         if item.rating is not None:
             rated.setdefault(key, []).append((item, prompt, attrs))
     for key, group in rated.items():

@@ -207,6 +207,13 @@ def inherit_lora_shape(hyperparameters: dict[str, Any], adapter_dir: str | Path,
     return {**hyperparameters, **shape}
 
 
+def check_search_keeps_shape(space: dict[str, Any]) -> None:
+    """A search continued from a parent adapter may not vary the LoRA shape the parent fixes."""
+    fixed = sorted(set(space) & set(LORA_SHAPE))
+    if fixed:
+        raise ValueError(f"search.space.{fixed[0]} cannot vary: the parent adapter fixes the LoRA shape")
+
+
 # Search-space keys and how they are sampled: [low, high] ranges or a list of choices.
 _FLOAT_RANGES = {"learning_rate", "warmup_ratio", "weight_decay", "lora_dropout"}
 _CHOICE_ONLY = {"lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps", "n_epochs", "lr_scheduler",
@@ -289,9 +296,8 @@ class TrainingJobSpec:
         if self.init_adapter_path is not None:
             if not isinstance(self.init_adapter_path, str) or not self.init_adapter_path:
                 raise ValueError("init_adapter_path must be a non-empty path string or null")
-            fixed = sorted(set(self.search.space) & set(LORA_SHAPE)) if self.search else []
-            if fixed:
-                raise ValueError(f"search.space.{fixed[0]} cannot vary: the parent adapter fixes the LoRA shape")
+            if self.search:
+                check_search_keeps_shape(self.search.space)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

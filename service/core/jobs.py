@@ -16,7 +16,13 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters.training.config import LORA_SHAPE, METHODS, Hyperparameters, SearchSpec, inherit_lora_shape
+from adapters.training.config import (
+    METHODS,
+    Hyperparameters,
+    SearchSpec,
+    check_search_keeps_shape,
+    inherit_lora_shape,
+)
 from service.core.datasets import DatasetService
 from service.errors import Conflict, NotFound, Unprocessable
 from service.storage.models import Adapter, Deployment, Job, JobEvent, Snapshot
@@ -111,15 +117,15 @@ class JobService:
         parent_id = body.get("parent_adapter_id")
         if parent_id is not None:
             parent = await self._parent(parent_id, deployment)
-            if isinstance(hyper, dict):
-                try:
+            try:
+                if isinstance(hyper, dict):
                     hyper = Hyperparameters.from_dict(inherit_lora_shape(hyper, parent.path, explicit=hp)).to_dict()
-                except (ValueError, TypeError) as exc:
-                    raise Unprocessable(str(exc), field=_field_of(exc, "method.hyperparameters")) from exc
-            fixed = sorted(set((search or {}).get("space", {})) & set(LORA_SHAPE))
-            if fixed:
-                raise Unprocessable(f"search.space.{fixed[0]} cannot vary: the parent adapter fixes the LoRA shape",
-                                    field=f"search.space.{fixed[0]}")
+            except (ValueError, TypeError) as exc:
+                raise Unprocessable(str(exc), field=_field_of(exc, "method.hyperparameters")) from exc
+            try:
+                check_search_keeps_shape((search or {}).get("space", {}))
+            except ValueError as exc:
+                raise Unprocessable(str(exc), field="search.space") from exc
         suffix = body.get("suffix")
         if suffix is not None and (not isinstance(suffix, str) or not re.fullmatch(r"[a-z0-9_-]{1,40}", suffix)):
             raise Unprocessable("suffix must match [a-z0-9_-]{1,40}", field="suffix")

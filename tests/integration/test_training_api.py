@@ -265,6 +265,8 @@ def test_a_job_continues_from_a_parent_adapter(service, snapshot_id, base_model_
         assert "parent adapter" in r.json()["detail"] and "8" in r.json()["detail"]
         r = c.post("/v1/fine_tuning/jobs", json={**continued, "parent_adapter_id": "adp-missing"})
         assert r.status_code == 404 and r.json()["field"] == "parent_adapter_id"
+        r = c.post("/v1/fine_tuning/jobs", json={**continued, "search": {"n_trials": 2, "space": {"lora_r": [4, 8]}}})
+        assert r.status_code == 422 and r.json()["field"] == "search.space" and "lora_r" in r.json()["detail"]
 
         r = c.post("/v1/fine_tuning/jobs", json={**continued, "method": {"type": "sft", "hyperparameters": {
             "max_steps": 2, "learning_rate": 1e-6, "max_seq_len": 64}}})

@@ -8,7 +8,8 @@ round 1 (``init_adapter_path``, what a job's ``parent_adapter_id`` does) on the 
 
 * ``kto``: KTO on the rated answers (right = desirable, wrong = undesirable) plus the corrections as desirable;
   the reference policy is round 1 itself, so the loss moves the model away from its own wrong answers;
-* ``sft``: SFT on the corrections plus the answers rated 1 (run.py's ``sft_min_rating`` rows), for comparison.
+* ``sft``: SFT on the corrections plus the answers rated 1 (run.py's ``sft_min_rating`` rows), for comparison;
+* ``sft-corrections``: SFT on the corrections alone, the control: what more training on round 1's data gives.
 
 Every model is scored on the same test rows by the evaluation's batched generation.
 
@@ -52,7 +53,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--traffic", type=int, default=1000, help="round-2 queries answered and rated")
     ap.add_argument("--test-rows", type=int, default=300)
-    ap.add_argument("--variants", default="kto,sft")
+    ap.add_argument("--variants", default="kto,sft", help="comma list of kto, sft, sft-corrections")
     ap.add_argument("--round2-epochs", type=int, default=2)
     ap.add_argument("--kto-lr", type=float, default=1e-4)
     ap.add_argument("--sft-lr", type=float, default=2e-4)
@@ -107,7 +108,8 @@ def main() -> int:
                          for r in val]
             lr = args.kto_lr
         else:
-            items = [{"prompt": r["prompt"], "completion": r["answer"]} for r in rated if r["rating"]] + corrections
+            accepted = [{"prompt": r["prompt"], "completion": r["answer"]} for r in rated if r["rating"]]
+            items = (accepted if variant == "sft" else []) + corrections
             val_items, lr = val, args.sft_lr
         random.Random(args.seed).shuffle(items)
         hp2 = hp1.replace(n_epochs=args.round2_epochs, learning_rate=lr)

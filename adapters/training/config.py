@@ -269,6 +269,8 @@ class TrainingJobSpec:
     num_threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
     # Continued training: start from this PEFT adapter's weights instead of a fresh LoRA (its shape must match)
     init_adapter_path: str | None = None
+    # Replayed base-model answers, shared by every job on the same base model (replay.py); None: per job only
+    replay_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -277,8 +279,9 @@ class TrainingJobSpec:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty path string")
-        if self.validation_path is not None and not isinstance(self.validation_path, str):
-            raise ValueError("validation_path must be a path string or null")
+        for name in ("validation_path", "replay_cache_dir"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a path string or null")
         if isinstance(self.hyperparameters, dict):
             self.hyperparameters = Hyperparameters.from_dict(self.hyperparameters)
         if isinstance(self.search, dict):

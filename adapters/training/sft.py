@@ -196,7 +196,8 @@ class SFTRecipe:
         self.train = encode_rows(self.tokenizer, rows, hp.max_seq_len)
         if hp.replay_fraction:
             replayed = replay_rows(self.spec.base_model_path, self.output_dir, len(rows), hp.replay_fraction,
-                                   hp.max_seq_len, hp.seed, self.emit, self.should_stop)
+                                   hp.max_seq_len, hp.seed, self.emit, self.should_stop,
+                                   cache_dir=self.spec.replay_cache_dir)
             if replayed is None:
                 return False
             distill = hp.replay_objective == "kl"

@@ -46,9 +46,11 @@ def _message(ev: dict[str, Any]) -> str:
                 f"eta {ev.get('eta_seconds', 0):.0f}s")
     if t == "validation":
         return f"step {ev.get('step')}: validation loss {ev.get('val_loss', float('nan')):.4f}"
-    if t == "replay":
-        return (f"replay: {ev.get('generated')}/{ev.get('total')} base-model answers generated, "
+    if t == "replay" and "rows" in ev:
+        return (f"replay: {ev.get('rows')} rows of base-model answers ({ev.get('cached')} from the cache), "
                 f"{ev.get('unfinished')} of them cut at the token limit")
+    if t == "replay":
+        return f"replay: {ev.get('generated')}/{ev.get('total')} base-model answers generated"
     if t == "trial":
         return f"trial {ev.get('trial')}: {ev.get('state', '')} {ev.get('value', '')}"
     return str(ev.get("message") or t)
@@ -226,7 +228,7 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
             "train_path": str(Path(snap.path) / "train.jsonl"),
             "validation_path": str(validation) if has_val else None,
             "output_dir": str(jdir / "output"), "hyperparameters": hp, "search": job.spec.get("search"),
-            "init_adapter_path": parent_path}
+            "init_adapter_path": parent_path, "replay_cache_dir": str(ctx.settings.data_dir / "replay_cache")}
     spec_path = jdir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     resumed = any((jdir / "output" / "checkpoints").glob("step-*")) if (jdir / "output").exists() else False

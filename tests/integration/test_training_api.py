@@ -284,3 +284,24 @@ def test_a_job_continues_from_a_parent_adapter(service, snapshot_id, base_model_
         child_val = [e["data"]["val_loss"] for e in _events(c, child["id"]) if e["type"] == "validation"]
         assert child_val[0] == pytest.approx(min(parent_val), rel=1e-3)
         assert min(parent_val) < parent_val[0]  # the parent did move away from where it started
+
+
+def test_replayed_answers_are_generated_once_per_base_model(service, snapshot_id) -> None:
+    """The worker keeps the base model's replayed answers under the data directory, so the next job on the same
+    base model (the next round of feedback, another trial) reads them back instead of generating them again."""
+    hp = {**SMALL, "max_steps": 1, "max_seq_len": 128, "replay_fraction": 0.05}
+    summaries = []
+    with service.client() as c:
+        for _ in range(2):
+            r = c.post("/v1/fine_tuning/jobs", json={"deployment": "trainer", "snapshot_id": snapshot_id,
+                                                     "method": {"type": "sft", "hyperparameters": hp}})
+            assert r.status_code == 201, r.text
+            job = _wait(c, r.json()["id"])
+            assert job["status"] == "succeeded", job
+            replay = [e["data"] for e in _events(c, job["id"]) if e["type"] == "replay"]
+            summaries.append((replay[-1], [e for e in replay if "rows" not in e]))
+    (first, first_progress), (second, second_progress) = summaries
+    assert first["total"] >= 2 and first_progress[-1]["generated"] == first["total"]
+    assert second["cached"] == second["total"] == first["total"] and second_progress == []
+    assert second["rows"] == first["rows"] > 0
+    assert len(list((service.data_dir / "replay_cache").glob("*.jsonl"))) == 1

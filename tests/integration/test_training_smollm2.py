@@ -85,6 +85,29 @@ def test_replay_mixes_the_base_models_own_answers_in(tmp_path: Path, objective: 
     assert again == replayed
 
 
+def test_replayed_answers_are_generated_once_per_base_model(tmp_path: Path) -> None:
+    """With a cache directory a later job reads the base model's answers back; one that needs more prompts
+    generates only the missing ones, and one that is being cancelled still gets rows that need no generating."""
+    torch.set_num_threads(2)
+    cache = tmp_path / "cache"
+
+    def run(job: str, n_train: int, stop: bool) -> tuple[list[dict] | None, list[dict]]:
+        events: list[dict] = []
+        rows = replay_rows(str(SMOL), tmp_path / job, n_train, 0.25, 128, 0, events.append, lambda: stop,
+                           cache_dir=cache)
+        return rows, events
+
+    first, events = run("job-1", 6, stop=False)  # 6 task rows: 2 prompts
+    assert events[-1]["cached"] == 0 and events[-1]["total"] == 2 and first
+    assert len(list(cache.glob("*.jsonl"))) == 1
+    again, events = run("job-2", 6, stop=True)
+    assert again == first and events == [{**events[-1], "cached": 2}] and "rows" in events[-1]
+    more, events = run("job-3", 12, stop=False)  # 4 prompts: the same shuffle, so the first 2 are the cached ones
+    generated = [e for e in events if "rows" not in e]
+    assert events[-1]["cached"] == 2 and generated == [{"type": "replay", "generated": 4, "total": 4}]
+    assert more[:len(first)] == first and len(next(cache.glob("*.jsonl")).read_text().splitlines()) == 4
+
+
 def test_a_cancel_during_replay_generation_trains_nothing(tmp_path: Path) -> None:
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in _banking_rows(8)))
     spec = TrainingJobSpec(method="sft", base_model_path=str(SMOL), train_path=str(tmp_path / "train.jsonl"),

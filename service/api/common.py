@@ -8,7 +8,9 @@ from typing import Any
 from litestar import Request
 
 from service.context import AppContext
-from service.errors import BadRequest, UnsupportedMediaType
+from service.errors import BadRequest, Unprocessable, UnsupportedMediaType
+
+MAX_ROW_ID = 2**63 - 1  # SQLite's and PostgreSQL's largest integer key
 
 
 def ctx_of(request: Request[Any, Any, Any]) -> AppContext:
@@ -30,6 +32,13 @@ async def json_body(request: Request[Any, Any, Any], max_bytes: int | None = Non
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         line = getattr(exc, "lineno", None)
         raise BadRequest(f"the body is not valid JSON: {exc}", extra={"line": line}) from exc
+
+
+def row_cursor(value: int | None, field: str) -> int | None:
+    """A pagination cursor (a row id) the database can compare: a 422 naming the field, not an overflow."""
+    if value is not None and not 0 <= value <= MAX_ROW_ID:
+        raise Unprocessable(f"{field} must be a row id in 0..{MAX_ROW_ID}", field=field)
+    return value
 
 
 def wants_html(request: Request[Any, Any, Any]) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.response import Response as LResponse
 
-from service.api.common import ctx_of, json_body, wants_html
+from service.api.common import ctx_of, json_body, row_cursor, wants_html
 from service.auth import admin_scope, app_scope
 from service.core.datasets import dataset_json, snapshot_job_json, snapshot_json
 from service.core.feedback import feedback_json
@@ -30,7 +30,7 @@ async def list_feedback(request: Request[Any, Any, Any], deployment: str | None 
                         cursor: int | None = None, limit: int = 100) -> dict[str, Any]:
     if not 1 <= limit <= 1000:
         raise Unprocessable("limit must be in 1..1000", field="limit")
-    rows, next_cursor = await ctx_of(request).feedback.list(deployment, since, cursor, limit)
+    rows, next_cursor = await ctx_of(request).feedback.list(deployment, since, row_cursor(cursor, "cursor"), limit)
     return {"object": "list", "data": [feedback_json(f) for f in rows], "next_cursor": next_cursor,
             "has_more": next_cursor is not None}
 

@@ -12,7 +12,7 @@ from litestar import Request, Response, get, post
 from litestar.response import Stream
 from sqlalchemy import select
 
-from service.api.common import ctx_of, json_body, wants_html
+from service.api.common import ctx_of, json_body, row_cursor, wants_html
 from service.auth import admin_scope
 from service.core.datasets import snapshot_job_json
 from service.core.drift import drift_job_json
@@ -63,6 +63,7 @@ async def job_events(request: Request[Any, Any, Any], job_id: str, after: int | 
     """Events as a JSON list, or as a server-sent event stream (`?stream=true` or `Accept: text/event-stream`)."""
     ctx = ctx_of(request)
     job = await ctx.jobs.get(job_id, kind=(await _kind(ctx, job_id)))
+    after = row_cursor(after, "after")
     if stream or "text/event-stream" in request.headers.get("accept", ""):
         async def sse() -> AsyncIterator[bytes]:
             cursor = after
@@ -79,9 +80,10 @@ async def job_events(request: Request[Any, Any, Any], job_id: str, after: int | 
                 if not events:
                     await asyncio.sleep(1.0)
         return Stream(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    events = await ctx.jobs.events(job.id, after, min(max(limit, 1), 10_000))
-    return Response({"object": "list", "data": [event_json(e) for e in events],
-                     "has_more": len(events) == limit})
+    limit = min(max(limit, 1), 10_000)
+    events = await ctx.jobs.events(job.id, after, limit + 1)
+    return Response({"object": "list", "data": [event_json(e) for e in events[:limit]],
+                     "has_more": len(events) > limit})
 
 
 async def _kind(ctx: Any, job_id: str) -> str:

@@ -83,6 +83,10 @@ def test_feedback_pagination(service) -> None:
             if not page["has_more"]:
                 break
     assert seen == sorted(seen) and set(r.json()["ids"]) <= set(seen)
+    with service.client() as c:
+        r = c.get("/v1/feedback", params={"cursor": -(10**22)})  # found by schemathesis: was a 500 (overflow)
+    assert r.status_code == 422 and r.json()["field"] == "cursor"
+    assert r.headers["content-type"].startswith("application/problem+json")
 
 
 def test_upload_reject_skip_duplicates_and_errors(service, banking_rows) -> None:
@@ -134,6 +138,12 @@ def test_snapshot_curates_and_reports(service, banking_rows) -> None:
         assert steps == ["normalize", "length_filter", "exact_dedupe", "near_dedupe", "conflicts",
                          "label_balance", "group_balance", "split"]
         assert [e["type"] for e in events][-2:] == ["snapshot", "succeeded"]
+        for i, has_more in ((-3, True), (-2, False)):  # a page of one event after the i-th
+            page = c.get(f"/v1/snapshot_jobs/{first['id']}/events", params={"after": events[i]["id"], "limit": 1})
+            assert [e["id"] for e in page.json()["data"]] == [events[i + 1]["id"]]
+            assert page.json()["has_more"] is has_more
+        r = c.get(f"/v1/snapshot_jobs/{first['id']}/events", params={"after": 2**70})  # no row id is this large
+        assert r.status_code == 422 and r.json()["field"] == "after"
         report = c.get(f"/v1/snapshots/{s['id']}/report").json()
         steps = {st["name"]: st for st in report["steps"]}
         assert steps["near_dedupe"]["removed"] >= 1

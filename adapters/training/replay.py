@@ -84,11 +84,11 @@ def replay_rows(base_model_path: str, output_dir: str | Path, n_train: int, frac
     todo = [p for p in prompts if p not in answers]
     if todo:
         new = _generate(base_model_path, todo, limit, cached, len(prompts), emit, should_stop)
+        answers.update({a["prompt"]: a for a in new})
         if cache is not None:  # what was generated is kept even if the run is cancelled now
-            _write_jsonl(cache, [*({**answers, **{a["prompt"]: a for a in new}}).values()])
+            _write_jsonl(cache, list(answers.values()))
         if len(new) < len(todo):
             return None
-        answers.update({a["prompt"]: a for a in new})
     rows = [{"kind": "sft", "prompt": [{"role": "user", "content": p}], "completion": answers[p]["completion"],
              "finished": answers[p]["finished"], "source": "replay"} for p in prompts if answers[p]["completion"]]
     emit({"type": "replay", "generated": len(prompts), "total": len(prompts), "cached": cached, "rows": len(rows),

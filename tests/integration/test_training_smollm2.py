@@ -101,7 +101,7 @@ def test_replayed_answers_are_generated_once_per_base_model(tmp_path: Path) -> N
     assert events[-1]["cached"] == 0 and events[-1]["total"] == 2 and first
     assert len(list(cache.glob("*.jsonl"))) == 1
     again, events = run("job-2", 6, stop=True)
-    assert again == first and events == [{**events[-1], "cached": 2}] and "rows" in events[-1]
+    assert again == first and len(events) == 1 and events[0]["cached"] == 2 and "rows" in events[0]  # no generating
     more, events = run("job-3", 12, stop=False)  # 4 prompts: the same shuffle, so the first 2 are the cached ones
     generated = [e for e in events if "rows" not in e]
     assert events[-1]["cached"] == 2 and generated == [{"type": "replay", "generated": 4, "total": 4}]

@@ -58,7 +58,7 @@ class KeyStore:
     async def create(self, name: str, scope: str, key: str | None = None) -> tuple[ApiKey, str]:
         if scope not in SCOPES:
             raise Unprocessable(f"scope must be one of {', '.join(SCOPES)}", field="scope")
-        if not name or len(name) > 200:
+        if not isinstance(name, str) or not 0 < len(name) <= 200:
             raise Unprocessable("name must be 1..200 characters", field="name")
         key = key or new_key()
         async with self._sessions() as s, s.begin():

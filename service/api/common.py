@@ -34,6 +34,21 @@ async def json_body(request: Request[Any, Any, Any], max_bytes: int | None = Non
         raise BadRequest(f"the body is not valid JSON: {exc}", extra={"line": line}) from exc
 
 
+async def json_object(request: Request[Any, Any, Any], body_type: Any, *, optional: bool = False) -> dict[str, Any]:
+    """A JSON object body with only the fields `body_type` (a `service.api.bodies` Struct, the OpenAPI
+    document's description of it) declares: anything else is a 422 naming the first unknown field."""
+    body = await json_body(request)
+    if body is None and optional:
+        return {}
+    fields = body_type.__struct_fields__
+    if not isinstance(body, dict):
+        raise Unprocessable(f"body must be an object with fields {', '.join(fields)}")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise Unprocessable(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
+    return body
+
+
 def row_cursor(value: int | None, field: str) -> int | None:
     """A pagination cursor (a row id) the database can compare: a 422 naming the field, not an overflow."""
     if value is not None and not 0 <= value <= MAX_ROW_ID:

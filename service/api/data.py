@@ -8,7 +8,8 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.response import Response as LResponse
 
-from service.api.common import ctx_of, json_body, row_cursor, wants_html
+from service.api import bodies
+from service.api.common import ctx_of, json_body, json_object, row_cursor, wants_html
 from service.auth import admin_scope, app_scope
 from service.core.datasets import dataset_json, snapshot_job_json, snapshot_json
 from service.core.feedback import feedback_json
@@ -17,7 +18,7 @@ from service.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
 NDJSON_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson"}
 
 
-@post("/v1/feedback", guards=[app_scope], status_code=201)
+@post("/v1/feedback", guards=[app_scope], status_code=201, operation_class=bodies.body(bodies.FeedbackBody))
 async def post_feedback(request: Request[Any, Any, Any]) -> dict[str, Any]:
     ctx = ctx_of(request)
     body = await json_body(request, ctx.settings.max_request_bytes)
@@ -35,11 +36,9 @@ async def list_feedback(request: Request[Any, Any, Any], deployment: str | None 
             "has_more": next_cursor is not None}
 
 
-@post("/v1/datasets", guards=[admin_scope], status_code=201)
+@post("/v1/datasets", guards=[admin_scope], status_code=201, operation_class=bodies.body(bodies.DatasetCreate))
 async def create_dataset(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    body = await json_body(request)
-    if not isinstance(body, dict):
-        raise Unprocessable("body must be an object {name, deployment}")
+    body = await json_object(request, bodies.DatasetCreate)
     return dataset_json(await ctx_of(request).datasets.create(body.get("name"), body.get("deployment")), 0)
 
 
@@ -54,7 +53,8 @@ async def get_dataset(request: Request[Any, Any, Any], dataset_id: str) -> dict[
     return dataset_json(await svc.get(dataset_id), await svc.record_count(dataset_id))
 
 
-@post("/v1/datasets/{dataset_id:str}/records", guards=[app_scope], status_code=201)
+@post("/v1/datasets/{dataset_id:str}/records", guards=[app_scope], status_code=201,
+      operation_class=bodies.body(bodies.Upload, "application/x-ndjson"))
 async def upload_records(request: Request[Any, Any, Any], dataset_id: str, on_error: str = "reject") -> dict[str, Any]:
     ctx = ctx_of(request)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -81,13 +81,12 @@ async def upload_records(request: Request[Any, Any, Any], dataset_id: str, on_er
     return result.to_json()
 
 
-@post("/v1/datasets/{dataset_id:str}/snapshots", guards=[admin_scope], status_code=202)
+@post("/v1/datasets/{dataset_id:str}/snapshots", guards=[admin_scope], status_code=202,
+      operation_class=bodies.body(bodies.SnapshotCreate))
 async def create_snapshot(request: Request[Any, Any, Any], dataset_id: str) -> dict[str, Any]:
     """Queue the curation of a snapshot; poll `GET /v1/snapshot_jobs/{id}` for its `snapshot_id`."""
     ctx = ctx_of(request)
-    body = await json_body(request) or {}
-    if not isinstance(body, dict):
-        raise Unprocessable("body must be an object {include_feedback?, curation?}")
+    body = await json_object(request, bodies.SnapshotCreate, optional=True)
     dataset = await ctx.datasets.get(dataset_id)
     sources = await ctx.datasets.check_sources(dataset.deployment, [dataset_id],
                                                body.get("include_feedback", False), body.get("curation"))

@@ -6,29 +6,28 @@ from typing import Any
 
 from litestar import Request, get, patch, post
 
-from service.api.common import ctx_of, json_body
+from service.api import bodies
+from service.api.common import ctx_of, json_object
 from service.auth import admin_scope, app_scope
 from service.core.deployments import deployment_json
 from service.core.routing import BASE_NAME, Target
 from service.errors import Unprocessable
 
 
-@post("/v1/deployments", guards=[admin_scope], status_code=201)
+@post("/v1/deployments", guards=[admin_scope], status_code=201, operation_class=bodies.body(bodies.DeploymentCreate))
 async def create_deployment(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    body = await json_body(request)
-    if not isinstance(body, dict):
-        raise Unprocessable("body must be an object {name, base_model?}")
+    body = await json_object(request, bodies.DeploymentCreate)
     ctx = ctx_of(request)
     dep = await ctx.deployments.create(body.get("name"), body.get("base_model"), body.get("config"))
     ctx.router.set_production(dep.name, Target(BASE_NAME, None))
     return {**deployment_json(dep), "serving": BASE_NAME}
 
 
-@patch("/v1/deployments/{name:str}", guards=[admin_scope])
+@patch("/v1/deployments/{name:str}", guards=[admin_scope], operation_class=bodies.body(bodies.DeploymentPatch))
 async def update_deployment(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
     """Merge `config` keys (gates, eval_dataset_id, triggers, …) into the deployment's config."""
-    body = await json_body(request)
-    if not isinstance(body, dict) or not isinstance(body.get("config"), dict) or set(body) - {"config"}:
+    body = await json_object(request, bodies.DeploymentPatch)
+    if not isinstance(body.get("config"), dict):
         raise Unprocessable("body must be {\"config\": {...}}", field="config")
     return deployment_json(await ctx_of(request).deployments.update_config(name, body["config"]))
 

@@ -6,12 +6,13 @@ from typing import Any
 
 from litestar import Request, get, post
 
+from service.api import bodies
 from service.api.common import ctx_of, json_body
 from service.auth import admin_scope
 from service.core.experiments import experiment_json
 
 
-@post("/v1/experiments", guards=[admin_scope], status_code=201)
+@post("/v1/experiments", guards=[admin_scope], status_code=201, operation_class=bodies.body(bodies.ExperimentCreate))
 async def create_experiment(request: Request[Any, Any, Any]) -> dict[str, Any]:
     ctx = ctx_of(request)
     exp = await ctx.experiments.create(await json_body(request))

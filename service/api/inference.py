@@ -7,6 +7,7 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 
+from service.api import bodies
 from service.api.common import ctx_of, json_body
 from service.auth import admin_scope, app_scope
 from service.errors import NotFound
@@ -24,12 +25,13 @@ async def _serve(request: Request[Any, Any, Any], kind: str) -> Response[Any]:
     return Response(result.body, media_type="application/json", headers=result.headers)
 
 
-@post("/v1/chat/completions", guards=[app_scope], status_code=200)
+@post("/v1/chat/completions", guards=[app_scope], status_code=200,
+      operation_class=bodies.body(bodies.ChatCompletionRequest))
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     return await _serve(request, "chat")
 
 
-@post("/v1/completions", guards=[app_scope], status_code=200)
+@post("/v1/completions", guards=[app_scope], status_code=200, operation_class=bodies.body(bodies.CompletionRequest))
 async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
     return await _serve(request, "text")
 

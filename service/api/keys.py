@@ -6,16 +6,14 @@ from typing import Any
 
 from litestar import Request, post
 
-from service.api.common import ctx_of, json_body
+from service.api import bodies
+from service.api.common import ctx_of, json_object
 from service.auth import admin_scope
-from service.errors import Unprocessable
 
 
-@post("/v1/api-keys", guards=[admin_scope], status_code=201)
+@post("/v1/api-keys", guards=[admin_scope], status_code=201, operation_class=bodies.body(bodies.ApiKeyCreate))
 async def create_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    body = await json_body(request)
-    if not isinstance(body, dict):
-        raise Unprocessable("body must be an object {name, scope}")
+    body = await json_object(request, bodies.ApiKeyCreate)
     row, key = await ctx_of(request).keys.create(body.get("name"), body.get("scope", "app"))  # type: ignore[arg-type]
     # The only time the key is ever shown.
     return {"object": "api_key", "id": row.id, "name": row.name, "scope": row.scope, "key": key,

@@ -12,7 +12,8 @@ from litestar import Request, Response, get, post
 from litestar.response import Stream
 from sqlalchemy import select
 
-from service.api.common import ctx_of, json_body, row_cursor, wants_html
+from service.api import bodies
+from service.api.common import ctx_of, json_body, json_object, row_cursor, wants_html
 from service.auth import admin_scope
 from service.core.datasets import snapshot_job_json
 from service.core.drift import drift_job_json
@@ -32,7 +33,7 @@ def adapter_json(a: Adapter) -> dict[str, Any]:
 
 
 # --- jobs -------------------------------------------------------------------------------------------------
-@post("/v1/fine_tuning/jobs", guards=[admin_scope], status_code=201)
+@post("/v1/fine_tuning/jobs", guards=[admin_scope], status_code=201, operation_class=bodies.body(bodies.JobCreate))
 async def create_job(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return job_json(await ctx_of(request).jobs.create(await json_body(request)))
 
@@ -152,10 +153,11 @@ async def evaluation_report(request: Request[Any, Any, Any], evaluation_id: str)
 
 
 # --- serving: promote / rollback / history --------------------------------------------------------------
-@post("/v1/deployments/{name:str}/promote", guards=[admin_scope], status_code=200)
+@post("/v1/deployments/{name:str}/promote", guards=[admin_scope], status_code=200,
+      operation_class=bodies.body(bodies.Promote))
 async def promote(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
-    body = await json_body(request)
-    if not isinstance(body, dict) or "adapter_id" not in body:
+    body = await json_object(request, bodies.Promote)
+    if "adapter_id" not in body:
         raise Unprocessable("body must be {adapter_id, force?}", field="adapter_id")
     force = body.get("force", False)
     if not isinstance(force, bool):

@@ -38,6 +38,7 @@ from service.storage.models import Adapter, Completion, Deployment, Experiment, 
 
 log = logging.getLogger("tuneloop.experiments")
 ACTIVE = ("pending", "running")
+EXPERIMENT_FIELDS = frozenset({"deployment", "variants", "goal", "guardrails", "policy", "seed"})
 
 
 def parse_policy(policy: Any, guardrails: Any) -> Policy:
@@ -376,8 +377,7 @@ async def _reject_losers(sessions: async_sessionmaker[AsyncSession], exp: Experi
 async def insert_experiment(sessions: async_sessionmaker[AsyncSession], body: dict[str, Any],
                             status: str) -> Experiment:
     """Validate and store an experiment (`running` from the API, `pending` from auto-deploy)."""
-    allowed = {"deployment", "variants", "goal", "guardrails", "policy", "seed"}
-    unknown = sorted(set(body) - allowed)
+    unknown = sorted(set(body) - EXPERIMENT_FIELDS)
     if unknown:
         raise Unprocessable(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
     goal = body.get("goal") or {"metric": "rating"}

@@ -23,6 +23,7 @@ from service.storage.models import Completion, Feedback
 
 MAX_BATCH = 1000
 MAX_TEXT = 100_000
+FEEDBACK_FIELDS = frozenset({"completion_id", "rating", "correction", "comment", "attributes", "id"})
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def _validate(item: Any, prefix: str) -> tuple[FeedbackIn | None, list[dict[str,
     if not isinstance(item, dict):
         bad("", "each feedback item must be an object")
         return None, errs
-    unknown = set(item) - {"completion_id", "rating", "correction", "comment", "attributes", "id"}
+    unknown = set(item) - FEEDBACK_FIELDS
     if unknown:
         bad(min(unknown), f"unknown field(s): {', '.join(sorted(unknown))}")
     cid = item.get("completion_id")

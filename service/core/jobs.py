@@ -28,6 +28,8 @@ from service.errors import Conflict, NotFound, Unprocessable
 from service.storage.models import Adapter, Deployment, Job, JobEvent, Snapshot
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+JOB_FIELDS = frozenset({"deployment", "snapshot_id", "datasets", "include_feedback", "method", "search", "suffix",
+                        "seed", "auto_deploy", "curation", "parent_adapter_id"})
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*)")
 
 
@@ -73,9 +75,7 @@ class JobService:
     async def create(self, body: Any) -> Job:
         if not isinstance(body, dict):
             raise Unprocessable("body must be an object")
-        allowed = {"deployment", "snapshot_id", "datasets", "include_feedback", "method", "search", "suffix", "seed",
-                   "auto_deploy", "curation", "parent_adapter_id"}
-        unknown = sorted(set(body) - allowed)
+        unknown = sorted(set(body) - JOB_FIELDS)
         if unknown:
             raise Unprocessable(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
         deployment = body.get("deployment")

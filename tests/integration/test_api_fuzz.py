@@ -5,12 +5,12 @@ A longer run of the same tool (`schemathesis run --checks not_a_server_error`, 1
 pagination cursor beyond the database's integer range; that case has its own test in test_data_api.py. This
 test is the short net that runs every time: the coverage phase (boundary values of every parameter) and 20
 fuzzed requests per operation, seeded so that a failure reproduces. The service runs as a serving node (no
-worker), so requests that queue jobs leave them queued. Request bodies are parsed by the handlers themselves
-and not described in the schema, so schemathesis varies paths, query parameters and headers; bodies have
-their own tests in the other modules."""
+worker), so requests that queue jobs leave them queued. Request bodies are fuzzed from the schemas that
+`service/api/bodies.py` publishes (uploads as NDJSON through `schemathesis_hooks.py`)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -38,7 +38,10 @@ def test_no_request_is_answered_with_a_server_error(fuzzed: Service, tmp_path: P
            "-H", f"Authorization: Bearer {fuzzed.admin_key}", "--checks", "not_a_server_error",
            "--phases", "coverage,fuzzing", "--max-examples", "20", "--seed", "0", "--workers", "1",
            "--request-timeout", "60", "--generation-database", "none"]
-    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its cache
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.integration.schemathesis_hooks",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, cwd=tmp_path,  # its cache
+                         env=env)
     tested = re.search(r"Tested: (\d+)", run.stdout)
     assert tested and int(tested.group(1)) >= 40, run.stdout[-3000:]  # the whole API, not an empty schema
     assert run.returncode == 0, run.stdout[-6000:]

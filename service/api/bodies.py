@@ -1,0 +1,234 @@
+"""The JSON request bodies, declared for the OpenAPI document (and so for generated clients and fuzzing).
+
+Handlers parse bodies themselves (`common.json_body`) so that every error is one problem+json naming the
+field at fault; these types only describe the wire shape. Nested configs reuse the dataclasses that validate
+them (`Hyperparameters`, `CurationConfig`, `GateConfig`, `Policy`, ...), and `tests/unit/test_request_bodies.py`
+checks that the top-level fields here are exactly the ones the services accept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar.openapi.spec import Operation, RequestBody
+from litestar.openapi.spec.media_type import OpenAPIMediaType
+
+from adapters.curation.config import CurationConfig
+from adapters.evaluation.gates import GateConfig
+from adapters.training.config import Hyperparameters, SearchSpec
+from monitoring.experiments import Guardrail, Policy
+
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+
+
+class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A body whose unknown fields are a 422."""
+
+
+# --- inference (OpenAI shaped; other OpenAI/vLLM sampling fields pass through to vLLM) ----------------------
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+Attributes = Annotated[dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=128)]],
+                       msgspec.Meta(max_length=16)]
+
+
+class _Inference(msgspec.Struct, kw_only=True):
+    model: Annotated[str, msgspec.Meta(description="a deployment name")]
+    user: Annotated[str, msgspec.Meta(description="the unit id experiments assign by")] | None = None
+    metadata: Annotated[Attributes, msgspec.Meta(description="group attributes stored with the completion")] | None = None
+    stream: bool = False
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+
+
+class ChatCompletionRequest(_Inference, kw_only=True):
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+
+
+class CompletionRequest(_Inference, kw_only=True):
+    prompt: Annotated[str, msgspec.Meta(min_length=1)]
+
+
+# --- deployments, keys ---------------------------------------------------------------------------------------
+class Triggers(msgspec.Struct, kw_only=True):
+    corrections: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    drift_share: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    schedule_seconds: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    job: Annotated[dict[str, Any], msgspec.Meta(description="a job body, as for POST /v1/fine_tuning/jobs")] | None = None
+
+
+class DeploymentConfig(msgspec.Struct, kw_only=True):
+    """Keys the service acts on; a PATCH sets a key to null to remove it."""
+
+    gates: GateConfig | None = None
+    eval_dataset_id: str | None = None
+    eval_max_rows: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    eval_dataset_max_rows: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    retention_rows: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    retention_path: str | None = None
+    eval_backend: Literal["hf_merged", "vllm"] | None = None
+    answer_choices: Annotated[list[str], msgspec.Meta(min_length=2, max_length=2000)] | None = None
+    triggers: Triggers | None = None
+
+
+class DeploymentCreate(_Body):
+    name: Name
+    base_model: str | None = None
+    config: DeploymentConfig | None = None
+
+
+class DeploymentPatch(_Body):
+    config: DeploymentConfig
+
+
+class Promote(_Body):
+    adapter_id: str
+    force: Annotated[bool, msgspec.Meta(description="promote an adapter that failed its gates (recorded)")] = False
+    reason: Annotated[str, msgspec.Meta(max_length=500)] | None = None
+
+
+class ApiKeyCreate(_Body):
+    name: Text
+    scope: Literal["app", "admin"] = "app"
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+class FeedbackItem(_Body):
+    """At least one of `rating` or `correction`."""
+
+    completion_id: Annotated[str, msgspec.Meta(min_length=1, description="x-tuneloop-completion-id")]
+    rating: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    correction: Annotated[str, msgspec.Meta(min_length=1, max_length=100_000)] | None = None
+    comment: Annotated[str, msgspec.Meta(max_length=100_000)] | None = None
+    attributes: Attributes | None = None
+    id: Annotated[Text, msgspec.Meta(description="a client id: a retry with the same id stores nothing new")] | None = None
+
+
+FeedbackBody = FeedbackItem | Annotated[list[FeedbackItem], msgspec.Meta(min_length=1, max_length=1000)]
+
+
+class DatasetCreate(_Body):
+    name: Text
+    deployment: str
+
+
+class TrainingRow(msgspec.Struct, kw_only=True):
+    """One line of an upload. The chat shape is shown; prompt/completion, preference (prompt/chosen/rejected)
+    and unpaired (prompt/completion/label) rows are accepted too (`adapters/curation/rows.py`)."""
+
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    attributes: Attributes | None = None
+
+
+Upload = Annotated[list[TrainingRow], msgspec.Meta(description="NDJSON: one row object per line")]
+
+
+class SnapshotCreate(_Body):
+    include_feedback: bool = False
+    curation: CurationConfig | None = None
+
+
+# --- training ------------------------------------------------------------------------------------------------
+class Method(_Body):
+    type: Literal["sft", "dpo", "kto"] = "sft"
+    hyperparameters: Hyperparameters | Literal["auto"] = "auto"
+
+
+class Goal(_Body):
+    metric: Literal["rating"] = "rating"
+
+
+class ExperimentSpec(_Body):
+    """An experiment of the new adapter against production (the variants are made for it)."""
+
+    goal: Goal | None = None
+    guardrails: list[Guardrail] | None = None
+    policy: Policy | None = None
+    seed: str | int | None = None
+
+
+class AutoDeploy(_Body):
+    experiment: ExperimentSpec
+
+
+class JobCreate(_Body):
+    deployment: str
+    snapshot_id: str | None = None
+    datasets: list[str] | None = None
+    include_feedback: bool = False
+    method: Method | None = None
+    search: SearchSpec | None = None
+    suffix: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_-]{1,40}$")] | None = None
+    seed: Annotated[int, msgspec.Meta(ge=0, lt=2**31)] | None = None
+    auto_deploy: AutoDeploy | None = None
+    curation: CurationConfig | None = None
+    parent_adapter_id: Annotated[str, msgspec.Meta(
+        description="continue from this adapter's weights (its LoRA shape is kept)")] | None = None
+
+
+# --- experiments ---------------------------------------------------------------------------------------------
+class VariantSpec(_Body):
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    adapter_id: Annotated[str | None, msgspec.Meta(description='an adapter id, "production", or null for the base')]
+    weight: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    force: bool = False
+
+
+class ExperimentCreate(_Body):
+    deployment: str
+    variants: Annotated[list[VariantSpec], msgspec.Meta(min_length=2)]
+    goal: Goal | None = None
+    guardrails: list[Guardrail] | None = None
+    policy: Policy | None = None
+    seed: str | int | None = None
+
+
+# --- wiring into the OpenAPI document ------------------------------------------------------------------------
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """msgspec's schema with every `$ref` replaced by its definition: litestar rebuilds the document's
+    component schemas from its own registry, so references into them would dangle."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _inline(defs[node["$ref"].rsplit("/", 1)[1]], defs)
+        return {k: _inline(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
+def json_schema(body_type: Any) -> dict[str, Any]:
+    schema = msgspec.json.schema(body_type)
+    out: dict[str, Any] = _inline({k: v for k, v in schema.items() if k != "$defs"}, schema.get("$defs", {}))
+    return out
+
+
+def _without_policy_guardrails(schema: dict[str, Any]) -> dict[str, Any]:
+    """`Policy.guardrails` is set from the body's top-level `guardrails`, not inside `policy`."""
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            if node.get("title") == "Policy":
+                node = {**node, "properties": {k: v for k, v in node["properties"].items() if k != "guardrails"}}
+            return {k: strip(v) for k, v in node.items()}
+        return [strip(v) for v in node] if isinstance(node, list) else node
+    return strip(schema)  # type: ignore[no-any-return]
+
+
+def body(body_type: Any, media_type: str = "application/json", description: str | None = None) -> type[Operation]:
+    """An `operation_class` for a route: its OpenAPI operation documents `body_type` as the request body."""
+    schema = _without_policy_guardrails(json_schema(body_type))
+    request_body = RequestBody(content={media_type: OpenAPIMediaType(schema=schema)},  # type: ignore[arg-type]
+                               description=description, required=True)
+
+    @dataclass
+    class WithBody(Operation):
+        def __post_init__(self) -> None:
+            self.request_body = request_body
+
+    return WithBody

@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     h.add_argument("--max-seq-len", type=int, default=96,
                    help="96 keeps 99.6%% of rows whole with SmolLM2's template (64 cuts ~8%% of prompts)")
     h.add_argument("--max-steps", type=int, default=None, help="cap optimizer steps (quick runs)")
+    h.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="bf16 trains about 2x faster on CPUs with BF16 units (auto: bf16 where the CPU has them)")
     h.add_argument("--replay-fraction", type=float, default=None,
                    help="share of the base model's own answers to general prompts mixed in against forgetting "
                         "(adapters/training/replay.py); default 0 (full) / 0.24 (feedback); raises max_seq_len to "
@@ -150,7 +152,7 @@ def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
                           "gradient_accumulation_steps": args.grad_accum, "learning_rate": args.lr,
                           "warmup_ratio": args.warmup_ratio, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
                           "lora_dropout": args.lora_dropout, "target_modules": tm, "max_seq_len": args.max_seq_len,
-                          "early_stopping_patience": 0, "seed": args.seed}
+                          "early_stopping_patience": 0, "seed": args.seed, "precision": args.precision}
     if args.max_steps:
         hp["max_steps"] = args.max_steps
     if args.replay_fraction:

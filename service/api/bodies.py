@@ -17,11 +17,13 @@ from litestar.openapi.spec.media_type import OpenAPIMediaType
 
 from adapters.curation.config import CurationConfig
 from adapters.evaluation.gates import GateConfig
-from adapters.training.config import Hyperparameters, SearchSpec
+from adapters.training.config import METHODS, Hyperparameters, SearchSpec
 from monitoring.experiments import Guardrail, Policy
+from service.auth import SCOPES
+from service.core.deployments import NAME_RE
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern)]
 
 
 class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -96,7 +98,7 @@ class Promote(_Body):
 
 class ApiKeyCreate(_Body):
     name: Text
-    scope: Literal["app", "admin"] = "app"
+    scope: Literal[SCOPES] = "app"  # type: ignore[valid-type]
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ class SnapshotCreate(_Body):
 
 # --- training ------------------------------------------------------------------------------------------------
 class Method(_Body):
-    type: Literal["sft", "dpo", "kto"] = "sft"
+    type: Literal[METHODS] = "sft"  # type: ignore[valid-type]
     hyperparameters: Hyperparameters | Literal["auto"] = "auto"
 
 

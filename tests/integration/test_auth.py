@@ -41,3 +41,12 @@ def test_bad_scope_is_rejected(service, scope: str) -> None:
     with service.client() as admin:
         r = admin.post("/v1/api-keys", json={"name": "x", "scope": scope})
     assert r.status_code == 422 and r.json()["field"] == "scope"
+
+
+@pytest.mark.parametrize(("body", "field"), [({"name": 5}, "name"), ({"name": ["a"]}, "name"), ({"name": ""}, "name"),
+                                             ({"name": "x", "scopes": "app"}, "scopes")])
+def test_bad_key_body_is_a_422_naming_the_field(service, body: dict, field: str) -> None:
+    """A non-string name was a 500 (len() of an int); a misspelt field was silently ignored."""
+    with service.client() as admin:
+        r = admin.post("/v1/api-keys", json=body)
+    assert r.status_code == 422 and r.json()["field"] == field, r.text

@@ -12,6 +12,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi.config import OpenAPIConfig
 
 from service.api import data, deployments, experiments, health, inference, keys, monitoring, training
+from service.api.common import reject_nul_parameters
 from service.context import AppContext
 from service.errors import ServiceError, problem_response
 from service.settings import Settings
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return Litestar(
         route_handlers=routes,
         lifespan=[lifespan],
+        before_request=reject_nul_parameters,
         exception_handlers={ServiceError: problem_response, HTTPException: problem_response,
                             Exception: problem_response},
         openapi_config=OpenAPIConfig(title="tuneloop", version="0.1.0"),

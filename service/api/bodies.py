@@ -24,6 +24,7 @@ from service.core.deployments import NAME_RE
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern)]
+DeploymentName = Annotated[str, msgspec.Meta(examples=["default"], description="a deployment name")]
 
 
 class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -118,7 +119,7 @@ FeedbackBody = FeedbackItem | Annotated[list[FeedbackItem], msgspec.Meta(min_len
 
 class DatasetCreate(_Body):
     name: Text
-    deployment: str
+    deployment: DeploymentName
 
 
 class TrainingRow(msgspec.Struct, kw_only=True):
@@ -161,7 +162,7 @@ class AutoDeploy(_Body):
 
 
 class JobCreate(_Body):
-    deployment: str
+    deployment: DeploymentName
     snapshot_id: str | None = None
     datasets: list[str] | None = None
     include_feedback: bool = False
@@ -184,7 +185,7 @@ class VariantSpec(_Body):
 
 
 class ExperimentCreate(_Body):
-    deployment: str
+    deployment: DeploymentName
     variants: Annotated[list[VariantSpec], msgspec.Meta(min_length=2)]
     goal: Goal | None = None
     guardrails: list[Guardrail] | None = None

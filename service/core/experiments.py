@@ -81,6 +81,9 @@ async def _resolve_variants(s: AsyncSession, deployment: Deployment, raw: Any) -
         if isinstance(weight, bool) or not isinstance(weight, int | float) or weight <= 0:
             raise Unprocessable("weight must be a positive number", field=f"variants[{i}].weight")
         ref = v.get("adapter_id")
+        if ref is not None and not isinstance(ref, str):
+            raise Unprocessable('adapter_id must be an adapter id, "production" or null (the base model)',
+                                field=f"variants[{i}].adapter_id")
         is_control = ref == "production"
         adapter_id = deployment.production_adapter_id if ref == "production" else ref
         if adapter_id is not None:

@@ -155,3 +155,14 @@ def test_promoting_the_winner_reuses_its_loaded_adapter(service, base_model_dir,
         assert after.headers["x-tuneloop-adapter"] == name  # same served name: not loaded again
         history = c.get(f"/v1/deployments/{dep}/history").json()["data"]
     assert history[-1]["adapter_id"] == adapter_id and history[-1]["type"] == "promote"
+
+
+@pytest.mark.parametrize(("variants", "field"), [
+    ([{"name": "a", "adapter_id": {}}, {"name": "b", "adapter_id": None}], "variants[0].adapter_id"),  # was a 500
+    ([{"name": "a", "adapter_id": None}, {"name": "b", "adapter_id": 7}], "variants[1].adapter_id"),
+    ([{"name": "a", "adapter_id": None}, {"name": "b", "adapter_id": None, "weight": 0}], "variants[1].weight")])
+def test_a_bad_variant_is_a_422_naming_it(service, variants: list, field: str) -> None:
+    """Found by schemathesis once request bodies were in the OpenAPI schema (test_api_fuzz.py)."""
+    with service.client() as c:
+        r = c.post("/v1/experiments", json={"deployment": "default", "variants": variants})
+    assert r.status_code == 422 and r.json()["field"] == field, r.text

@@ -208,26 +208,16 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
 
 def json_schema(body_type: Any) -> dict[str, Any]:
     schema = msgspec.json.schema(body_type)
-    out: dict[str, Any] = _inline({k: v for k, v in schema.items() if k != "$defs"}, schema.get("$defs", {}))
-    return out
+    defs = schema.pop("$defs", {})
+    if "Policy" in defs:  # `Policy.guardrails` comes from the body's top-level `guardrails`, not from `policy`
+        defs["Policy"]["properties"].pop("guardrails", None)
+    return _inline(schema, defs)  # type: ignore[no-any-return]
 
 
-def _without_policy_guardrails(schema: dict[str, Any]) -> dict[str, Any]:
-    """`Policy.guardrails` is set from the body's top-level `guardrails`, not inside `policy`."""
-    def strip(node: Any) -> Any:
-        if isinstance(node, dict):
-            if node.get("title") == "Policy":
-                node = {**node, "properties": {k: v for k, v in node["properties"].items() if k != "guardrails"}}
-            return {k: strip(v) for k, v in node.items()}
-        return [strip(v) for v in node] if isinstance(node, list) else node
-    return strip(schema)  # type: ignore[no-any-return]
-
-
-def body(body_type: Any, media_type: str = "application/json", description: str | None = None) -> type[Operation]:
+def body(body_type: Any, media_type: str = "application/json") -> type[Operation]:
     """An `operation_class` for a route: its OpenAPI operation documents `body_type` as the request body."""
-    schema = _without_policy_guardrails(json_schema(body_type))
-    request_body = RequestBody(content={media_type: OpenAPIMediaType(schema=schema)},  # type: ignore[arg-type]
-                               description=description, required=True)
+    request_body = RequestBody(content={media_type: OpenAPIMediaType(schema=json_schema(body_type))},  # type: ignore[arg-type]
+                               required=True)
 
     @dataclass
     class WithBody(Operation):

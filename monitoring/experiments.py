@@ -42,9 +42,10 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from msgspec import Meta
 from scipy import special, stats
 from statsmodels.stats.multitest import multipletests
 
@@ -358,7 +359,7 @@ class Guardrail:
     """
 
     metric: str
-    max_regression: float
+    max_regression: Annotated[float, Meta(ge=0)]
     relative: bool = True
 
     def __post_init__(self) -> None:
@@ -385,18 +386,19 @@ class Policy:
     * ``thompson_floor``: minimum traffic share per arm in thompson mode.
     """
 
+    # The `Meta` ranges put the checks below into the API's JSON schema (service/api/bodies.py); they are enforced here.
     mode: Literal["fixed", "thompson"] = "fixed"
-    alpha: float = 0.05
-    min_samples_per_variant: int = 200
-    max_duration_seconds: float = 14 * 24 * 3600.0
+    alpha: Annotated[float, Meta(gt=0, lt=0.5)] = 0.05
+    min_samples_per_variant: Annotated[int, Meta(ge=2)] = 200
+    max_duration_seconds: Annotated[float, Meta(gt=0)] = 14 * 24 * 3600.0
     auto_promote: bool = False
     auto_rollback: bool = True
-    ramp: tuple[float, ...] = ()
+    ramp: tuple[Annotated[float, Meta(gt=0, le=1)], ...] = ()
     guardrails: tuple[Guardrail, ...] = ()
-    srm_threshold: float = 0.001
-    cs_tuning_n: int = 2000
-    guardrail_min_samples: int = 50
-    thompson_floor: float = 0.05
+    srm_threshold: Annotated[float, Meta(gt=0, lt=1)] = 0.001
+    cs_tuning_n: Annotated[int, Meta(ge=1)] = 2000
+    guardrail_min_samples: Annotated[int, Meta(ge=2)] = 50
+    thompson_floor: Annotated[float, Meta(ge=0, lt=0.5)] = 0.05
 
     def __post_init__(self) -> None:
         if self.mode not in ("fixed", "thompson"):

@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import openapi_conformance
+
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -111,7 +113,8 @@ class Service:
     log_path: Path
 
     def client(self, key: str | None = None, timeout: float = 120.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout,
+        """A client whose every JSON response is checked against the OpenAPI document (`openapi_conformance`)."""
+        return httpx.Client(base_url=self.url, timeout=timeout, event_hooks={"response": [openapi_conformance.check]},
                             headers={"Authorization": f"Bearer {key or self.admin_key}"})
 
     def log_text(self) -> str:

@@ -3,17 +3,15 @@
 Handlers parse bodies themselves (`common.json_body`) so that every error is one problem+json naming the
 field at fault; these types only describe the wire shape. Nested configs reuse the dataclasses that validate
 them (`Hyperparameters`, `CurationConfig`, `GateConfig`, `Policy`, ...), and `tests/unit/test_request_bodies.py`
-checks that the top-level fields here are exactly the ones the services accept.
+checks that the top-level fields here are exactly the ones the services accept. `openapi.operation` puts
+them into the document.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar.openapi.spec import Operation, RequestBody
-from litestar.openapi.spec.media_type import OpenAPIMediaType
 
 from adapters.curation.config import CurationConfig
 from adapters.evaluation.gates import GateConfig
@@ -191,37 +189,3 @@ class ExperimentCreate(_Body):
     guardrails: list[Guardrail] | None = None
     policy: Policy | None = None
     seed: str | int | None = None
-
-
-# --- wiring into the OpenAPI document ------------------------------------------------------------------------
-def _inline(node: Any, defs: dict[str, Any]) -> Any:
-    """msgspec's schema with every `$ref` replaced by its definition: litestar rebuilds the document's
-    component schemas from its own registry, so references into them would dangle."""
-    if isinstance(node, dict):
-        if "$ref" in node:
-            return _inline(defs[node["$ref"].rsplit("/", 1)[1]], defs)
-        return {k: _inline(v, defs) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_inline(v, defs) for v in node]
-    return node
-
-
-def json_schema(body_type: Any) -> dict[str, Any]:
-    schema = msgspec.json.schema(body_type)
-    defs = schema.pop("$defs", {})
-    if "Policy" in defs:  # `Policy.guardrails` comes from the body's top-level `guardrails`, not from `policy`
-        defs["Policy"]["properties"].pop("guardrails", None)
-    return _inline(schema, defs)  # type: ignore[no-any-return]
-
-
-def body(body_type: Any, media_type: str = "application/json") -> type[Operation]:
-    """An `operation_class` for a route: its OpenAPI operation documents `body_type` as the request body."""
-    request_body = RequestBody(content={media_type: OpenAPIMediaType(schema=json_schema(body_type))},  # type: ignore[arg-type]
-                               required=True)
-
-    @dataclass
-    class WithBody(Operation):
-        def __post_init__(self) -> None:
-            self.request_body = request_body
-
-    return WithBody

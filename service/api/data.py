@@ -8,8 +8,9 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.response import Response as LResponse
 
-from service.api import bodies
+from service.api import bodies, responses
 from service.api.common import ctx_of, json_body, json_object, row_cursor, wants_html
+from service.api.openapi import TEXT, operation
 from service.auth import admin_scope, app_scope
 from service.core.datasets import dataset_json, snapshot_job_json, snapshot_json
 from service.core.feedback import feedback_json
@@ -18,7 +19,8 @@ from service.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
 NDJSON_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson"}
 
 
-@post("/v1/feedback", guards=[app_scope], status_code=201, operation_class=bodies.body(bodies.FeedbackBody))
+@post("/v1/feedback", guards=[app_scope], status_code=201,
+      operation_class=operation(responses.FeedbackIds, bodies.FeedbackBody, status=201))
 async def post_feedback(request: Request[Any, Any, Any]) -> dict[str, Any]:
     ctx = ctx_of(request)
     body = await json_body(request, ctx.settings.max_request_bytes)
@@ -26,7 +28,7 @@ async def post_feedback(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return {"object": "list", "ids": ids}
 
 
-@get("/v1/feedback", guards=[admin_scope])
+@get("/v1/feedback", guards=[admin_scope], operation_class=operation(responses.FeedbackPage))
 async def list_feedback(request: Request[Any, Any, Any], deployment: str | None = None, since: float | None = None,
                         cursor: int | None = None, limit: int = 100) -> dict[str, Any]:
     if not 1 <= limit <= 1000:
@@ -36,25 +38,26 @@ async def list_feedback(request: Request[Any, Any, Any], deployment: str | None 
             "has_more": next_cursor is not None}
 
 
-@post("/v1/datasets", guards=[admin_scope], status_code=201, operation_class=bodies.body(bodies.DatasetCreate))
+@post("/v1/datasets", guards=[admin_scope], status_code=201,
+      operation_class=operation(responses.Dataset, bodies.DatasetCreate, status=201))
 async def create_dataset(request: Request[Any, Any, Any]) -> dict[str, Any]:
     body = await json_object(request, bodies.DatasetCreate)
     return dataset_json(await ctx_of(request).datasets.create(body.get("name"), body.get("deployment")), 0)
 
 
-@get("/v1/datasets", guards=[admin_scope])
+@get("/v1/datasets", guards=[admin_scope], operation_class=operation(responses.Page[responses.Dataset]))
 async def list_datasets(request: Request[Any, Any, Any], deployment: str | None = None) -> dict[str, Any]:
     return {"object": "list", "data": [dataset_json(d) for d in await ctx_of(request).datasets.list(deployment)]}
 
 
-@get("/v1/datasets/{dataset_id:str}", guards=[admin_scope])
+@get("/v1/datasets/{dataset_id:str}", guards=[admin_scope], operation_class=operation(responses.Dataset))
 async def get_dataset(request: Request[Any, Any, Any], dataset_id: str) -> dict[str, Any]:
     svc = ctx_of(request).datasets
     return dataset_json(await svc.get(dataset_id), await svc.record_count(dataset_id))
 
 
 @post("/v1/datasets/{dataset_id:str}/records", guards=[app_scope], status_code=201,
-      operation_class=bodies.body(bodies.Upload, "application/x-ndjson"))
+      operation_class=operation(responses.UploadResult, bodies.Upload, status=201, body_media_type="application/x-ndjson"))
 async def upload_records(request: Request[Any, Any, Any], dataset_id: str, on_error: str = "reject") -> dict[str, Any]:
     ctx = ctx_of(request)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -82,7 +85,7 @@ async def upload_records(request: Request[Any, Any, Any], dataset_id: str, on_er
 
 
 @post("/v1/datasets/{dataset_id:str}/snapshots", guards=[admin_scope], status_code=202,
-      operation_class=bodies.body(bodies.SnapshotCreate))
+      operation_class=operation(responses.SnapshotJob, bodies.SnapshotCreate, status=202))
 async def create_snapshot(request: Request[Any, Any, Any], dataset_id: str) -> dict[str, Any]:
     """Queue the curation of a snapshot; poll `GET /v1/snapshot_jobs/{id}` for its `snapshot_id`."""
     ctx = ctx_of(request)
@@ -93,22 +96,24 @@ async def create_snapshot(request: Request[Any, Any, Any], dataset_id: str) -> d
     return snapshot_job_json(await ctx.datasets.queue_snapshot(sources))
 
 
-@get("/v1/snapshot_jobs/{job_id:str}", guards=[admin_scope])
+@get("/v1/snapshot_jobs/{job_id:str}", guards=[admin_scope], operation_class=operation(responses.SnapshotJob))
 async def get_snapshot_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
     return snapshot_job_json(await ctx_of(request).jobs.get(job_id, kind="snapshot"))
 
 
-@post("/v1/snapshot_jobs/{job_id:str}/cancel", guards=[admin_scope], status_code=200)
+@post("/v1/snapshot_jobs/{job_id:str}/cancel", guards=[admin_scope], status_code=200,
+      operation_class=operation(responses.SnapshotJob))
 async def cancel_snapshot_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
     return snapshot_job_json(await ctx_of(request).jobs.cancel(job_id, kind="snapshot"))
 
 
-@get("/v1/snapshots/{snapshot_id:str}", guards=[admin_scope])
+@get("/v1/snapshots/{snapshot_id:str}", guards=[admin_scope], operation_class=operation(responses.Snapshot))
 async def get_snapshot(request: Request[Any, Any, Any], snapshot_id: str) -> dict[str, Any]:
     return snapshot_json(await ctx_of(request).datasets.get_snapshot(snapshot_id))
 
 
-@get("/v1/snapshots/{snapshot_id:str}/report", guards=[admin_scope])
+@get("/v1/snapshots/{snapshot_id:str}/report", guards=[admin_scope],
+     operation_class=operation(responses.Report, alternatives={"text/html": TEXT}))
 async def snapshot_report(request: Request[Any, Any, Any], snapshot_id: str) -> Response[Any]:
     snap = await ctx_of(request).datasets.get_snapshot(snapshot_id)
     if wants_html(request):

@@ -6,15 +6,17 @@ from typing import Any
 
 from litestar import Request, get, patch, post
 
-from service.api import bodies
+from service.api import bodies, responses
 from service.api.common import ctx_of, json_object
+from service.api.openapi import operation
 from service.auth import admin_scope, app_scope
 from service.core.deployments import deployment_json
 from service.core.routing import BASE_NAME, Target
 from service.errors import Unprocessable
 
 
-@post("/v1/deployments", guards=[admin_scope], status_code=201, operation_class=bodies.body(bodies.DeploymentCreate))
+@post("/v1/deployments", guards=[admin_scope], status_code=201,
+      operation_class=operation(responses.Deployment, bodies.DeploymentCreate, status=201))
 async def create_deployment(request: Request[Any, Any, Any]) -> dict[str, Any]:
     body = await json_object(request, bodies.DeploymentCreate)
     ctx = ctx_of(request)
@@ -23,7 +25,8 @@ async def create_deployment(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return {**deployment_json(dep), "serving": BASE_NAME}
 
 
-@patch("/v1/deployments/{name:str}", guards=[admin_scope], operation_class=bodies.body(bodies.DeploymentPatch))
+@patch("/v1/deployments/{name:str}", guards=[admin_scope],
+       operation_class=operation(responses.Deployment, bodies.DeploymentPatch))
 async def update_deployment(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
     """Merge `config` keys (gates, eval_dataset_id, triggers, …) into the deployment's config."""
     body = await json_object(request, bodies.DeploymentPatch)
@@ -32,13 +35,13 @@ async def update_deployment(request: Request[Any, Any, Any], name: str) -> dict[
     return deployment_json(await ctx_of(request).deployments.update_config(name, body["config"]))
 
 
-@get("/v1/deployments", guards=[app_scope])
+@get("/v1/deployments", guards=[app_scope], operation_class=operation(responses.Page[responses.Deployment]))
 async def list_deployments(request: Request[Any, Any, Any]) -> dict[str, Any]:
     deps = await ctx_of(request).deployments.list()
     return {"object": "list", "data": [deployment_json(d) for d in deps]}
 
 
-@get("/v1/deployments/{name:str}", guards=[app_scope])
+@get("/v1/deployments/{name:str}", guards=[app_scope], operation_class=operation(responses.Deployment))
 async def get_deployment(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
     ctx = ctx_of(request)
     out = deployment_json(await ctx.deployments.get(name))

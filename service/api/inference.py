@@ -7,11 +7,14 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 
-from service.api import bodies
+from service.api import bodies, responses
 from service.api.common import ctx_of, json_body
+from service.api.openapi import TEXT, operation
 from service.auth import admin_scope, app_scope
 from service.errors import NotFound
 from service.storage.models import Completion
+
+SSE = {"text/event-stream": TEXT}  # `"stream": true`: OpenAI-style chunks, then `data: [DONE]`
 
 
 async def _serve(request: Request[Any, Any, Any], kind: str) -> Response[Any]:
@@ -26,17 +29,18 @@ async def _serve(request: Request[Any, Any, Any], kind: str) -> Response[Any]:
 
 
 @post("/v1/chat/completions", guards=[app_scope], status_code=200,
-      operation_class=bodies.body(bodies.ChatCompletionRequest))
+      operation_class=operation(responses.ChatCompletion, bodies.ChatCompletionRequest, alternatives=SSE))
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     return await _serve(request, "chat")
 
 
-@post("/v1/completions", guards=[app_scope], status_code=200, operation_class=bodies.body(bodies.CompletionRequest))
+@post("/v1/completions", guards=[app_scope], status_code=200,
+      operation_class=operation(responses.TextCompletion, bodies.CompletionRequest, alternatives=SSE))
 async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
     return await _serve(request, "text")
 
 
-@get("/v1/models", guards=[app_scope])
+@get("/v1/models", guards=[app_scope], operation_class=operation(responses.Page[responses.Model]))
 async def list_models(request: Request[Any, Any, Any]) -> dict[str, Any]:
     deps = await ctx_of(request).deployments.list()
     return {"object": "list", "data": [{"id": d.name, "object": "model", "created": int(d.created_at),
@@ -55,7 +59,7 @@ def completion_json(c: Completion) -> dict[str, Any]:
             "created_at": int(c.created_at)}
 
 
-@get("/v1/completions/{completion_id:str}", guards=[admin_scope])
+@get("/v1/completions/{completion_id:str}", guards=[admin_scope], operation_class=operation(responses.CompletionLog))
 async def get_completion(request: Request[Any, Any, Any], completion_id: str) -> dict[str, Any]:
     async with ctx_of(request).sessions() as s:
         c = await s.get(Completion, completion_id)

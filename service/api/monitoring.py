@@ -9,7 +9,9 @@ from typing import Any
 from litestar import Request, Response, get, post
 from sqlalchemy import select
 
+from service.api import responses
 from service.api.common import ctx_of
+from service.api.openapi import TEXT, operation
 from service.auth import admin_scope
 from service.core.drift import drift_job_json, queue_drift_job
 from service.errors import NotFound, Unprocessable
@@ -31,12 +33,12 @@ def _run_json(r: MonitorRun) -> dict[str, Any]:
     return {"id": r.id, "deployment": r.deployment, "kind": r.kind, "created_at": r.created_at, **(r.data or {})}
 
 
-@get("/v1/monitoring/drift", guards=[admin_scope])
+@get("/v1/monitoring/drift", guards=[admin_scope], operation_class=operation(responses.Page[responses.MonitorRun]))
 async def drift_history(request: Request[Any, Any, Any], deployment: str, limit: int = 50) -> dict[str, Any]:
     return {"object": "list", "data": [_run_json(r) for r in await _runs(request, deployment, "drift", limit)]}
 
 
-@get("/v1/monitoring/drift/report", guards=[admin_scope])
+@get("/v1/monitoring/drift/report", guards=[admin_scope], operation_class=operation(alternatives={"text/html": TEXT}))
 async def drift_report(request: Request[Any, Any, Any], deployment: str) -> Response[str]:
     runs = [r for r in await _runs(request, deployment, "drift", 20) if r.html_path and Path(r.html_path).exists()]
     if not runs:
@@ -44,7 +46,7 @@ async def drift_report(request: Request[Any, Any, Any], deployment: str) -> Resp
     return Response(Path(runs[0].html_path).read_text(), media_type="text/html")  # type: ignore[arg-type]
 
 
-@get("/v1/monitoring/fairness", guards=[admin_scope])
+@get("/v1/monitoring/fairness", guards=[admin_scope], operation_class=operation(responses.Page[responses.MonitorRun]))
 async def fairness(request: Request[Any, Any, Any], deployment: str, attribute: str | None = None,
                    limit: int = 20) -> dict[str, Any]:
     out = []
@@ -56,12 +58,13 @@ async def fairness(request: Request[Any, Any, Any], deployment: str, attribute: 
     return {"object": "list", "data": out}
 
 
-@get("/v1/monitoring/triggers", guards=[admin_scope])
+@get("/v1/monitoring/triggers", guards=[admin_scope], operation_class=operation(responses.Page[responses.MonitorRun]))
 async def triggers(request: Request[Any, Any, Any], deployment: str, limit: int = 50) -> dict[str, Any]:
     return {"object": "list", "data": [_run_json(r) for r in await _runs(request, deployment, "trigger", limit)]}
 
 
-@post("/v1/monitoring/run", guards=[admin_scope], status_code=202)
+@post("/v1/monitoring/run", guards=[admin_scope], status_code=202,
+      operation_class=operation(responses.MonitorAccepted, status=202))
 async def run_now(request: Request[Any, Any, Any], deployment: str) -> dict[str, Any]:
     """Queue a drift job (the worker runs it) and run fairness and the triggers now, in the background."""
     from service.core.monitor import Monitor
@@ -81,11 +84,12 @@ async def run_now(request: Request[Any, Any, Any], deployment: str) -> dict[str,
     return {"status": "accepted", "deployment": deployment, "drift_job": drift_job_json(job)}
 
 
-@get("/v1/monitoring/drift_jobs/{job_id:str}", guards=[admin_scope])
+@get("/v1/monitoring/drift_jobs/{job_id:str}", guards=[admin_scope], operation_class=operation(responses.DriftJob))
 async def get_drift_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
     return drift_job_json(await ctx_of(request).jobs.get(job_id, kind="drift"))
 
 
-@post("/v1/monitoring/drift_jobs/{job_id:str}/cancel", guards=[admin_scope], status_code=200)
+@post("/v1/monitoring/drift_jobs/{job_id:str}/cancel", guards=[admin_scope], status_code=200,
+      operation_class=operation(responses.DriftJob))
 async def cancel_drift_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
     return drift_job_json(await ctx_of(request).jobs.cancel(job_id, kind="drift"))

@@ -12,8 +12,9 @@ from litestar import Request, Response, get, post
 from litestar.response import Stream
 from sqlalchemy import select
 
-from service.api import bodies
+from service.api import bodies, responses
 from service.api.common import ctx_of, json_body, json_object, row_cursor, wants_html
+from service.api.openapi import TEXT, operation
 from service.auth import admin_scope
 from service.core.datasets import snapshot_job_json
 from service.core.drift import drift_job_json
@@ -33,12 +34,13 @@ def adapter_json(a: Adapter) -> dict[str, Any]:
 
 
 # --- jobs -------------------------------------------------------------------------------------------------
-@post("/v1/fine_tuning/jobs", guards=[admin_scope], status_code=201, operation_class=bodies.body(bodies.JobCreate))
+@post("/v1/fine_tuning/jobs", guards=[admin_scope], status_code=201,
+      operation_class=operation(responses.FineTuningJob, bodies.JobCreate, status=201))
 async def create_job(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return job_json(await ctx_of(request).jobs.create(await json_body(request)))
 
 
-@get("/v1/fine_tuning/jobs", guards=[admin_scope])
+@get("/v1/fine_tuning/jobs", guards=[admin_scope], operation_class=operation(responses.Page[responses.FineTuningJob]))
 async def list_jobs(request: Request[Any, Any, Any], deployment: str | None = None, after: str | None = None,
                     limit: int = 20) -> dict[str, Any]:
     if not 1 <= limit <= 100:
@@ -47,18 +49,20 @@ async def list_jobs(request: Request[Any, Any, Any], deployment: str | None = No
     return {"object": "list", "data": [job_json(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
 
 
-@get("/v1/fine_tuning/jobs/{job_id:str}", guards=[admin_scope])
+@get("/v1/fine_tuning/jobs/{job_id:str}", guards=[admin_scope], operation_class=operation(responses.FineTuningJob))
 async def get_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
     return job_json(await ctx_of(request).jobs.get(job_id))
 
 
-@post("/v1/fine_tuning/jobs/{job_id:str}/cancel", guards=[admin_scope], status_code=200)
+@post("/v1/fine_tuning/jobs/{job_id:str}/cancel", guards=[admin_scope], status_code=200,
+      operation_class=operation(responses.FineTuningJob))
 async def cancel_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
     return job_json(await ctx_of(request).jobs.cancel(job_id))
 
 
 @get(["/v1/fine_tuning/jobs/{job_id:str}/events", "/v1/snapshot_jobs/{job_id:str}/events",
-      "/v1/monitoring/drift_jobs/{job_id:str}/events"], guards=[admin_scope])
+      "/v1/monitoring/drift_jobs/{job_id:str}/events"], guards=[admin_scope],
+     operation_class=operation(responses.Page[responses.JobEvent], alternatives={"text/event-stream": TEXT}))
 async def job_events(request: Request[Any, Any, Any], job_id: str, after: int | None = None, limit: int = 1000,
                      stream: bool = False) -> Response[Any]:
     """Events as a JSON list, or as a server-sent event stream (`?stream=true` or `Accept: text/event-stream`)."""
@@ -91,7 +95,8 @@ async def _kind(ctx: Any, job_id: str) -> str:
     return {"evjob": "evaluation", "snapjob": "snapshot", "driftjob": "drift"}.get(job_id.split("-")[0], "fine_tune")
 
 
-@get("/v1/fine_tuning/jobs/{job_id:str}/checkpoints", guards=[admin_scope])
+@get("/v1/fine_tuning/jobs/{job_id:str}/checkpoints", guards=[admin_scope],
+     operation_class=operation(responses.Page[responses.Checkpoint]))
 async def job_checkpoints(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
     ctx = ctx_of(request)
     job = await ctx.jobs.get(job_id)
@@ -105,7 +110,7 @@ async def job_checkpoints(request: Request[Any, Any, Any], job_id: str) -> dict[
 
 
 # --- adapters ---------------------------------------------------------------------------------------------
-@get("/v1/adapters", guards=[admin_scope])
+@get("/v1/adapters", guards=[admin_scope], operation_class=operation(responses.Page[responses.Adapter]))
 async def list_adapters(request: Request[Any, Any, Any], deployment: str | None = None) -> dict[str, Any]:
     q = select(Adapter).order_by(Adapter.created_at)
     if deployment:
@@ -114,7 +119,7 @@ async def list_adapters(request: Request[Any, Any, Any], deployment: str | None 
         return {"object": "list", "data": [adapter_json(a) for a in (await s.execute(q)).scalars()]}
 
 
-@get("/v1/adapters/{adapter_id:str}", guards=[admin_scope])
+@get("/v1/adapters/{adapter_id:str}", guards=[admin_scope], operation_class=operation(responses.Adapter))
 async def get_adapter(request: Request[Any, Any, Any], adapter_id: str) -> dict[str, Any]:
     async with ctx_of(request).sessions() as s:
         a = await s.get(Adapter, adapter_id)
@@ -123,23 +128,26 @@ async def get_adapter(request: Request[Any, Any, Any], adapter_id: str) -> dict[
     return adapter_json(a)
 
 
-@post("/v1/adapters/{adapter_id:str}/evaluations", guards=[admin_scope], status_code=201)
+@post("/v1/adapters/{adapter_id:str}/evaluations", guards=[admin_scope], status_code=201,
+      operation_class=operation(responses.Evaluation, status=201))
 async def request_evaluation(request: Request[Any, Any, Any], adapter_id: str) -> dict[str, Any]:
     return evaluation_json(await ctx_of(request).evaluations.request(adapter_id))
 
 
-@get("/v1/adapters/{adapter_id:str}/evaluations", guards=[admin_scope])
+@get("/v1/adapters/{adapter_id:str}/evaluations", guards=[admin_scope],
+     operation_class=operation(responses.Page[responses.Evaluation]))
 async def adapter_evaluations(request: Request[Any, Any, Any], adapter_id: str) -> dict[str, Any]:
     return {"object": "list", "data": [evaluation_json(e) for e in
                                        await ctx_of(request).evaluations.for_adapter(adapter_id)]}
 
 
-@get("/v1/evaluations/{evaluation_id:str}", guards=[admin_scope])
+@get("/v1/evaluations/{evaluation_id:str}", guards=[admin_scope], operation_class=operation(responses.Evaluation))
 async def get_evaluation(request: Request[Any, Any, Any], evaluation_id: str) -> dict[str, Any]:
     return evaluation_json(await ctx_of(request).evaluations.get(evaluation_id))
 
 
-@get("/v1/evaluations/{evaluation_id:str}/report", guards=[admin_scope])
+@get("/v1/evaluations/{evaluation_id:str}/report", guards=[admin_scope],
+     operation_class=operation(responses.Report, alternatives={"text/html": TEXT}))
 async def evaluation_report(request: Request[Any, Any, Any], evaluation_id: str) -> Response[Any]:
     ev = await ctx_of(request).evaluations.get(evaluation_id)
     if ev.status in ("queued", "running"):
@@ -154,7 +162,7 @@ async def evaluation_report(request: Request[Any, Any, Any], evaluation_id: str)
 
 # --- serving: promote / rollback / history --------------------------------------------------------------
 @post("/v1/deployments/{name:str}/promote", guards=[admin_scope], status_code=200,
-      operation_class=bodies.body(bodies.Promote))
+      operation_class=operation(responses.DeploymentEvent, bodies.Promote))
 async def promote(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
     body = await json_object(request, bodies.Promote)
     if "adapter_id" not in body:
@@ -167,11 +175,12 @@ async def promote(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
     return history_json(event)
 
 
-@post("/v1/deployments/{name:str}/rollback", guards=[admin_scope], status_code=200)
+@post("/v1/deployments/{name:str}/rollback", guards=[admin_scope], status_code=200,
+      operation_class=operation(responses.DeploymentEvent))
 async def rollback(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
     return history_json(await ctx_of(request).serving.rollback(name))
 
 
-@get("/v1/deployments/{name:str}/history", guards=[admin_scope])
+@get("/v1/deployments/{name:str}/history", guards=[admin_scope], operation_class=operation(responses.Page[responses.DeploymentEvent]))
 async def history(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
     return {"object": "list", "data": [history_json(e) for e in await ctx_of(request).serving.history(name)]}

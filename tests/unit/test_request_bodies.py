@@ -53,3 +53,23 @@ def test_body_schemas_are_self_contained(openapi: dict[str, Any]) -> None:
     policy = openapi["paths"]["/v1/experiments"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     policy_props = next(s for s in policy["properties"]["policy"]["anyOf"] if s.get("type") == "object")["properties"]
     assert "alpha" in policy_props and "guardrails" not in policy_props  # guardrails sit at the top level
+
+
+def test_cross_field_rules_and_ranges_are_in_the_schema(openapi: dict[str, Any]) -> None:
+    """What the handlers check beyond types: a feedback item needs a rating or a correction, and policy
+    values have ranges (from `Policy`'s own field annotations)."""
+    from jsonschema import Draft202012Validator
+
+    feedback = Draft202012Validator(
+        openapi["paths"]["/v1/feedback"]["post"]["requestBody"]["content"]["application/json"]["schema"])
+    assert feedback.is_valid({"completion_id": "c", "rating": 1})
+    assert feedback.is_valid([{"completion_id": "c", "correction": "card_arrival"}])
+    assert not feedback.is_valid({"completion_id": "c", "comment": "neither"})
+    assert not feedback.is_valid([{"completion_id": "c"}])
+    experiment = Draft202012Validator(
+        openapi["paths"]["/v1/experiments"]["post"]["requestBody"]["content"]["application/json"]["schema"])
+    body = {"deployment": "d", "variants": [{"name": "a", "adapter_id": None}, {"name": "b", "adapter_id": "x"}]}
+    assert experiment.is_valid({**body, "policy": {"alpha": 0.05, "ramp": [0.1, 0.5]}})
+    assert not experiment.is_valid({**body, "policy": {"alpha": 0.5}})
+    assert not experiment.is_valid({**body, "policy": {"ramp": [0.5, 1.5]}})
+    assert not experiment.is_valid({**body, "guardrails": [{"metric": "rating", "max_regression": -1}]})

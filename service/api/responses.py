@@ -1,0 +1,348 @@
+"""The JSON response bodies, declared for the OpenAPI document (and so for generated clients).
+
+Handlers build their responses as dicts (`*_json` in `service.core`); these types only describe them, and the
+tests hold the two together: every JSON response a test receives from the real service is validated against
+the documented schema (`tests/openapi_conformance.py`), and the fuzz test checks it with schemathesis too.
+Open-ended parts (metrics, configs, statistics, reports) are objects whose keys the docs describe.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+Object = dict[str, Any]
+Timestamp = Annotated[int, msgspec.Meta(description="Unix seconds")]
+Instant = Annotated[float, msgspec.Meta(description="Unix seconds, fractional")]
+
+
+class _Out(msgspec.Struct, kw_only=True):
+    """A response object: a field without a default is always present (null where it has no value)."""
+
+
+class Problem(_Out, kw_only=True):
+    """RFC 9457 problem details: every error response (`application/problem+json`)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    field: Annotated[str, msgspec.Meta(description="the request field (or NDJSON line) at fault")] | None = None
+    errors: list[Object] | None = None
+
+
+class Page(_Out, Generic[T], kw_only=True):
+    object: Literal["list"]
+    data: list[T]
+    has_more: Annotated[bool, msgspec.Meta(description="paged lists only")] = False
+
+
+# --- health ----------------------------------------------------------------------------------------------
+class Health(_Out, kw_only=True):
+    status: Literal["ok"]
+
+
+class Ready(_Out, kw_only=True):
+    status: Literal["ready", "not ready"]
+    database: bool
+    vllm: bool
+
+
+# --- inference (OpenAI shaped; vLLM's other fields pass through) -----------------------------------------
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatMessageOut(msgspec.Struct, kw_only=True):
+    role: str
+    content: str | None
+
+
+class ChatChoice(msgspec.Struct, kw_only=True):
+    index: int
+    message: ChatMessageOut
+    finish_reason: str | None
+
+
+class ChatCompletion(msgspec.Struct, kw_only=True):
+    id: Annotated[str, msgspec.Meta(description="the completion id: feedback refers to it")]
+    object: Literal["chat.completion"]
+    created: int
+    model: Annotated[str, msgspec.Meta(description="the deployment")]
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TextChoice(msgspec.Struct, kw_only=True):
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+class TextCompletion(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class Model(_Out, kw_only=True):
+    id: str
+    object: Literal["model"]
+    created: Timestamp
+    owned_by: str
+
+
+class CompletionLog(_Out, kw_only=True):
+    object: Literal["completion.log"]
+    id: str
+    deployment: str
+    adapter: Annotated[str, msgspec.Meta(description="the served name that answered")]
+    adapter_id: str | None
+    experiment_id: str | None
+    variant: str | None
+    user: str | None
+    metadata: Object | None
+    kind: Literal["chat", "text"]
+    messages: Annotated[Any, msgspec.Meta(description="chat completions: the request's messages")] = None
+    prompt: Annotated[Any, msgspec.Meta(description="text completions: the prompt")] = None
+    output: str | None
+    finish_reason: str | None
+    usage: Usage
+    latency_seconds: float | None
+    stream: bool
+    error: str | None
+    created_at: Timestamp
+
+
+# --- deployments, keys, serving --------------------------------------------------------------------------
+class Deployment(_Out, kw_only=True):
+    object: Literal["deployment"]
+    name: str
+    id: str
+    base_model: str
+    production_adapter_id: str | None
+    config: Object
+    created_at: Timestamp
+    serving: Annotated[str | None, msgspec.Meta(description="the served name production routes to")] = None
+
+
+class ApiKey(_Out, kw_only=True):
+    object: Literal["api_key"]
+    id: str
+    name: str
+    scope: Literal["app", "admin"]
+    key: Annotated[str, msgspec.Meta(description="shown once, here")]
+    created_at: Timestamp
+
+
+class DeploymentEvent(_Out, kw_only=True):
+    object: Literal["deployment.event"]
+    id: int
+    deployment: str
+    type: str
+    adapter_id: str | None
+    previous_adapter_id: str | None
+    forced: bool
+    reason: str | None
+    created_at: Instant
+
+
+# --- data ------------------------------------------------------------------------------------------------
+class FeedbackIds(_Out, kw_only=True):
+    object: Literal["list"]
+    ids: Annotated[list[int], msgspec.Meta(description="one per item, in the order sent")]
+
+
+class Feedback(_Out, kw_only=True):
+    object: Literal["feedback"]
+    id: int
+    client_id: str | None
+    completion_id: str | None
+    deployment: str
+    rating: float | None
+    correction: str | None
+    comment: str | None
+    attributes: Object | None
+    created_at: Instant
+
+
+class FeedbackPage(Page[Feedback], kw_only=True):
+    next_cursor: int | None = None
+
+
+class Dataset(_Out, kw_only=True):
+    object: Literal["dataset"]
+    id: str
+    name: str
+    deployment: str
+    created_at: Timestamp
+    records: Annotated[int, msgspec.Meta(description="on create and show")] = 0
+
+
+class UploadResult(_Out, kw_only=True):
+    object: Literal["dataset.upload"]
+    id: str
+    accepted: int
+    duplicates: int
+    rejected: int
+    errors: Annotated[list[Object], msgspec.Meta(description="per bad line: its number, field and message")]
+
+
+class Snapshot(_Out, kw_only=True):
+    object: Literal["snapshot"]
+    id: str
+    dataset_id: str | None
+    deployment: str
+    counts: Object
+    curation: Object
+    feedback_range: Annotated[list[Any] | None, msgspec.Meta(description="the feedback ids it holds: [first, last]")]
+    created_at: Timestamp
+
+
+class Report(msgspec.Struct, kw_only=True):
+    """A report as JSON (`text/html` gives the page); its sections are described in the README."""
+
+    object: Literal["snapshot.report", "evaluation.report"]
+
+
+# --- jobs ------------------------------------------------------------------------------------------------
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class _JobTimes(_Out, kw_only=True):
+    id: str
+    status: JobStatus
+    deployment: str
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    attempts: int
+    error: Object | str | None
+
+
+class SnapshotJob(_JobTimes, kw_only=True):
+    object: Literal["snapshot.job"]
+    snapshot_id: Annotated[str | None, msgspec.Meta(description="set when the job has succeeded")]
+    sources: Object | None
+
+
+class FineTuningJob(_JobTimes, kw_only=True):
+    object: Literal["fine_tuning.job"]
+    model: str
+    method: str | None
+    snapshot_id: str | None
+    hyperparameters: Object | None
+    trained_tokens: int | None
+    metrics: Object | None
+    adapter_id: str | None
+    fine_tuned_model: str | None
+    suffix: str | None
+    seed: int | None
+    search: Object | None
+    auto_deploy: Object | None
+    parent_adapter_id: str | None
+
+
+class DriftJob(_JobTimes, kw_only=True):
+    object: Literal["drift.job"]
+    result: Object | None
+
+
+class JobEvent(_Out, kw_only=True):
+    object: Literal["fine_tuning.job.event"]
+    id: int
+    created_at: Instant
+    type: str
+    level: str
+    message: str
+    data: Object | None
+
+
+class Checkpoint(_Out, kw_only=True):
+    object: Literal["fine_tuning.job.checkpoint"]
+    id: str
+    step_number: int | None
+    path: str | None
+    metrics: Object
+    exists: bool
+    created_at: Timestamp
+
+
+class MonitorAccepted(_Out, kw_only=True):
+    status: Literal["accepted"]
+    deployment: str
+    drift_job: DriftJob
+
+
+class MonitorRun(msgspec.Struct, kw_only=True):
+    """One stored drift, fairness or trigger result; its other keys are the result itself."""
+
+    id: int
+    deployment: str
+    kind: Literal["drift", "fairness", "trigger"]
+    created_at: Instant
+
+
+# --- adapters, evaluations, experiments ------------------------------------------------------------------
+class Adapter(_Out, kw_only=True):
+    object: Literal["adapter"]
+    id: str
+    deployment: str
+    version: int
+    status: str
+    method: str
+    path: str
+    base_model: str
+    base_model_hash: str | None
+    job_id: str | None
+    snapshot_id: str | None
+    feedback_range: list[Any] | None
+    hyperparameters: Object | None
+    metrics: Object | None
+    evaluation_id: str | None
+    parent_adapter_id: str | None
+    created_at: Timestamp
+
+
+class Evaluation(_Out, kw_only=True):
+    object: Literal["evaluation"]
+    id: str
+    adapter_id: str
+    job_id: str | None
+    reference: Annotated[str, msgspec.Meta(description='the production adapter compared with, or "base"')]
+    status: Literal["queued", "running", "passed", "failed", "error", "cancelled"]
+    reasons: list[Any] | None
+    summary: Object
+    created_at: Timestamp
+    finished_at: Timestamp | None
+
+
+class ExperimentEvent(_Out, kw_only=True):
+    type: str
+    data: Object | None
+    created_at: Instant
+
+
+class Experiment(_Out, kw_only=True):
+    object: Literal["experiment"]
+    id: str
+    deployment: str
+    status: str
+    variants: list[Object]
+    goal: Object
+    guardrails: list[Object]
+    policy: Object
+    decision: Object | None
+    state: Object
+    summary: Annotated[Object | None, msgspec.Meta(description="live statistics per variant (show and create)")]
+    created_at: Timestamp
+    finished_at: Timestamp | None
+    events: Annotated[list[ExperimentEvent], msgspec.Meta(description="show only")] = []

@@ -20,7 +20,7 @@ NDJSON_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-l
 
 
 @post("/v1/feedback", guards=[app_scope], status_code=201,
-      operation_class=operation(responses.FeedbackIds, bodies.FeedbackBody, status=201))
+      operation_class=operation(responses.FeedbackIds, bodies.FeedbackBody))
 async def post_feedback(request: Request[Any, Any, Any]) -> dict[str, Any]:
     ctx = ctx_of(request)
     body = await json_body(request, ctx.settings.max_request_bytes)
@@ -39,7 +39,7 @@ async def list_feedback(request: Request[Any, Any, Any], deployment: str | None 
 
 
 @post("/v1/datasets", guards=[admin_scope], status_code=201,
-      operation_class=operation(responses.Dataset, bodies.DatasetCreate, status=201))
+      operation_class=operation(responses.Dataset, bodies.DatasetCreate))
 async def create_dataset(request: Request[Any, Any, Any]) -> dict[str, Any]:
     body = await json_object(request, bodies.DatasetCreate)
     return dataset_json(await ctx_of(request).datasets.create(body.get("name"), body.get("deployment")), 0)
@@ -57,7 +57,7 @@ async def get_dataset(request: Request[Any, Any, Any], dataset_id: str) -> dict[
 
 
 @post("/v1/datasets/{dataset_id:str}/records", guards=[app_scope], status_code=201,
-      operation_class=operation(responses.UploadResult, bodies.Upload, status=201, body_media_type="application/x-ndjson"))
+      operation_class=operation(responses.UploadResult, bodies.Upload, body_media_type="application/x-ndjson"))
 async def upload_records(request: Request[Any, Any, Any], dataset_id: str, on_error: str = "reject") -> dict[str, Any]:
     ctx = ctx_of(request)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -85,7 +85,7 @@ async def upload_records(request: Request[Any, Any, Any], dataset_id: str, on_er
 
 
 @post("/v1/datasets/{dataset_id:str}/snapshots", guards=[admin_scope], status_code=202,
-      operation_class=operation(responses.SnapshotJob, bodies.SnapshotCreate, status=202))
+      operation_class=operation(responses.SnapshotJob, bodies.SnapshotCreate))
 async def create_snapshot(request: Request[Any, Any, Any], dataset_id: str) -> dict[str, Any]:
     """Queue the curation of a snapshot; poll `GET /v1/snapshot_jobs/{id}` for its `snapshot_id`."""
     ctx = ctx_of(request)

@@ -16,7 +16,7 @@ from service.errors import Unprocessable
 
 
 @post("/v1/deployments", guards=[admin_scope], status_code=201,
-      operation_class=operation(responses.Deployment, bodies.DeploymentCreate, status=201))
+      operation_class=operation(responses.Deployment, bodies.DeploymentCreate))
 async def create_deployment(request: Request[Any, Any, Any]) -> dict[str, Any]:
     body = await json_object(request, bodies.DeploymentCreate)
     ctx = ctx_of(request)

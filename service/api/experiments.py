@@ -14,7 +14,7 @@ from service.core.experiments import experiment_json
 
 
 @post("/v1/experiments", guards=[admin_scope], status_code=201,
-      operation_class=operation(responses.Experiment, bodies.ExperimentCreate, status=201))
+      operation_class=operation(responses.Experiment, bodies.ExperimentCreate))
 async def create_experiment(request: Request[Any, Any, Any]) -> dict[str, Any]:
     ctx = ctx_of(request)
     exp = await ctx.experiments.create(await json_body(request))

@@ -13,7 +13,7 @@ from service.auth import admin_scope
 
 
 @post("/v1/api-keys", guards=[admin_scope], status_code=201,
-      operation_class=operation(responses.ApiKey, bodies.ApiKeyCreate, status=201))
+      operation_class=operation(responses.ApiKey, bodies.ApiKeyCreate))
 async def create_key(request: Request[Any, Any, Any]) -> dict[str, Any]:
     body = await json_object(request, bodies.ApiKeyCreate)
     row, key = await ctx_of(request).keys.create(body.get("name"), body.get("scope", "app"))  # type: ignore[arg-type]

@@ -64,7 +64,7 @@ async def triggers(request: Request[Any, Any, Any], deployment: str, limit: int 
 
 
 @post("/v1/monitoring/run", guards=[admin_scope], status_code=202,
-      operation_class=operation(responses.MonitorAccepted, status=202))
+      operation_class=operation(responses.MonitorAccepted))
 async def run_now(request: Request[Any, Any, Any], deployment: str) -> dict[str, Any]:
     """Queue a drift job (the worker runs it) and run fairness and the triggers now, in the background."""
     from service.core.monitor import Monitor

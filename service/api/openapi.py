@@ -62,11 +62,11 @@ _ERRORS = {
 }
 
 
-def operation(response: Any = None, body: Any = None, *, status: int = 200, also: tuple[int, ...] = (),
+def operation(response: Any = None, body: Any = None, *, also: tuple[int, ...] = (),
               body_media_type: str = "application/json", alternatives: dict[str, Any] | None = None) -> type[Operation]:
-    """An `operation_class` documenting `body` as the request body, `response` as the JSON answer for `status`
-    and the statuses in `also` (None: no JSON answer), `alternatives` as other media types of that answer
-    (`{"text/html": TEXT}`), and the problem+json errors."""
+    """An `operation_class` documenting `body` as the request body, `response` as the JSON answer for the
+    route's success status and the statuses in `also` (None: no JSON answer), `alternatives` as other media
+    types of that answer (`{"text/html": TEXT}`), and the problem+json errors."""
     content = {"application/json": json_schema(response)} if response is not None else {}
     content.update(alternatives or {})
     success = OpenAPIResponse(description="success", content=_content(content) if content else None)
@@ -76,7 +76,8 @@ def operation(response: Any = None, body: Any = None, *, status: int = 200, also
     @dataclass
     class Documented(Operation):
         def __post_init__(self) -> None:
-            self.responses = {**_ERRORS, **{str(code): success for code in (status, *also)}}
+            codes = [code for code in self.responses or {} if code.startswith("2")]  # the route's status_code
+            self.responses = {**_ERRORS, **{code: success for code in (*codes, *map(str, also))}}
             if request_body is not None:
                 self.request_body = request_body
 

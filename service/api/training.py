@@ -35,7 +35,7 @@ def adapter_json(a: Adapter) -> dict[str, Any]:
 
 # --- jobs -------------------------------------------------------------------------------------------------
 @post("/v1/fine_tuning/jobs", guards=[admin_scope], status_code=201,
-      operation_class=operation(responses.FineTuningJob, bodies.JobCreate, status=201))
+      operation_class=operation(responses.FineTuningJob, bodies.JobCreate))
 async def create_job(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return job_json(await ctx_of(request).jobs.create(await json_body(request)))
 
@@ -129,7 +129,7 @@ async def get_adapter(request: Request[Any, Any, Any], adapter_id: str) -> dict[
 
 
 @post("/v1/adapters/{adapter_id:str}/evaluations", guards=[admin_scope], status_code=201,
-      operation_class=operation(responses.Evaluation, status=201))
+      operation_class=operation(responses.Evaluation))
 async def request_evaluation(request: Request[Any, Any, Any], adapter_id: str) -> dict[str, Any]:
     return evaluation_json(await ctx_of(request).evaluations.request(adapter_id))
 

@@ -386,7 +386,7 @@ class Policy:
     * ``thompson_floor``: minimum traffic share per arm in thompson mode.
     """
 
-    # The `Meta` ranges put the checks below into the API's JSON schema (service/api/bodies.py); they are enforced here.
+    # The `Meta` ranges put the checks below into the API schema (service/api/openapi.py); __post_init__ enforces them.
     mode: Literal["fixed", "thompson"] = "fixed"
     alpha: Annotated[float, Meta(gt=0, lt=0.5)] = 0.05
     min_samples_per_variant: Annotated[int, Meta(ge=2)] = 200

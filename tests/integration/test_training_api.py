@@ -147,11 +147,16 @@ def test_cancel_stops_a_running_job(service, snapshot_id) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.5)
         assert c.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] in ("running", "cancelled")
-        cancelled_at = max(e["data"].get("step", 0) for e in _events(c, job_id) if e["type"] == "step")
         job = _wait(c, job_id, timeout=300)
         assert job["status"] == "cancelled" and job["adapter_id"] is None
-        last = max(e["data"].get("step", 0) for e in _events(c, job_id) if e["type"] == "step")
-        assert last <= cancelled_at + 2  # stopped within the step in flight (events may lag by one flush)
+        events = _events(c, job_id)
+        steps = [e["data"] for e in events if e["type"] == "step"]
+        # The worker forwards the cancel within its 1 s poll, so how many steps ran after the request depends on
+        # the CPU; "stops within the step in flight" is test_training_sft's SIGTERM test. Here: the trainer
+        # stopped early and said where, and nothing trained after that.
+        assert steps[-1]["step"] < steps[-1]["total_steps"]
+        trainer_stop = [e["data"]["step"] for e in events if e["type"] == "cancelled" and "step" in e["data"]]
+        assert trainer_stop == [steps[-1]["step"]]
         assert c.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").status_code == 409
 
 

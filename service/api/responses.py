@@ -3,7 +3,9 @@
 Handlers build their responses as dicts (`*_json` in `service.core`); these types only describe them, and the
 tests hold the two together: every JSON response a test receives from the real service is validated against
 the documented schema (`tests/openapi_conformance.py`), and the fuzz test checks it with schemathesis too.
-Open-ended parts (metrics, configs, statistics, reports) are objects whose keys the docs describe.
+Nested results reuse the dataclasses that compute them (`TaskMetrics`, `RetentionResult`, `GateOutcome`,
+`GuardrailResult`), so their schema cannot drift from the code. Open-ended parts (configs, training metrics,
+reports) are objects whose keys the docs describe.
 """
 
 from __future__ import annotations
@@ -11,6 +13,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
+
+from adapters.evaluation.gates import GateOutcome
+from adapters.evaluation.generate import BackendKind
+from adapters.evaluation.metrics import TaskMetrics
+from adapters.evaluation.retention import RetentionResult
+from monitoring.experiments import Action, GuardrailResult
 
 T = TypeVar("T")
 Object = dict[str, Any]
@@ -312,6 +320,18 @@ class Adapter(_Out, kw_only=True):
     created_at: Timestamp
 
 
+class EvaluationSummary(_Out, kw_only=True):
+    """The headline numbers; the report (`GET /v1/evaluations/{id}/report`) has errors, fairness and plots."""
+
+    rows: int
+    label_like: Annotated[bool, msgspec.Meta(description="answers are labels: accuracy and macro P/R/F1 apply")]
+    answer_choices: Annotated[int | None, msgspec.Meta(description="how many answers generation was held to")]
+    backend: BackendKind
+    task: Annotated[dict[str, TaskMetrics], msgspec.Meta(description='keyed "candidate" and "reference"')]
+    retention: Annotated[RetentionResult | None, msgspec.Meta(description="candidate vs base NLL on the retention set")]
+    gates: GateOutcome | None
+
+
 class Evaluation(_Out, kw_only=True):
     object: Literal["evaluation"]
     id: str
@@ -320,7 +340,7 @@ class Evaluation(_Out, kw_only=True):
     reference: Annotated[str, msgspec.Meta(description='the production adapter compared with, or "base"')]
     status: Literal["queued", "running", "passed", "failed", "error", "cancelled"]
     reasons: list[Any] | None
-    summary: Object
+    summary: Annotated[EvaluationSummary | None, msgspec.Meta(description="null until the evaluation has run")]
     created_at: Timestamp
     finished_at: Timestamp | None
 
@@ -331,18 +351,77 @@ class ExperimentEvent(_Out, kw_only=True):
     created_at: Instant
 
 
+class Interval(msgspec.Struct, kw_only=True):
+    lower: float | None
+    upper: float | None
+    estimate: float | None
+    alpha: float | None
+
+
+class Lift(_Out, kw_only=True):
+    """Treatment minus control on the goal metric; `significant` uses the anytime-valid interval, Holm-adjusted."""
+
+    absolute: float | None
+    relative: float | None
+    anytime_interval: Interval
+    fixed_interval: Annotated[Interval, msgspec.Meta(description="a fixed-horizon t interval, for reference only")]
+    p_anytime: float | None
+    p_holm: float | None
+    significant: bool
+
+
+class VariantStatistics(_Out, kw_only=True):
+    name: str
+    is_control: bool
+    weight: float
+    units: Annotated[int, msgspec.Meta(description="distinct `user`s assigned in the current ramp stage")]
+    requests: int
+    errors: int
+    error_rate: float | None
+    feedback_count: int
+    mean_rating: float | None
+    mean_rating_ci: list[float | None]
+    latency_p95_seconds: float | None
+    mean_output_tokens: float | None
+    lift: Annotated[Lift | None, msgspec.Meta(description="treatments only")] = None
+    guardrails: Annotated[list[GuardrailResult], msgspec.Meta(description="treatments only")] = []
+
+
+class ExperimentStatistics(_Out, kw_only=True):
+    variants: list[VariantStatistics]
+    srm_pvalue: Annotated[float | None, msgspec.Meta(description="sample-ratio mismatch, chi-square on units")]
+    alpha: float
+    mode: Literal["fixed", "thompson"]
+    method: str
+
+
+class ExperimentVariant(_Out, kw_only=True):
+    name: str
+    adapter_id: Annotated[str | None, msgspec.Meta(description="null: the base model")]
+    weight: float
+    is_control: bool
+
+
+class ExperimentDecision(_Out, kw_only=True):
+    action: Action
+    winner: str | None
+    reason: str
+    apply: Annotated[bool, msgspec.Meta(description="whether the policy lets the monitor act on it")]
+    at: Instant
+
+
 class Experiment(_Out, kw_only=True):
     object: Literal["experiment"]
     id: str
     deployment: str
-    status: str
-    variants: list[Object]
+    status: Literal["pending", "running", "promoted", "rolled_back", "inconclusive", "stopped", "failed"]
+    variants: list[ExperimentVariant]
     goal: Object
     guardrails: list[Object]
     policy: Object
-    decision: Object | None
+    decision: Annotated[ExperimentDecision | None, msgspec.Meta(description="the monitor's latest decision")]
     state: Object
-    summary: Annotated[Object | None, msgspec.Meta(description="live statistics per variant (show and create)")]
+    summary: Annotated[ExperimentStatistics | None, msgspec.Meta(description="show and create only")]
     created_at: Timestamp
     finished_at: Timestamp | None
     events: Annotated[list[ExperimentEvent], msgspec.Meta(description="show only")] = []

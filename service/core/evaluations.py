@@ -42,7 +42,8 @@ log = logging.getLogger("tuneloop.evaluations")
 
 def evaluation_json(e: Evaluation) -> dict[str, Any]:
     ev = (e.result or {}).get("evaluation") or {}
-    summary = {k: ev.get(k) for k in ("rows", "label_like", "answer_choices", "backend", "task", "retention", "gates")} if ev else {}
+    keys = ("rows", "label_like", "answer_choices", "backend", "task", "retention", "gates")
+    summary = {k: ev.get(k) for k in keys} if ev else None
     return {"object": "evaluation", "id": e.id, "adapter_id": e.adapter_id, "job_id": e.job_id,
             "reference": e.reference, "status": e.status, "reasons": e.reasons, "summary": summary,
             "created_at": int(e.created_at), "finished_at": None if e.finished_at is None else int(e.finished_at)}

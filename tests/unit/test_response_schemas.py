@@ -3,16 +3,26 @@ integration tests run on every response (`tests/openapi_conformance.py`) catches
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+import numpy as np
 import pytest
 
+from adapters.evaluation.gates import GateConfig
+from adapters.evaluation.generate import ModelRef
+from adapters.evaluation.report import report_json
+from adapters.evaluation.rows import to_examples
+from adapters.evaluation.suites import assemble_result
+from monitoring.experiments import Guardrail, Policy, VariantData, summarize
 from service.app import create_app
 from service.core.deployments import deployment_json
+from service.core.evaluations import evaluation_json
+from service.core.experiments import experiment_json
 from service.core.jobs import job_json
 from service.errors import NotFound, _problem
 from service.settings import Settings
-from service.storage.models import Deployment, Job
+from service.storage.models import Deployment, Evaluation, Experiment, Job
 from tests.openapi_conformance import violations
 
 
@@ -61,3 +71,55 @@ def test_a_response_that_strays_from_its_schema_is_caught(openapi: dict[str, Any
     with pytest.raises(AssertionError, match="not documented"):
         violations(openapi, "GET", "/v1/deployments/shop", 200, "text/html", "<p>")
     assert violations(openapi, "GET", "/v1/no-such-route", 404, "application/json", {}) == []  # not ours to judge
+
+
+def _evaluation() -> dict[str, Any]:
+    rows = [{"prompt": [{"role": "user", "content": f"question {i}"}], "completion": ["card_arrival", "lost_card"][i % 2]}
+            for i in range(20)]
+    ex, _ = to_examples(rows)
+    answers = [e.answer if i % 3 else "lost_card" for i, e in enumerate(ex)]
+    result = assemble_result(ModelRef("/m", "/a", "v1"), ModelRef("/m", None, "base"), ex, answers, answers,
+                             [0.5] * 20, [0.6] * 20, [2.1] * 4, [2.0] * 4, GateConfig())
+    ev = Evaluation(id="eval-1", adapter_id="ad-1", job_id=None, reference="base", status="passed",
+                    result=report_json(result, []), reasons=list(result.gates.reasons), created_at=1.0, finished_at=2.0)
+    return evaluation_json(ev)
+
+
+def _experiment() -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    policy = Policy(guardrails=(Guardrail("latency_p95_seconds", 0.2),))
+    data = [VariantData(name, name == "control", 0.5, ratings=rng.integers(0, 2, 200).astype(float), requests=200,
+                        latencies=rng.uniform(0.1, 0.3, 200), output_tokens=np.full(200, 5.0), units=100)
+            for name in ("control", "candidate")]
+    exp = Experiment(id="exp-1", deployment="shop", status="running", seed="s",
+                     variants=[{"name": "control", "adapter_id": None, "weight": 0.5, "is_control": True},
+                               {"name": "candidate", "adapter_id": "ad-1", "weight": 0.5, "is_control": False}],
+                     goal={"metric": "rating"}, guardrails=[], policy={"alpha": 0.05},
+                     decision={"last": {"action": "continue", "winner": None, "reason": "collecting samples",
+                                        "apply": False, "at": 3.5}}, created_at=1.0)
+    return experiment_json(exp, summarize(data, policy))
+
+
+def test_evaluation_summary_and_experiment_statistics_are_typed(openapi: dict[str, Any]) -> None:
+    ev = _evaluation()
+    assert ev["summary"]["task"]["candidate"]["accuracy"] > 0
+    assert violations(openapi, "GET", "/v1/evaluations/eval-1", 200, "application/json", ev) == []
+    broken = copy.deepcopy(ev)
+    del broken["summary"]["task"]["candidate"]["macro_f1"]
+    assert any("macro_f1" in v for v in violations(openapi, "GET", "/v1/evaluations/eval-1", 200,
+                                                    "application/json", broken))
+    broken = copy.deepcopy(ev)
+    broken["summary"]["gates"]["checks"][0]["passed"] = "yes"
+    assert violations(openapi, "GET", "/v1/evaluations/eval-1", 200, "application/json", broken)
+
+    exp = _experiment()
+    treatment = exp["summary"]["variants"][1]
+    assert treatment["lift"] is not None and treatment["guardrails"][0]["metric"] == "latency_p95_seconds"
+    assert violations(openapi, "GET", "/v1/experiments/exp-1", 200, "application/json", exp) == []
+    broken = copy.deepcopy(exp)
+    del broken["summary"]["variants"][1]["lift"]["anytime_interval"]["lower"]
+    assert any("lower" in v for v in violations(openapi, "GET", "/v1/experiments/exp-1", 200,
+                                                 "application/json", broken))
+    broken = copy.deepcopy(exp)
+    broken["decision"]["action"] = "ship it"
+    assert violations(openapi, "GET", "/v1/experiments/exp-1", 200, "application/json", broken)

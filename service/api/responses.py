@@ -18,7 +18,9 @@ from adapters.evaluation.gates import GateOutcome
 from adapters.evaluation.generate import BackendKind
 from adapters.evaluation.metrics import TaskMetrics
 from adapters.evaluation.retention import RetentionResult
-from monitoring.experiments import Action, GuardrailResult
+from adapters.training.config import Hyperparameters
+from monitoring.experiments import Action, Guardrail, GuardrailResult, Policy
+from service.api.bodies import DeploymentConfig, Goal
 
 T = TypeVar("T")
 Object = dict[str, Any]
@@ -137,7 +139,7 @@ class Deployment(_Out, kw_only=True):
     id: str
     base_model: str
     production_adapter_id: str | None
-    config: Object
+    config: DeploymentConfig
     created_at: Timestamp
     serving: Annotated[str | None, msgspec.Meta(description="the served name production routes to")] = None
 
@@ -247,7 +249,7 @@ class FineTuningJob(_JobTimes, kw_only=True):
     model: str
     method: str | None
     snapshot_id: str | None
-    hyperparameters: Object | None
+    hyperparameters: Annotated[Hyperparameters | None, msgspec.Meta(description="empty until a search chose them")]
     trained_tokens: int | None
     metrics: Object | None
     adapter_id: str | None
@@ -313,7 +315,7 @@ class Adapter(_Out, kw_only=True):
     job_id: str | None
     snapshot_id: str | None
     feedback_range: list[Any] | None
-    hyperparameters: Object | None
+    hyperparameters: Hyperparameters | None
     metrics: Object | None
     evaluation_id: str | None
     parent_adapter_id: str | None
@@ -416,9 +418,9 @@ class Experiment(_Out, kw_only=True):
     deployment: str
     status: Literal["pending", "running", "promoted", "rolled_back", "inconclusive", "stopped", "failed"]
     variants: list[ExperimentVariant]
-    goal: Object
-    guardrails: list[Object]
-    policy: Object
+    goal: Goal
+    guardrails: list[Guardrail]
+    policy: Policy
     decision: Annotated[ExperimentDecision | None, msgspec.Meta(description="the monitor's latest decision")]
     state: Object
     summary: Annotated[ExperimentStatistics | None, msgspec.Meta(description="show and create only")]

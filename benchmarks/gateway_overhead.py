@@ -14,6 +14,8 @@ Printed: throughput of each path and their ratio, p50/p99 latency of each and wh
         --gateway-url http://127.0.0.1:8000/v1 --api-key $TUNELOOP_ADMIN_KEY
     # only the direct-vLLM half (checks the harness, no gateway):
     python benchmarks/gateway_overhead.py --direct-only
+    # the gateway's own cost: an upstream that answers at once (benchmarks/stub_vllm.py) instead of vLLM
+    python benchmarks/gateway_overhead.py --stub --concurrency 1 --rounds 10
 """
 
 from __future__ import annotations
@@ -176,6 +178,11 @@ def start_gateway(
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def start_stub(port: int) -> subprocess.Popen[bytes]:
+    """`benchmarks/stub_vllm.py`: answers at once, so the gateway's own cost is all that is added."""
+    return subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "stub_vllm.py"), "--port", str(port)])
+
+
 async def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient() as client:
@@ -197,10 +204,16 @@ async def main_async(args: argparse.Namespace) -> int:
 
     supervisor: VLLMSupervisor | None = None
     gateway: subprocess.Popen[bytes] | None = None
+    stub: subprocess.Popen[bytes] | None = None
     tmp = Path(tempfile.mkdtemp(prefix="tuneloop-bench-"))
     try:
         vllm_url = args.vllm_url
-        if vllm_url is None:
+        if args.stub:
+            port = free_port()
+            stub = start_stub(port)
+            vllm_url = f"http://127.0.0.1:{port}"
+            await wait_http_ok(f"{vllm_url}/health", 60, stub)
+        elif vllm_url is None:
             supervisor = VLLMSupervisor(
                 VLLMOptions(model_path=args.model_dir, log_path=str(tmp / "vllm.log"),
                             dtype=args.dtype or cpu_serving_dtype())
@@ -226,12 +239,13 @@ async def main_async(args: argparse.Namespace) -> int:
         report(targets, args)
         return 0 if all(t.latencies for t in targets) else 1
     finally:
-        if gateway is not None and gateway.poll() is None:
-            gateway.terminate()
-            try:
-                gateway.wait(60)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
+        for proc in (gateway, stub):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
         if supervisor is not None:
             await supervisor.stop()
 
@@ -254,6 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=12)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--direct-only", action="store_true", help="measure only the direct-vLLM half")
+    p.add_argument("--stub", action="store_true",
+                   help="an upstream that answers at once instead of vLLM: what is added is the gateway's own cost")
     args = p.parse_args(argv)
     for name in ("rounds", "batch_size", "concurrency", "max_tokens"):
         if getattr(args, name) < 1:

@@ -9,16 +9,15 @@ them into the document.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from adapters.curation.config import CurationConfig
-from adapters.evaluation.gates import GateConfig
 from adapters.training.config import METHODS, Hyperparameters, SearchSpec
 from monitoring.experiments import Guardrail, Policy
 from service.auth import SCOPES
-from service.core.deployments import NAME_RE
+from service.core.deployments import NAME_RE, DeploymentConfig
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern)]
@@ -58,27 +57,6 @@ class CompletionRequest(_Inference, kw_only=True):
 
 
 # --- deployments, keys ---------------------------------------------------------------------------------------
-class Triggers(msgspec.Struct, kw_only=True):
-    corrections: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    drift_share: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
-    schedule_seconds: Annotated[float, msgspec.Meta(gt=0)] | None = None
-    job: Annotated[dict[str, Any], msgspec.Meta(description="a job body, as for POST /v1/fine_tuning/jobs")] | None = None
-
-
-class DeploymentConfig(msgspec.Struct, kw_only=True):
-    """Keys the service acts on; a PATCH sets a key to null to remove it."""
-
-    gates: GateConfig | None = None
-    eval_dataset_id: str | None = None
-    eval_max_rows: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    eval_dataset_max_rows: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    retention_rows: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    retention_path: str | None = None
-    eval_backend: Literal["hf_merged", "vllm"] | None = None
-    answer_choices: Annotated[list[str], msgspec.Meta(min_length=2, max_length=2000)] | None = None
-    triggers: Triggers | None = None
-
-
 class DeploymentCreate(_Body):
     name: Name
     base_model: str | None = None

@@ -20,7 +20,8 @@ from adapters.evaluation.metrics import TaskMetrics
 from adapters.evaluation.retention import RetentionResult
 from adapters.training.config import Hyperparameters
 from monitoring.experiments import Action, Guardrail, GuardrailResult, Policy
-from service.api.bodies import DeploymentConfig, Goal
+from service.api.bodies import Goal
+from service.core.deployments import DeploymentConfig
 
 T = TypeVar("T")
 Object = dict[str, Any]

@@ -3,16 +3,39 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.evaluation.choices import validate_choices
+from adapters.evaluation.gates import GateConfig
 from service.errors import Conflict, NotFound, Unprocessable
 from service.storage.models import Deployment
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class Triggers(msgspec.Struct, kw_only=True):
+    corrections: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    drift_share: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    schedule_seconds: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    job: Annotated[dict[str, Any], msgspec.Meta(description="a job body, as for POST /v1/fine_tuning/jobs")] | None = None
+
+
+class DeploymentConfig(msgspec.Struct, kw_only=True):
+    """Keys the service acts on; a PATCH sets a key to null to remove it."""
+
+    gates: GateConfig | None = None
+    eval_dataset_id: str | None = None
+    eval_max_rows: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    eval_dataset_max_rows: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    retention_rows: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    retention_path: str | None = None
+    eval_backend: Literal["hf_merged", "vllm"] | None = None
+    answer_choices: Annotated[list[str], msgspec.Meta(min_length=2, max_length=2000)] | None = None
+    triggers: Triggers | None = None
 
 
 def deployment_json(d: Deployment) -> dict[str, Any]:
@@ -21,10 +44,22 @@ def deployment_json(d: Deployment) -> dict[str, Any]:
             "created_at": int(d.created_at)}
 
 
+_AT_PATH = re.compile(r" - at `\$\.?(.*)`$")
+
+
 def checked_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config without null keys, and with the keys the API process acts on validated (the worker
-    validates gates and the rest)."""
+    """The config without null keys, its known keys checked against `DeploymentConfig` (types and ranges:
+    a bad value is a 422 naming it, never a trigger or evaluation that fails later), the answer choices
+    normalised."""
     config = {k: v for k, v in config.items() if v is not None}
+    try:
+        msgspec.convert(config, DeploymentConfig)
+        GateConfig.from_dict(config.get("gates"))  # also refuses unknown gate keys
+    except (msgspec.ValidationError, ValueError, TypeError) as exc:
+        message = str(exc)
+        at = _AT_PATH.search(message)
+        path = at.group(1).replace("`", "") if at else ("gates" if "gate" in message else "")
+        raise Unprocessable(_AT_PATH.sub("", message), field=f"config.{path}" if path else "config") from exc
     if "answer_choices" in config:
         try:
             config = {**config, "answer_choices": list(validate_choices(config["answer_choices"]))}

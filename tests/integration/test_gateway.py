@@ -163,6 +163,8 @@ def test_answer_choices_constrain_a_deployment(service) -> None:
         assert own.json()["choices"][0]["message"]["content"] in ("yes", "no")
         bad = c.patch("/v1/deployments/router", json={"config": {"answer_choices": ["card_arrival"]}})
         assert bad.status_code == 422 and bad.json()["field"] == "config.answer_choices"
+        bad = c.patch("/v1/deployments/router", json={"config": {"triggers": {"corrections": 5, "job": [None]}}})
+        assert bad.status_code == 422 and bad.json()["field"] == "config.triggers.job", bad.text
         assert c.get("/v1/deployments/router").json()["config"]["answer_choices"] == labels  # nothing lost
         off = c.patch("/v1/deployments/router", json={"config": {"answer_choices": None}})
         assert off.status_code == 200 and "answer_choices" not in off.json()["config"]

@@ -178,6 +178,15 @@ def start_gateway(
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def _cpu_seconds(proc: subprocess.Popen[bytes] | None) -> float:
+    if proc is None:
+        return 0.0
+    import psutil
+
+    t = psutil.Process(proc.pid).cpu_times()
+    return t.user + t.system
+
+
 def start_stub(port: int) -> subprocess.Popen[bytes]:
     """`benchmarks/stub_vllm.py`: answers at once, so the gateway's own cost is all that is added."""
     return subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "stub_vllm.py"), "--port", str(port)])
@@ -235,8 +244,13 @@ async def main_async(args: argparse.Namespace) -> int:
             if not api_key:
                 raise SystemExit("--api-key (or TUNELOOP_ADMIN_KEY) is required with --gateway-url")
             targets.append(Target("gateway", gateway_url.rstrip("/"), args.gateway_model, api_key))
+        cpu_before = _cpu_seconds(gateway)
         await measure(targets, args)
         report(targets, args)
+        if gateway is not None and len(targets) == 2:  # the gateway's CPU time: what it takes from vLLM's cores
+            served = len(targets[1].latencies) + targets[1].errors + args.warmup
+            print(f"gateway CPU time per request: {(_cpu_seconds(gateway) - cpu_before) / served * 1000:.2f} ms "
+                  f"(user + system, all its threads)")
         return 0 if all(t.latencies for t in targets) else 1
     finally:
         for proc in (gateway, stub):

@@ -4,8 +4,8 @@ Handlers build their responses as dicts (`*_json` in `service.core`); these type
 tests hold the two together: every JSON response a test receives from the real service is validated against
 the documented schema (`tests/openapi_conformance.py`), and the fuzz test checks it with schemathesis too.
 Nested results reuse the dataclasses that compute them (`TaskMetrics`, `RetentionResult`, `GateOutcome`,
-`GuardrailResult`), so their schema cannot drift from the code. Open-ended parts (configs, training metrics,
-reports) are objects whose keys the docs describe.
+`GuardrailResult`), and configs their request types, so their schema cannot drift from the code. Open-ended
+parts (a snapshot's curation config and counts, training metrics, reports) are objects whose keys the docs describe.
 """
 
 from __future__ import annotations

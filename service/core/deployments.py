@@ -54,12 +54,14 @@ def checked_config(config: dict[str, Any]) -> dict[str, Any]:
     config = {k: v for k, v in config.items() if v is not None}
     try:
         msgspec.convert(config, DeploymentConfig)
-        GateConfig.from_dict(config.get("gates"))  # also refuses unknown gate keys
-    except (msgspec.ValidationError, ValueError, TypeError) as exc:
-        message = str(exc)
-        at = _AT_PATH.search(message)
-        path = at.group(1).replace("`", "") if at else ("gates" if "gate" in message else "")
-        raise Unprocessable(_AT_PATH.sub("", message), field=f"config.{path}" if path else "config") from exc
+    except msgspec.ValidationError as exc:
+        at = _AT_PATH.search(str(exc))
+        field = "config." + at.group(1).replace("`", "") if at and at.group(1) else "config"
+        raise Unprocessable(_AT_PATH.sub("", str(exc)), field=field) from exc
+    try:
+        GateConfig.from_dict(config.get("gates"))  # what the type cannot say: unknown gate keys
+    except ValueError as exc:
+        raise Unprocessable(str(exc), field="config.gates") from exc
     if "answer_choices" in config:
         try:
             config = {**config, "answer_choices": list(validate_choices(config["answer_choices"]))}

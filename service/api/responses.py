@@ -4,8 +4,9 @@ Handlers build their responses as dicts (`*_json` in `service.core`); these type
 tests hold the two together: every JSON response a test receives from the real service is validated against
 the documented schema (`tests/openapi_conformance.py`), and the fuzz test checks it with schemathesis too.
 Nested results reuse the dataclasses that compute them (`TaskMetrics`, `RetentionResult`, `GateOutcome`,
-`GuardrailResult`), and configs their request types, so their schema cannot drift from the code. Open-ended
-parts (a snapshot's curation config and counts, training metrics, reports) are objects whose keys the docs describe.
+`GuardrailResult`), and configs their request types (`CurationConfig`, `Hyperparameters`, ...), so their schema
+cannot drift from the code. Open-ended parts (training metrics, which differ by method; reports; drift and
+fairness results) are objects whose keys the docs describe.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
 
+from adapters.curation.config import CurationConfig
 from adapters.evaluation.gates import GateOutcome
 from adapters.evaluation.generate import BackendKind
 from adapters.evaluation.metrics import TaskMetrics
@@ -27,6 +29,8 @@ T = TypeVar("T")
 Object = dict[str, Any]
 Timestamp = Annotated[int, msgspec.Meta(description="Unix seconds")]
 Instant = Annotated[float, msgspec.Meta(description="Unix seconds, fractional")]
+FeedbackRange = Annotated[list[int], msgspec.Meta(min_length=2, max_length=2,
+                                                  description="the feedback ids it was made from: [first, last]")]
 
 
 class _Out(msgspec.Struct, kw_only=True):
@@ -207,14 +211,20 @@ class UploadResult(_Out, kw_only=True):
     errors: Annotated[list[Object], msgspec.Meta(description="per bad line: its number, field and message")]
 
 
+class SnapshotCounts(_Out, kw_only=True):
+    input: Annotated[int, msgspec.Meta(description="rows before curation (records + rows made from feedback)")]
+    train: int
+    validation: int
+
+
 class Snapshot(_Out, kw_only=True):
     object: Literal["snapshot"]
     id: str
     dataset_id: str | None
     deployment: str
-    counts: Object
-    curation: Object
-    feedback_range: Annotated[list[Any] | None, msgspec.Meta(description="the feedback ids it holds: [first, last]")]
+    counts: SnapshotCounts
+    curation: Annotated[CurationConfig, msgspec.Meta(description="the whole config it was curated with, defaults filled")]
+    feedback_range: FeedbackRange | None
     created_at: Timestamp
 
 
@@ -239,10 +249,17 @@ class _JobTimes(_Out, kw_only=True):
     error: Object | str | None
 
 
+class SnapshotSources(_Out, kw_only=True):
+    deployment: str
+    datasets: list[str]
+    include_feedback: bool
+    curation: CurationConfig
+
+
 class SnapshotJob(_JobTimes, kw_only=True):
     object: Literal["snapshot.job"]
     snapshot_id: Annotated[str | None, msgspec.Meta(description="set when the job has succeeded")]
-    sources: Object | None
+    sources: SnapshotSources | None
 
 
 class FineTuningJob(_JobTimes, kw_only=True):
@@ -315,7 +332,7 @@ class Adapter(_Out, kw_only=True):
     base_model_hash: str | None
     job_id: str | None
     snapshot_id: str | None
-    feedback_range: list[Any] | None
+    feedback_range: FeedbackRange | None
     hyperparameters: Hyperparameters | None
     metrics: Object | None
     evaluation_id: str | None
@@ -413,6 +430,14 @@ class ExperimentDecision(_Out, kw_only=True):
     at: Instant
 
 
+class ExperimentState(_Out, kw_only=True):
+    """The monitor's bookkeeping, empty until the experiment has started."""
+
+    weights: Annotated[list[float], msgspec.Meta(description="traffic share per variant, in variant order")] | None = None
+    stage: Annotated[int, msgspec.Meta(description="index into policy.ramp")] | None = None
+    stage_started_at: Instant | None = None
+
+
 class Experiment(_Out, kw_only=True):
     object: Literal["experiment"]
     id: str
@@ -423,7 +448,7 @@ class Experiment(_Out, kw_only=True):
     guardrails: list[Guardrail]
     policy: Policy
     decision: Annotated[ExperimentDecision | None, msgspec.Meta(description="the monitor's latest decision")]
-    state: Object
+    state: ExperimentState
     summary: Annotated[ExperimentStatistics | None, msgspec.Meta(description="show and create only")]
     created_at: Timestamp
     finished_at: Timestamp | None

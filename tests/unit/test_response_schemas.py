@@ -9,6 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from adapters.curation.config import CurationConfig
+from adapters.curation.pipeline import run_pipeline
+from adapters.curation.rows import parse_row
 from adapters.evaluation.gates import GateConfig
 from adapters.evaluation.generate import ModelRef
 from adapters.evaluation.report import report_json
@@ -16,13 +19,14 @@ from adapters.evaluation.rows import to_examples
 from adapters.evaluation.suites import assemble_result
 from monitoring.experiments import Guardrail, Policy, VariantData, summarize
 from service.app import create_app
+from service.core.datasets import SnapshotSources, snapshot_job_json, snapshot_json
 from service.core.deployments import deployment_json
 from service.core.evaluations import evaluation_json
 from service.core.experiments import experiment_json
 from service.core.jobs import job_json
 from service.errors import NotFound, _problem
 from service.settings import Settings
-from service.storage.models import Deployment, Evaluation, Experiment, Job
+from service.storage.models import Deployment, Evaluation, Experiment, Job, Snapshot
 from tests.openapi_conformance import violations
 
 
@@ -123,3 +127,34 @@ def test_evaluation_summary_and_experiment_statistics_are_typed(openapi: dict[st
     broken = copy.deepcopy(exp)
     broken["decision"]["action"] = "ship it"
     assert violations(openapi, "GET", "/v1/experiments/exp-1", 200, "application/json", broken)
+
+
+def test_snapshot_counts_curation_and_experiment_state_are_typed(openapi: dict[str, Any]) -> None:
+    """A snapshot built the way the worker builds it (a real curation run) conforms, and so does its job."""
+    config = CurationConfig.from_dict({"near_dedupe": False, "split": {"validation_fraction": 0.25}})
+    rows = [parse_row({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i % 3}"}]})
+            for i in range(12)]
+    result = run_pipeline(rows, config)
+    snap = snapshot_json(Snapshot(id="snap-1", dataset_id="ds-1", deployment="shop", path="/x", created_at=1.0,
+                                  counts={"input": result.input_count, "train": len(result.train),
+                                          "validation": len(result.validation)},
+                                  curation=config.to_dict(), feedback_range=[3, 9]))
+    assert snap["curation"]["split"]["validation_fraction"] == 0.25 and snap["counts"]["validation"] > 0
+    path = "/v1/snapshots/snap-1"
+    assert violations(openapi, "GET", path, 200, "application/json", snap) == []
+    for bad in ({**snap, "counts": {"train": 1}}, {**snap, "feedback_range": [3]},
+                {**snap, "curation": {**snap["curation"], "split": {"validation_fraction": "a tenth"}}}):
+        assert violations(openapi, "GET", path, 200, "application/json", bad)
+
+    sources = SnapshotSources("shop", ("ds-1",), True, config.to_dict())
+    job = snapshot_job_json(Job(id="snapjob-1", kind="snapshot", deployment="shop", status="queued",
+                                spec={"sources": sources.to_json()}, hyperparameters={}, attempts=0, created_at=1.0))
+    path = "/v1/snapshot_jobs/snapjob-1"
+    assert violations(openapi, "GET", path, 200, "application/json", job) == []
+    assert violations(openapi, "GET", path, 200, "application/json", {**job, "sources": {"deployment": "shop"}})
+
+    exp = _experiment()
+    assert violations(openapi, "GET", "/v1/experiments/exp-1", 200, "application/json",
+                      {**exp, "state": {"weights": [0.5, 0.5], "stage": 0, "stage_started_at": 2.5}}) == []
+    assert violations(openapi, "GET", "/v1/experiments/exp-1", 200, "application/json",
+                      {**exp, "state": {"weights": {"control": 0.5}}})

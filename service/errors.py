@@ -8,12 +8,16 @@ stack trace.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import re
+from typing import Any, TypeVar
 
+import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
 log = logging.getLogger("tuneloop.errors")
+T = TypeVar("T")
+_AT_PATH = re.compile(r" - at `\$\.?(.*)`$")
 
 
 class ServiceError(Exception):
@@ -72,6 +76,17 @@ class Unavailable(ServiceError):
     def __init__(self, detail: str, retry_after: int = 5, **kw: Any) -> None:
         kw.setdefault("headers", {"Retry-After": str(retry_after)})
         super().__init__(detail, **kw)
+
+
+def convert_or_422(value: Any, type_: type[T], field: str) -> T:
+    """`msgspec.convert` for a body part handlers check by hand: a wrong type or range is a 422 naming the field
+    at fault (`field` plus msgspec's path into it), not a stored value that fails later."""
+    try:
+        return msgspec.convert(value, type_)
+    except msgspec.ValidationError as exc:
+        at = _AT_PATH.search(str(exc))
+        path = at.group(1).replace("`", "") if at and at.group(1) else ""
+        raise Unprocessable(_AT_PATH.sub("", str(exc)), field=f"{field}.{path}" if path else field) from exc
 
 
 def _problem(status: int, title: str, detail: str, instance: str, **more: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from adapters.training.config import METHODS, Hyperparameters, SearchSpec
 from monitoring.experiments import Guardrail, Policy
 from service.auth import SCOPES
 from service.core.deployments import NAME_RE, DeploymentConfig
+from service.core.experiments import AutoDeploy, Goal
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern)]
@@ -118,23 +119,6 @@ class SnapshotCreate(_Body):
 class Method(_Body):
     type: Literal[METHODS] = "sft"  # type: ignore[valid-type]
     hyperparameters: Hyperparameters | Literal["auto"] = "auto"
-
-
-class Goal(_Body):
-    metric: Literal["rating"] = "rating"
-
-
-class ExperimentSpec(_Body):
-    """An experiment of the new adapter against production (the variants are made for it)."""
-
-    goal: Goal | None = None
-    guardrails: list[Guardrail] | None = None
-    policy: Policy | None = None
-    seed: str | int | None = None
-
-
-class AutoDeploy(_Body):
-    experiment: ExperimentSpec
 
 
 class JobCreate(_Body):

@@ -20,10 +20,10 @@ from adapters.evaluation.gates import GateOutcome
 from adapters.evaluation.generate import BackendKind
 from adapters.evaluation.metrics import TaskMetrics
 from adapters.evaluation.retention import RetentionResult
-from adapters.training.config import Hyperparameters
+from adapters.training.config import Hyperparameters, SearchSpec
 from monitoring.experiments import Action, Guardrail, GuardrailResult, Policy
-from service.api.bodies import Goal
 from service.core.deployments import DeploymentConfig
+from service.core.experiments import AutoDeploy, Goal
 
 T = TypeVar("T")
 Object = dict[str, Any]
@@ -274,8 +274,8 @@ class FineTuningJob(_JobTimes, kw_only=True):
     fine_tuned_model: str | None
     suffix: str | None
     seed: int | None
-    search: Object | None
-    auto_deploy: Object | None
+    search: SearchSpec | None
+    auto_deploy: AutoDeploy | None
     parent_adapter_id: str | None
 
 
@@ -359,7 +359,7 @@ class Evaluation(_Out, kw_only=True):
     job_id: str | None
     reference: Annotated[str, msgspec.Meta(description='the production adapter compared with, or "base"')]
     status: Literal["queued", "running", "passed", "failed", "error", "cancelled"]
-    reasons: list[Any] | None
+    reasons: Annotated[list[str] | None, msgspec.Meta(description="one line per gate check: PASS or FAIL, with why")]
     summary: Annotated[EvaluationSummary | None, msgspec.Meta(description="null until the evaluation has run")]
     created_at: Timestamp
     finished_at: Timestamp | None

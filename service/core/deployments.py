@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.evaluation.choices import validate_choices
 from adapters.evaluation.gates import GateConfig
-from service.errors import Conflict, NotFound, Unprocessable
+from service.errors import Conflict, NotFound, Unprocessable, convert_or_422
 from service.storage.models import Deployment
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -44,20 +44,12 @@ def deployment_json(d: Deployment) -> dict[str, Any]:
             "created_at": int(d.created_at)}
 
 
-_AT_PATH = re.compile(r" - at `\$\.?(.*)`$")
-
-
 def checked_config(config: dict[str, Any]) -> dict[str, Any]:
     """The config without null keys, its known keys checked against `DeploymentConfig` (types and ranges:
     a bad value is a 422 naming it, never a trigger or evaluation that fails later), the answer choices
     normalised."""
     config = {k: v for k, v in config.items() if v is not None}
-    try:
-        msgspec.convert(config, DeploymentConfig)
-    except msgspec.ValidationError as exc:
-        at = _AT_PATH.search(str(exc))
-        field = "config." + at.group(1).replace("`", "") if at and at.group(1) else "config"
-        raise Unprocessable(_AT_PATH.sub("", str(exc)), field=field) from exc
+    convert_or_422(config, DeploymentConfig, "config")
     try:
         GateConfig.from_dict(config.get("gates"))  # what the type cannot say: unknown gate keys
     except ValueError as exc:

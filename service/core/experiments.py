@@ -14,8 +14,9 @@ import logging
 import time
 import uuid
 from dataclasses import asdict
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -33,12 +34,45 @@ from monitoring.experiments import (
 )
 from service.core.routing import BASE_NAME, ExperimentRoute, Router, Target, Variant
 from service.core.serving import Serving
-from service.errors import Conflict, NotFound, Unprocessable
+from service.errors import Conflict, NotFound, Unprocessable, convert_or_422
 from service.storage.models import Adapter, Completion, Deployment, Experiment, ExperimentEvent, Feedback
 
 log = logging.getLogger("tuneloop.experiments")
 ACTIVE = ("pending", "running")
 EXPERIMENT_FIELDS = frozenset({"deployment", "variants", "goal", "guardrails", "policy", "seed"})
+
+
+class Goal(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    metric: Literal["rating"] = "rating"
+
+
+class ExperimentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An experiment of a new adapter against production (the variants are made for it)."""
+
+    goal: Goal | None = None
+    guardrails: list[Guardrail] | None = None
+    policy: Policy | None = None
+    seed: str | int | None = None
+
+
+class AutoDeploy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    experiment: Annotated[ExperimentSpec, msgspec.Meta(
+        description="started (pending, then running) when the job's adapter passes its evaluation")]
+
+
+def checked_auto_deploy(raw: Any) -> dict[str, Any] | None:
+    """A job's `auto_deploy`, checked when the job is created: a bad experiment spec is a 422 then, not an
+    experiment that fails to start after the training it waited for."""
+    if raw is None:
+        return None
+    convert_or_422(raw, AutoDeploy, "auto_deploy")
+    spec = raw["experiment"]
+    try:
+        parse_policy(spec.get("policy"), spec.get("guardrails"))  # the ranges the types cannot say
+    except Unprocessable as exc:
+        exc.field = f"auto_deploy.experiment.{exc.field}"
+        raise
+    return raw
 
 
 def parse_policy(policy: Any, guardrails: Any) -> Policy:

@@ -24,6 +24,7 @@ from adapters.training.config import (
     inherit_lora_shape,
 )
 from service.core.datasets import DatasetService
+from service.core.experiments import checked_auto_deploy
 from service.errors import Conflict, NotFound, Unprocessable
 from service.storage.models import Adapter, Deployment, Job, JobEvent, Snapshot
 
@@ -129,9 +130,7 @@ class JobService:
         suffix = body.get("suffix")
         if suffix is not None and (not isinstance(suffix, str) or not re.fullmatch(r"[a-z0-9_-]{1,40}", suffix)):
             raise Unprocessable("suffix must match [a-z0-9_-]{1,40}", field="suffix")
-        auto_deploy = body.get("auto_deploy")
-        if auto_deploy is not None and not isinstance(auto_deploy, dict):
-            raise Unprocessable("auto_deploy must be an object {experiment: {...}}", field="auto_deploy")
+        auto_deploy = checked_auto_deploy(body.get("auto_deploy"))
 
         snapshot_id = body.get("snapshot_id")
         sources = None

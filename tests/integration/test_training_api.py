@@ -197,6 +197,14 @@ def test_auto_deploy_starts_an_experiment_after_a_passed_evaluation(service, sna
     policy = {"mode": "fixed", "alpha": 0.05, "min_samples_per_variant": 10_000, "auto_promote": True,
               "auto_rollback": True}
     with service.client() as c:
+        jobs_before = len(c.get("/v1/fine_tuning/jobs", params={"deployment": "trainer", "limit": 100}).json()["data"])
+        bad = c.post("/v1/fine_tuning/jobs", json={
+            "deployment": "trainer", "snapshot_id": snapshot_id, "method": {"type": "sft"},
+            "auto_deploy": {"experiment": {"policy": {**policy, "alpha": 0.9}}}})
+        assert bad.status_code == 422 and bad.json()["field"] == "auto_deploy.experiment.policy.alpha", bad.text
+        assert len(c.get("/v1/fine_tuning/jobs", params={"deployment": "trainer", "limit": 100}).json()["data"]) \
+            == jobs_before  # refused before training, not when the experiment would start
+
         r = c.post("/v1/fine_tuning/jobs", json={
             "deployment": "trainer", "snapshot_id": snapshot_id, "seed": 5,
             "method": {"type": "sft", "hyperparameters": {**SMALL, "max_steps": 4}},

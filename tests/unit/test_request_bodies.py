@@ -9,7 +9,7 @@ import pytest
 from service.api import bodies
 from service.app import create_app
 from service.core.deployments import checked_config
-from service.core.experiments import EXPERIMENT_FIELDS
+from service.core.experiments import EXPERIMENT_FIELDS, checked_auto_deploy
 from service.core.feedback import FEEDBACK_FIELDS
 from service.core.jobs import JOB_FIELDS
 from service.errors import Unprocessable
@@ -96,3 +96,27 @@ def test_a_valid_deployment_config_is_kept_as_sent_without_nulls() -> None:
     config = {"eval_max_rows": 3, "gates": {"min_task_delta": 0.01}, "triggers": {"corrections": 5, "job": {}},
               "retention_path": None}
     assert checked_config(config) == {k: v for k, v in config.items() if v is not None}
+
+
+@pytest.mark.parametrize(("auto_deploy", "field"), [
+    ([], "auto_deploy"),
+    ({}, "auto_deploy"),  # the experiment is required
+    ({"experiment": {"polcy": {}}}, "auto_deploy.experiment"),  # a typo is named, not ignored
+    ({"experiment": {"goal": {"metric": "clicks"}}}, "auto_deploy.experiment.goal.metric"),
+    ({"experiment": {"policy": {"alpha": 0.9}}}, "auto_deploy.experiment.policy.alpha"),
+    ({"experiment": {"policy": {"ramp": None}}}, "auto_deploy.experiment.policy.ramp"),
+    ({"experiment": {"policy": {"ramp": [0.5, 0.25]}}}, "auto_deploy.experiment.policy"),  # must increase
+    ({"experiment": {"guardrails": [{"metric": "rating", "max_regression": "a lot"}]}},
+     "auto_deploy.experiment.guardrails[0].max_regression"),
+])
+def test_a_jobs_auto_deploy_is_checked_when_the_job_is_created(auto_deploy: Any, field: str) -> None:
+    """Checked up front: otherwise it would fail only when the experiment starts, after the whole training run."""
+    with pytest.raises(Unprocessable) as err:
+        checked_auto_deploy(auto_deploy)
+    assert err.value.field == field
+
+
+def test_a_valid_auto_deploy_is_kept_as_sent() -> None:
+    spec = {"experiment": {"policy": {"auto_promote": True, "ramp": [0.1, 0.5]}, "seed": 3,
+                           "guardrails": [{"metric": "error_rate", "max_regression": 0.02}]}}
+    assert checked_auto_deploy(spec) == spec and checked_auto_deploy(None) is None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import msgspec
@@ -87,6 +89,16 @@ def convert_or_422(value: Any, type_: type[T], field: str) -> T:
         at = _AT_PATH.search(str(exc))
         path = at.group(1).replace("`", "") if at and at.group(1) else ""
         raise Unprocessable(_AT_PATH.sub("", str(exc)), field=f"{field}.{path}" if path else field) from exc
+
+
+@contextmanager
+def fields_under(prefix: str) -> Iterator[None]:
+    """Checks of a nested part: a 422 they raise names its field under `prefix` (`config.triggers.job.seed`)."""
+    try:
+        yield
+    except Unprocessable as exc:
+        exc.field = f"{prefix}.{exc.field}" if exc.field else prefix
+        raise
 
 
 def _problem(status: int, title: str, detail: str, instance: str, **more: Any) -> dict[str, Any]:

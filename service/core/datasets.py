@@ -100,6 +100,13 @@ def snapshot_job_json(j: Job) -> dict[str, Any]:
             "finished_at": None if j.finished_at is None else int(j.finished_at), "attempts": j.attempts}
 
 
+def checked_curation(curation: Any) -> CurationConfig:
+    try:
+        return CurationConfig.from_dict(curation)
+    except (ValueError, TypeError) as exc:
+        raise Unprocessable(f"invalid curation config: {exc}", field="curation") from exc
+
+
 class DatasetService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], data_dir: Path,
                  count_tokens: Callable[[str], int]) -> None:
@@ -239,10 +246,7 @@ class DatasetService:
         request is a 422 at once; the curation itself runs later, in a worker."""
         if not isinstance(include_feedback, bool):
             raise Unprocessable("include_feedback must be a boolean", field="include_feedback")
-        try:
-            config = CurationConfig.from_dict(curation)
-        except (ValueError, TypeError) as exc:
-            raise Unprocessable(f"invalid curation config: {exc}", field="curation") from exc
+        config = checked_curation(curation)
         records = 0
         for ds in dataset_ids:
             d = await self.get(ds)

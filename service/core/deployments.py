@@ -11,7 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.evaluation.choices import validate_choices
 from adapters.evaluation.gates import GateConfig
-from service.errors import Conflict, NotFound, Unprocessable, convert_or_422
+from service.core.jobs import checked_job_body
+from service.errors import Conflict, NotFound, Unprocessable, convert_or_422, fields_under
 from service.storage.models import Deployment
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -54,6 +55,13 @@ def checked_config(config: dict[str, Any]) -> dict[str, Any]:
         GateConfig.from_dict(config.get("gates"))  # what the type cannot say: unknown gate keys
     except ValueError as exc:
         raise Unprocessable(str(exc), field="config.gates") from exc
+    job = (config.get("triggers") or {}).get("job")
+    if job is not None:  # what a trigger will post: checked now, as far as it can be without the database
+        if "deployment" in job:
+            raise Unprocessable("a trigger's job is for its own deployment: leave deployment out",
+                                field="config.triggers.job.deployment")
+        with fields_under("config.triggers.job"):
+            checked_job_body(job)
     if "answer_choices" in config:
         try:
             config = {**config, "answer_choices": list(validate_choices(config["answer_choices"]))}

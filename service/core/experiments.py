@@ -34,7 +34,7 @@ from monitoring.experiments import (
 )
 from service.core.routing import BASE_NAME, ExperimentRoute, Router, Target, Variant
 from service.core.serving import Serving
-from service.errors import Conflict, NotFound, Unprocessable, convert_or_422
+from service.errors import Conflict, NotFound, Unprocessable, convert_or_422, fields_under
 from service.storage.models import Adapter, Completion, Deployment, Experiment, ExperimentEvent, Feedback
 
 log = logging.getLogger("tuneloop.experiments")
@@ -67,11 +67,8 @@ def checked_auto_deploy(raw: Any) -> dict[str, Any] | None:
         return None
     convert_or_422(raw, AutoDeploy, "auto_deploy")
     spec = raw["experiment"]
-    try:
+    with fields_under("auto_deploy.experiment"):
         parse_policy(spec.get("policy"), spec.get("guardrails"))  # the ranges the types cannot say
-    except Unprocessable as exc:
-        exc.field = f"auto_deploy.experiment.{exc.field}"
-        raise
     return raw
 
 

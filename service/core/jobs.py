@@ -23,7 +23,7 @@ from adapters.training.config import (
     check_search_keeps_shape,
     inherit_lora_shape,
 )
-from service.core.datasets import DatasetService
+from service.core.datasets import DatasetService, checked_curation
 from service.core.experiments import checked_auto_deploy
 from service.errors import Conflict, NotFound, Unprocessable
 from service.storage.models import Adapter, Deployment, Job, JobEvent, Snapshot
@@ -68,69 +68,82 @@ def event_json(e: JobEvent) -> dict[str, Any]:
             "level": e.level, "message": e.message, "data": e.data}
 
 
+def checked_job_body(body: Any) -> dict[str, Any]:
+    """The checks of a job body that need no database: known fields, method, hyperparameters (field and range),
+    seed, search, suffix, auto_deploy, curation. Returns the spec parts they produce. `JobService.create` runs
+    them, and so does a deployment's config for its trigger's job: a bad job is a 422 when it is written, not a
+    trigger that fails later."""
+    if not isinstance(body, dict):
+        raise Unprocessable("body must be an object")
+    unknown = sorted(set(body) - JOB_FIELDS)
+    if unknown:
+        raise Unprocessable(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
+    method = body.get("method") or {"type": "sft"}
+    if not isinstance(method, dict) or method.get("type", "sft") not in METHODS:
+        raise Unprocessable(f"method.type must be one of {', '.join(METHODS)}", field="method.type")
+    mtype = method.get("type", "sft")
+    hp = method.get("hyperparameters", "auto")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
+        raise Unprocessable("seed must be an integer in [0, 2**31)", field="seed")
+    hyper: dict[str, Any] | str
+    if hp == "auto" or hp is None:
+        hyper = "auto"
+    else:
+        if not isinstance(hp, dict):
+            raise Unprocessable('method.hyperparameters must be an object or "auto"', field="method.hyperparameters")
+        try:
+            params = dict(hp)
+            if seed is not None:
+                params.setdefault("seed", seed)
+            hyper = Hyperparameters.from_dict(params).to_dict()
+        except (ValueError, TypeError) as exc:
+            raise Unprocessable(str(exc), field=_field_of(exc, "method.hyperparameters")) from exc
+        if hyper["replay_fraction"] and mtype != "sft":
+            raise Unprocessable(f"replay_fraction applies to sft only, not {mtype}",
+                                field="method.hyperparameters.replay_fraction")
+    search = body.get("search")
+    if search is not None:
+        if not isinstance(search, dict):
+            raise Unprocessable("search must be an object {n_trials, space?}", field="search")
+        try:
+            search = SearchSpec(**search).to_dict()
+        except (ValueError, TypeError) as exc:
+            raise Unprocessable(str(exc), field=_field_of(exc, "search")) from exc
+    suffix = body.get("suffix")
+    if suffix is not None and (not isinstance(suffix, str) or not re.fullmatch(r"[a-z0-9_-]{1,40}", suffix)):
+        raise Unprocessable("suffix must match [a-z0-9_-]{1,40}", field="suffix")
+    checked_curation(body.get("curation"))
+    return {"method": mtype, "hyperparameters": hyper, "search": search, "suffix": suffix, "seed": seed,
+            "auto_deploy": checked_auto_deploy(body.get("auto_deploy"))}
+
+
 class JobService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], datasets: DatasetService) -> None:
         self.sessions = sessions
         self.datasets = datasets
 
     async def create(self, body: Any) -> Job:
-        if not isinstance(body, dict):
-            raise Unprocessable("body must be an object")
-        unknown = sorted(set(body) - JOB_FIELDS)
-        if unknown:
-            raise Unprocessable(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
+        checked = checked_job_body(body)
         deployment = body.get("deployment")
         async with self.sessions() as s:
             if not isinstance(deployment, str) or await s.get(Deployment, deployment) is None:
                 raise NotFound(f"deployment {deployment!r} does not exist", field="deployment")
-        method = body.get("method") or {"type": "sft"}
-        if not isinstance(method, dict) or method.get("type", "sft") not in METHODS:
-            raise Unprocessable(f"method.type must be one of {', '.join(METHODS)}", field="method.type")
-        mtype = method.get("type", "sft")
-        hp = method.get("hyperparameters", "auto")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
-            raise Unprocessable("seed must be an integer in [0, 2**31)", field="seed")
-        hyper: dict[str, Any] | str
-        if hp == "auto" or hp is None:
-            hyper = "auto"
-        else:
-            if not isinstance(hp, dict):
-                raise Unprocessable('method.hyperparameters must be an object or "auto"', field="method.hyperparameters")
-            try:
-                params = dict(hp)
-                if seed is not None:
-                    params.setdefault("seed", seed)
-                hyper = Hyperparameters.from_dict(params).to_dict()
-            except (ValueError, TypeError) as exc:
-                raise Unprocessable(str(exc), field=_field_of(exc, "method.hyperparameters")) from exc
-            if hyper["replay_fraction"] and mtype != "sft":
-                raise Unprocessable(f"replay_fraction applies to sft only, not {mtype}",
-                                    field="method.hyperparameters.replay_fraction")
-        search = body.get("search")
-        if search is not None:
-            if not isinstance(search, dict):
-                raise Unprocessable("search must be an object {n_trials, space?}", field="search")
-            try:
-                search = SearchSpec(**search).to_dict()
-            except (ValueError, TypeError) as exc:
-                raise Unprocessable(str(exc), field=_field_of(exc, "search")) from exc
+        mtype, hyper, search = checked["method"], checked["hyperparameters"], checked["search"]
         parent_id = body.get("parent_adapter_id")
         if parent_id is not None:
             parent = await self._parent(parent_id, deployment)
             try:
                 if isinstance(hyper, dict):
-                    hyper = Hyperparameters.from_dict(inherit_lora_shape(hyper, parent.path, explicit=hp)).to_dict()
+                    explicit = (body.get("method") or {}).get("hyperparameters", "auto")
+                    hyper = inherit_lora_shape(hyper, parent.path, explicit=explicit)
+                    hyper = Hyperparameters.from_dict(hyper).to_dict()
             except (ValueError, TypeError) as exc:
                 raise Unprocessable(str(exc), field=_field_of(exc, "method.hyperparameters")) from exc
             try:
                 check_search_keeps_shape((search or {}).get("space", {}))
             except ValueError as exc:
                 raise Unprocessable(str(exc), field="search.space") from exc
-        suffix = body.get("suffix")
-        if suffix is not None and (not isinstance(suffix, str) or not re.fullmatch(r"[a-z0-9_-]{1,40}", suffix)):
-            raise Unprocessable("suffix must match [a-z0-9_-]{1,40}", field="suffix")
-        auto_deploy = checked_auto_deploy(body.get("auto_deploy"))
 
         snapshot_id = body.get("snapshot_id")
         sources = None
@@ -149,8 +162,7 @@ class JobService:
             sources = (await self.datasets.check_sources(deployment, ds, include_feedback,
                                                          body.get("curation"))).to_json()
 
-        spec = {"method": mtype, "hyperparameters": hyper, "search": search, "suffix": suffix, "seed": seed,
-                "auto_deploy": auto_deploy, "sources": sources, "parent_adapter_id": parent_id}
+        spec = {**checked, "hyperparameters": hyper, "sources": sources, "parent_adapter_id": parent_id}
         job = Job(id="ftjob-" + uuid.uuid4().hex[:20], kind="fine_tune", deployment=deployment, status="queued",
                   spec=spec, hyperparameters=hyper if isinstance(hyper, dict) else {}, snapshot_id=snapshot_id)
         async with self.sessions() as s, s.begin():

@@ -85,6 +85,15 @@ def test_cross_field_rules_and_ranges_are_in_the_schema(openapi: dict[str, Any])
     ({"gates": {"max_retention_increase": 50}}, "config.gates"),
     ({"gates": {"bogus": 1}}, "config.gates"),
     ({"answer_choices": ["only"]}, "config.answer_choices"),
+    # a trigger's job: checked as a job body when the config is written, not when the trigger fires
+    ({"triggers": {"job": {"deployment": "other"}}}, "config.triggers.job.deployment"),
+    ({"triggers": {"job": {"epochs": 2}}}, "config.triggers.job.epochs"),
+    ({"triggers": {"job": {"method": {"type": "sft", "hyperparameters": {"learning_rate": -1}}}}},
+     "config.triggers.job.method.hyperparameters.learning_rate"),
+    ({"triggers": {"job": {"suffix": "Not A Suffix"}}}, "config.triggers.job.suffix"),
+    ({"triggers": {"job": {"curation": {"split": {"validation_fraction": 2}}}}}, "config.triggers.job.curation"),
+    ({"triggers": {"job": {"auto_deploy": {"experiment": {"policy": {"alpha": 2}}}}}},
+     "config.triggers.job.auto_deploy.experiment.policy.alpha"),
 ])
 def test_a_deployment_config_is_checked_against_its_documented_type(config: dict, field: str) -> None:
     with pytest.raises(Unprocessable) as err:
@@ -93,7 +102,9 @@ def test_a_deployment_config_is_checked_against_its_documented_type(config: dict
 
 
 def test_a_valid_deployment_config_is_kept_as_sent_without_nulls() -> None:
-    config = {"eval_max_rows": 3, "gates": {"min_task_delta": 0.01}, "triggers": {"corrections": 5, "job": {}},
+    job = {"method": {"type": "sft", "hyperparameters": {"n_epochs": 2}}, "suffix": "auto",
+           "auto_deploy": {"experiment": {"policy": {"auto_promote": True}}}}
+    config = {"eval_max_rows": 3, "gates": {"min_task_delta": 0.01}, "triggers": {"corrections": 5, "job": job},
               "retention_path": None}
     assert checked_config(config) == {k: v for k, v in config.items() if v is not None}
 

@@ -238,6 +238,12 @@ class Report(msgspec.Struct, kw_only=True):
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
+class JobError(_Out, kw_only=True):
+    message: str
+    code: Annotated[str, msgspec.Meta(description="curation_error, training_error, parent_adapter, drift_error, ...")] \
+        | None = None
+
+
 class _JobTimes(_Out, kw_only=True):
     id: str
     status: JobStatus
@@ -246,7 +252,7 @@ class _JobTimes(_Out, kw_only=True):
     started_at: Timestamp | None
     finished_at: Timestamp | None
     attempts: int
-    error: Object | str | None
+    error: Annotated[JobError | None, msgspec.Meta(description="why a failed job failed")]
 
 
 class SnapshotSources(_Out, kw_only=True):

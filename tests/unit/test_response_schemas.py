@@ -158,3 +158,13 @@ def test_snapshot_counts_curation_and_experiment_state_are_typed(openapi: dict[s
                       {**exp, "state": {"weights": [0.5, 0.5], "stage": 0, "stage_started_at": 2.5}}) == []
     assert violations(openapi, "GET", "/v1/experiments/exp-1", 200, "application/json",
                       {**exp, "state": {"weights": {"control": 0.5}}})
+
+
+def test_a_failed_jobs_error_is_typed(openapi: dict[str, Any]) -> None:
+    job = job_json(Job(id="ftjob-1", kind="fine_tune", deployment="shop", status="failed", spec={"method": "sft"},
+                       hyperparameters={}, metrics={}, attempts=1, created_at=1.0, finished_at=2.0,
+                       error={"message": "trainer exited with code 1", "code": "training_error"}))
+    path = "/v1/fine_tuning/jobs/ftjob-1"
+    assert violations(openapi, "GET", path, 200, "application/json", job) == []
+    assert violations(openapi, "GET", path, 200, "application/json", {**job, "error": {"code": "training_error"}})
+    assert violations(openapi, "GET", path, 200, "application/json", {**job, "error": "boom"})

@@ -202,13 +202,19 @@ class Dataset(_Out, kw_only=True):
     records: Annotated[int, msgspec.Meta(description="on create and show")] = 0
 
 
+class LineError(_Out, kw_only=True):
+    line: Annotated[int, msgspec.Meta(description="1-based line number in the NDJSON body")]
+    field: Annotated[str, msgspec.Meta(description='the JSON path at fault (`messages[1].role`), or "line"')]
+    reason: str
+
+
 class UploadResult(_Out, kw_only=True):
     object: Literal["dataset.upload"]
     id: str
     accepted: int
     duplicates: int
     rejected: int
-    errors: Annotated[list[Object], msgspec.Meta(description="per bad line: its number, field and message")]
+    errors: Annotated[list[LineError], msgspec.Meta(description="the first bad lines (at most 1,000)")]
 
 
 class SnapshotCounts(_Out, kw_only=True):

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from adapters.curation.config import CurationConfig
+from adapters.curation.ndjson import iter_ndjson
 from adapters.curation.pipeline import run_pipeline
-from adapters.curation.rows import parse_row
+from adapters.curation.rows import RowError, parse_row
 from adapters.evaluation.gates import GateConfig
 from adapters.evaluation.generate import ModelRef
 from adapters.evaluation.report import report_json
@@ -19,7 +20,7 @@ from adapters.evaluation.rows import to_examples
 from adapters.evaluation.suites import assemble_result
 from monitoring.experiments import Guardrail, Policy, VariantData, summarize
 from service.app import create_app
-from service.core.datasets import SnapshotSources, snapshot_job_json, snapshot_json
+from service.core.datasets import SnapshotSources, UploadResult, snapshot_job_json, snapshot_json
 from service.core.deployments import deployment_json
 from service.core.evaluations import evaluation_json
 from service.core.experiments import experiment_json
@@ -168,3 +169,20 @@ def test_a_failed_jobs_error_is_typed(openapi: dict[str, Any]) -> None:
     assert violations(openapi, "GET", path, 200, "application/json", job) == []
     assert violations(openapi, "GET", path, 200, "application/json", {**job, "error": {"code": "training_error"}})
     assert violations(openapi, "GET", path, 200, "application/json", {**job, "error": "boom"})
+
+
+def test_an_uploads_bad_lines_are_typed(openapi: dict[str, Any]) -> None:
+    """The errors the parser reports for bad NDJSON lines, in the shape the upload returns them."""
+    body = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n' \
+           b'not json\n{"messages": [{"role": "robot", "content": "x"}]}\n'
+    result = UploadResult("up-1", accepted=1)
+    for line, item in iter_ndjson([body]):
+        if isinstance(item, RowError):
+            result.rejected += 1
+            result.errors.append({"line": line, "field": item.field, "reason": item.reason})
+    upload = result.to_json()
+    assert [e["line"] for e in upload["errors"]] == [2, 3] and upload["errors"][1]["field"].endswith(".role")
+    path = "/v1/datasets/ds-1/records"
+    assert violations(openapi, "POST", path, 201, "application/json", upload) == []
+    assert violations(openapi, "POST", path, 201, "application/json",
+                      {**upload, "errors": [{"line": "two", "field": "line", "reason": "x"}]})

@@ -12,7 +12,7 @@ from service.api import bodies, responses
 from service.api.common import ctx_of, json_body, json_object, row_cursor, wants_html
 from service.api.openapi import TEXT, operation
 from service.auth import admin_scope, app_scope
-from service.core.datasets import dataset_json, snapshot_job_json, snapshot_json
+from service.core.datasets import checked_curation, dataset_json, snapshot_job_json, snapshot_json
 from service.core.feedback import feedback_json
 from service.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
@@ -91,8 +91,8 @@ async def create_snapshot(request: Request[Any, Any, Any], dataset_id: str) -> d
     ctx = ctx_of(request)
     body = await json_object(request, bodies.SnapshotCreate, optional=True)
     dataset = await ctx.datasets.get(dataset_id)
-    sources = await ctx.datasets.check_sources(dataset.deployment, [dataset_id],
-                                               body.get("include_feedback", False), body.get("curation"))
+    sources = await ctx.datasets.check_sources(dataset.deployment, [dataset_id], body.get("include_feedback", False),
+                                               checked_curation(body.get("curation")))
     return snapshot_job_json(await ctx.datasets.queue_snapshot(sources))
 
 

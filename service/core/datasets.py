@@ -241,12 +241,12 @@ class DatasetService:
 
     # -- snapshots --------------------------------------------------------------------------------------
     async def check_sources(self, deployment: str, dataset_ids: list[str], include_feedback: Any,
-                            curation: Any) -> SnapshotSources:
-        """The cheap checks of a snapshot request (config, ownership, something to curate), so that a bad
-        request is a 422 at once; the curation itself runs later, in a worker."""
+                            config: CurationConfig) -> SnapshotSources:
+        """The cheap checks of a snapshot request (ownership, something to curate; the caller checked the
+        config with `checked_curation`), so that a bad request is a 422 at once; the curation itself runs
+        later, in a worker."""
         if not isinstance(include_feedback, bool):
             raise Unprocessable("include_feedback must be a boolean", field="include_feedback")
-        config = checked_curation(curation)
         records = 0
         for ds in dataset_ids:
             d = await self.get(ds)

@@ -70,9 +70,9 @@ def event_json(e: JobEvent) -> dict[str, Any]:
 
 def checked_job_body(body: Any) -> dict[str, Any]:
     """The checks of a job body that need no database: known fields, method, hyperparameters (field and range),
-    seed, search, suffix, auto_deploy, curation. Returns the spec parts they produce. `JobService.create` runs
-    them, and so does a deployment's config for its trigger's job: a bad job is a 422 when it is written, not a
-    trigger that fails later."""
+    seed, search, suffix, auto_deploy, curation. Returns the spec parts they produce and the checked curation.
+    `JobService.create` runs them, and so does a deployment's config for its trigger's job: a bad job is a 422
+    when it is written, not a trigger that fails later."""
     if not isinstance(body, dict):
         raise Unprocessable("body must be an object")
     unknown = sorted(set(body) - JOB_FIELDS)
@@ -113,9 +113,9 @@ def checked_job_body(body: Any) -> dict[str, Any]:
     suffix = body.get("suffix")
     if suffix is not None and (not isinstance(suffix, str) or not re.fullmatch(r"[a-z0-9_-]{1,40}", suffix)):
         raise Unprocessable("suffix must match [a-z0-9_-]{1,40}", field="suffix")
-    checked_curation(body.get("curation"))
     return {"method": mtype, "hyperparameters": hyper, "search": search, "suffix": suffix, "seed": seed,
-            "auto_deploy": checked_auto_deploy(body.get("auto_deploy"))}
+            "auto_deploy": checked_auto_deploy(body.get("auto_deploy")),
+            "curation": checked_curation(body.get("curation"))}
 
 
 class JobService:
@@ -125,6 +125,7 @@ class JobService:
 
     async def create(self, body: Any) -> Job:
         checked = checked_job_body(body)
+        curation = checked.pop("curation")  # goes into the snapshot sources, not the job spec
         deployment = body.get("deployment")
         async with self.sessions() as s:
             if not isinstance(deployment, str) or await s.get(Deployment, deployment) is None:
@@ -159,8 +160,7 @@ class JobService:
                 raise Unprocessable("give snapshot_id, or datasets (a list of dataset ids) and/or include_feedback",
                                     field="snapshot_id")
             # Curation is slow work: the worker builds the snapshot as the job's first stage.
-            sources = (await self.datasets.check_sources(deployment, ds, include_feedback,
-                                                         body.get("curation"))).to_json()
+            sources = (await self.datasets.check_sources(deployment, ds, include_feedback, curation)).to_json()
 
         spec = {**checked, "hyperparameters": hyper, "sources": sources, "parent_adapter_id": parent_id}
         job = Job(id="ftjob-" + uuid.uuid4().hex[:20], kind="fine_tune", deployment=deployment, status="queued",

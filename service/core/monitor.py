@@ -115,10 +115,6 @@ class Monitor:
 
     # -- fairness -----------------------------------------------------------------------------------------
     async def fairness(self, deployment: str) -> dict[str, Any] | None:
-        import pandas as pd
-
-        from monitoring.fairness import group_report
-
         async with self.ctx.sessions() as s:
             rows = (await s.execute(select(Completion.output, Completion.attributes, Feedback.rating,
                                            Feedback.correction).join(Feedback, Feedback.completion_id == Completion.id)
@@ -126,22 +122,12 @@ class Monitor:
                                     .order_by(Feedback.id.desc()).limit(self.window * 4))).all()
         if len(rows) < MIN_ROWS:
             return None
-        records = [{"output": o, "attributes": a or {}} for o, a, _, _ in rows]
-        keys = TrafficWindows.attribute_keys(records)
-        if not keys:
+        # off the event loop, which serves the gateway meanwhile: the first call imports pandas and fairlearn,
+        # a few hundred ms that used to stall every request in flight (benchmarks/README.md, gateway_overhead)
+        reports = await asyncio.to_thread(fairness_reports, [tuple(r) for r in rows])
+        if reports is None:
             return None
-        frame = pd.DataFrame([{
-            **{f"attr_{k}": (a or {}).get(k, "(missing)") for k in keys},
-            "rating": r, "y_pred": (o or "").strip(),
-            # corrections give labels; a positive rating without correction confirms the answer
-            "y_true": c.strip() if c else ((o or "").strip() if r is not None and r >= 0.5 else None),
-        } for o, a, r, c in rows])
-        has_labels = frame["y_true"].notna().sum() >= MIN_ROWS
-        reports = {}
-        for k in keys:
-            rep = await asyncio.to_thread(group_report, frame, f"attr_{k}", "y_true" if has_labels else None,
-                                          "y_pred" if has_labels else None, "rating", 20, None, 5)
-            reports[k] = rep
+        for k, rep in reports.items():
             for g in rep["groups"]:
                 if g.get("mean_rating") is not None:
                     metrics.FAIRNESS_GROUP_RATING.labels(deployment, k, str(g["group"])).set(g["mean_rating"])
@@ -217,3 +203,24 @@ class Monitor:
         log.info("%s: retraining trigger (%s) → %s", deployment, "; ".join(reasons), outcome)
         return data
 
+
+def fairness_reports(rows: list[tuple[Any, Any, Any, Any]]) -> dict[str, Any] | None:
+    """Per attribute, fairlearn's group report over (output, attributes, rating, correction) rows; None when
+    the rows carry no attribute. Blocking (imports, pandas, fairlearn): the monitor runs it in a thread."""
+    import pandas as pd
+
+    from monitoring.fairness import group_report
+
+    records = [{"output": o, "attributes": a or {}} for o, a, _, _ in rows]
+    keys = TrafficWindows.attribute_keys(records)
+    if not keys:
+        return None
+    frame = pd.DataFrame([{
+        **{f"attr_{k}": (a or {}).get(k, "(missing)") for k in keys},
+        "rating": r, "y_pred": (o or "").strip(),
+        # corrections give labels; a positive rating without correction confirms the answer
+        "y_true": c.strip() if c else ((o or "").strip() if r is not None and r >= 0.5 else None),
+    } for o, a, r, c in rows])
+    has_labels = frame["y_true"].notna().sum() >= MIN_ROWS
+    return {k: group_report(frame, f"attr_{k}", "y_true" if has_labels else None, "y_pred" if has_labels else None,
+                            "rating", 20, None, 5) for k in keys}

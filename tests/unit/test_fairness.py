@@ -110,3 +110,22 @@ def test_max_groups_folds_the_tail_and_bounded_attributes() -> None:
     ]
     with pytest.raises(ValueError, match="attribute"):
         group_report(df, "nope", rating="rating")
+
+
+def test_monitor_fairness_reports_from_feedback_rows() -> None:
+    """The monitor's blocking half (run in a thread): (output, attributes, rating, correction) rows to a report
+    per attribute, with labels from corrections and confirmed answers."""
+    from service.core.monitor import fairness_reports
+
+    rows = []
+    for i in range(80):
+        segment = "voice" if i % 2 else "web"
+        right = i % 4 != 1 if segment == "voice" else True  # voice: half wrong, web: all right
+        rows.append(("card_arrival", {"segment": segment, "request_id": f"r{i}"},
+                     1.0 if right else 0.0, None if right else "lost_card"))
+    reports = fairness_reports(rows)
+    assert reports is not None and set(reports) == {"segment"}  # request_id is unbounded: not an attribute
+    groups = {g["group"]: g for g in reports["segment"]["groups"]}
+    assert groups["web"]["accuracy"] == 1.0 and groups["voice"]["accuracy"] == 0.5
+    assert groups["web"]["mean_rating"] == 1.0 and groups["voice"]["mean_rating"] == 0.5
+    assert fairness_reports([(o, {}, r, c) for o, _, r, c in rows]) is None  # no attributes, no report

@@ -16,6 +16,11 @@ Printed: throughput of each path and their ratio, p50/p99 latency of each and wh
     python benchmarks/gateway_overhead.py --direct-only
     # the gateway's own cost: an upstream that answers at once (benchmarks/stub_vllm.py) instead of vLLM
     python benchmarks/gateway_overhead.py --stub --concurrency 1 --rounds 10
+    # ... at a model's pace (answers after 200 ms) without a model's CPU load
+    python benchmarks/gateway_overhead.py --stub --stub-delay-ms 200 --concurrency 1 --rounds 6
+
+The gateway's CPU time per request is printed too, with its idle background (measured for `--idle-seconds`
+before the rounds) taken out.
 """
 
 from __future__ import annotations
@@ -187,9 +192,11 @@ def _cpu_seconds(proc: subprocess.Popen[bytes] | None) -> float:
     return t.user + t.system
 
 
-def start_stub(port: int) -> subprocess.Popen[bytes]:
-    """`benchmarks/stub_vllm.py`: answers at once, so the gateway's own cost is all that is added."""
-    return subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "stub_vllm.py"), "--port", str(port)])
+def start_stub(port: int, delay_ms: float) -> subprocess.Popen[bytes]:
+    """`benchmarks/stub_vllm.py`: answers at once (or after `delay_ms`), so the gateway's own cost is all that
+    is added."""
+    return subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "stub_vllm.py"), "--port", str(port),
+                             "--delay-ms", str(delay_ms)])
 
 
 async def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -219,7 +226,7 @@ async def main_async(args: argparse.Namespace) -> int:
         vllm_url = args.vllm_url
         if args.stub:
             port = free_port()
-            stub = start_stub(port)
+            stub = start_stub(port, args.stub_delay_ms)
             vllm_url = f"http://127.0.0.1:{port}"
             await wait_http_ok(f"{vllm_url}/health", 60, stub)
         elif vllm_url is None:
@@ -244,13 +251,22 @@ async def main_async(args: argparse.Namespace) -> int:
             if not api_key:
                 raise SystemExit("--api-key (or TUNELOOP_ADMIN_KEY) is required with --gateway-url")
             targets.append(Target("gateway", gateway_url.rstrip("/"), args.gateway_model, api_key))
-        cpu_before = _cpu_seconds(gateway)
+        idle_cpu_s_per_s = None
+        if gateway is not None:  # the gateway's background (timers, health checks), measured while it idles
+            cpu_before, t0 = _cpu_seconds(gateway), time.perf_counter()
+            await asyncio.sleep(args.idle_seconds)
+            idle_cpu_s_per_s = (_cpu_seconds(gateway) - cpu_before) / (time.perf_counter() - t0)
+        cpu_before, t0 = _cpu_seconds(gateway), time.perf_counter()
         await measure(targets, args)
+        cpu_s, wall_s = _cpu_seconds(gateway) - cpu_before, time.perf_counter() - t0
         report(targets, args)
-        if gateway is not None and len(targets) == 2:  # the gateway's CPU time: what it takes from vLLM's cores
+        if idle_cpu_s_per_s is not None and len(targets) == 2:  # what the gateway takes from vLLM's cores
             served = len(targets[1].latencies) + targets[1].errors + args.warmup
-            print(f"gateway CPU time per request: {(_cpu_seconds(gateway) - cpu_before) / served * 1000:.2f} ms "
-                  f"(user + system, all its threads)")
+            background = idle_cpu_s_per_s * wall_s
+            print(f"gateway CPU time per request: {cpu_s / served * 1000:.2f} ms (user + system, all its threads), "
+                  f"of which {background / served * 1000:.2f} ms is its idle background "
+                  f"({idle_cpu_s_per_s * 1000:.1f} ms/s over the run's {wall_s:.0f} s): "
+                  f"{(cpu_s - background) / served * 1000:.2f} ms of work per request")
         return 0 if all(t.latencies for t in targets) else 1
     finally:
         for proc in (gateway, stub):
@@ -282,8 +298,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=12)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--direct-only", action="store_true", help="measure only the direct-vLLM half")
+    p.add_argument("--idle-seconds", type=float, default=10.0,
+                   help="the started gateway's idle CPU is measured this long before the rounds")
     p.add_argument("--stub", action="store_true",
                    help="an upstream that answers at once instead of vLLM: what is added is the gateway's own cost")
+    p.add_argument("--stub-delay-ms", type=float, default=0.0,
+                   help="with --stub: answer after this long (vLLM's pace without its CPU load)")
     args = p.parse_args(argv)
     for name in ("rounds", "batch_size", "concurrency", "max_tokens"):
         if getattr(args, name) < 1:

@@ -5,20 +5,24 @@ and both completion endpoints, whose answers are fixed (a Banking77 label, OpenA
 model time in the way, the gateway's added latency and its CPU cost per request are what is left.
 
     python benchmarks/stub_vllm.py --port 8011
+    python benchmarks/stub_vllm.py --port 8011 --delay-ms 200   # answers after vLLM's time, without its load
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
 
 from aiohttp import web
 
 ANSWER = "card_arrival"
+DELAY_S = 0.0  # --delay-ms: how long a completion takes
 
 
 async def chat(request: web.Request) -> web.Response:
     body = await request.json()
+    await asyncio.sleep(DELAY_S)
     return web.json_response({
         "id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
         "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
@@ -27,6 +31,7 @@ async def chat(request: web.Request) -> web.Response:
 
 async def text(request: web.Request) -> web.Response:
     body = await request.json()
+    await asyncio.sleep(DELAY_S)
     return web.json_response({
         "id": "cmpl-stub", "object": "text_completion", "created": int(time.time()), "model": body["model"],
         "choices": [{"index": 0, "text": ANSWER, "finish_reason": "stop"}],
@@ -55,7 +60,11 @@ def app() -> web.Application:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, required=True)
-    web.run_app(app(), host="127.0.0.1", port=p.parse_args().port, print=None, access_log=None)
+    p.add_argument("--delay-ms", type=float, default=0.0, help="answer completions after this long")
+    args = p.parse_args()
+    global DELAY_S
+    DELAY_S = args.delay_ms / 1000
+    web.run_app(app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
 
 
 if __name__ == "__main__":

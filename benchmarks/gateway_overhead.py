@@ -305,6 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stub-delay-ms", type=float, default=0.0,
                    help="with --stub: answer after this long (vLLM's pace without its CPU load)")
     args = p.parse_args(argv)
+    if args.idle_seconds <= 0 or args.stub_delay_ms < 0:
+        p.error("--idle-seconds must be > 0 and --stub-delay-ms >= 0")
     for name in ("rounds", "batch_size", "concurrency", "max_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -17,12 +17,12 @@ import time
 from aiohttp import web
 
 ANSWER = "card_arrival"
-DELAY_S = 0.0  # --delay-ms: how long a completion takes
+DELAY = web.AppKey("delay_s", float)  # how long a completion takes (--delay-ms)
 
 
 async def chat(request: web.Request) -> web.Response:
     body = await request.json()
-    await asyncio.sleep(DELAY_S)
+    await asyncio.sleep(request.app[DELAY])
     return web.json_response({
         "id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
         "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
@@ -31,7 +31,7 @@ async def chat(request: web.Request) -> web.Response:
 
 async def text(request: web.Request) -> web.Response:
     body = await request.json()
-    await asyncio.sleep(DELAY_S)
+    await asyncio.sleep(request.app[DELAY])
     return web.json_response({
         "id": "cmpl-stub", "object": "text_completion", "created": int(time.time()), "model": body["model"],
         "choices": [{"index": 0, "text": ANSWER, "finish_reason": "stop"}],
@@ -46,8 +46,9 @@ async def ok(request: web.Request) -> web.Response:
     return web.Response(text="")
 
 
-def app() -> web.Application:
+def app(delay_s: float = 0.0) -> web.Application:
     a = web.Application()
+    a[DELAY] = delay_s
     a.router.add_get("/health", ok)
     a.router.add_get("/v1/models", models)
     a.router.add_post("/v1/chat/completions", chat)
@@ -62,9 +63,9 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--delay-ms", type=float, default=0.0, help="answer completions after this long")
     args = p.parse_args()
-    global DELAY_S
-    DELAY_S = args.delay_ms / 1000
-    web.run_app(app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    if args.delay_ms < 0:
+        p.error("--delay-ms must be >= 0")
+    web.run_app(app(args.delay_ms / 1000), host="127.0.0.1", port=args.port, print=None, access_log=None)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ Printed: throughput of each path and their ratio, p50/p99 latency of each and wh
     python benchmarks/gateway_overhead.py --stub --stub-delay-ms 200 --concurrency 1 --rounds 6
 
 The gateway's CPU time per request is printed too, with its idle background (measured for `--idle-seconds`
-before the rounds) taken out.
+before the rounds) taken out. The started gateway's monitor queues a drift job every minute once 30 completions
+arrived, and the worker runs it on the same cores: `--monitor-interval 86400` keeps that out of a run.
 """
 
 from __future__ import annotations
@@ -172,12 +173,14 @@ def report(targets: list[Target], args: argparse.Namespace) -> None:
 
 
 def start_gateway(
-    vllm_url: str, model_dir: str, port: int, api_key: str, data_dir: Path
+    vllm_url: str, model_dir: str, port: int, api_key: str, data_dir: Path, monitor_interval_s: float | None
 ) -> subprocess.Popen[bytes]:
     """`tuneloop serve` in front of an existing vLLM; its log goes to data_dir/serve.log."""
     cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", str(data_dir),
            "--base-model", model_dir, "--vllm-url", vllm_url]  # fmt: skip
     env = {**os.environ, "TUNELOOP_ADMIN_KEY": api_key}
+    if monitor_interval_s is not None:
+        env["TUNELOOP_MONITOR_INTERVAL_SECONDS"] = str(monitor_interval_s)
     data_dir.mkdir(parents=True, exist_ok=True)
     with (data_dir / "serve.log").open("ab") as log:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -244,7 +247,8 @@ async def main_async(args: argparse.Namespace) -> int:
             gateway_url, api_key = args.gateway_url, args.api_key
             if gateway_url is None:
                 port, api_key = free_port(), api_key or "tl-bench-" + uuid.uuid4().hex
-                gateway = start_gateway(vllm_url, args.model_dir, port, api_key, tmp / "service")
+                gateway = start_gateway(vllm_url, args.model_dir, port, api_key, tmp / "service",
+                                        args.monitor_interval)
                 gateway_url = f"http://127.0.0.1:{port}/v1"
                 print(f"starting tuneloop serve ({tmp / 'service' / 'serve.log'}) ...", file=sys.stderr)
                 await wait_http_ok(f"http://127.0.0.1:{port}/ready", 600, gateway)
@@ -300,13 +304,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--direct-only", action="store_true", help="measure only the direct-vLLM half")
     p.add_argument("--idle-seconds", type=float, default=10.0,
                    help="the started gateway's idle CPU is measured this long before the rounds")
+    p.add_argument("--monitor-interval", type=float, default=None,
+                   help="the started gateway's TUNELOOP_MONITOR_INTERVAL_SECONDS (default: the service's, 60): "
+                        "e.g. 86400 keeps its drift jobs off the cores during the run")
     p.add_argument("--stub", action="store_true",
                    help="an upstream that answers at once instead of vLLM: what is added is the gateway's own cost")
     p.add_argument("--stub-delay-ms", type=float, default=0.0,
                    help="with --stub: answer after this long (vLLM's pace without its CPU load)")
     args = p.parse_args(argv)
-    if args.idle_seconds <= 0 or args.stub_delay_ms < 0:
-        p.error("--idle-seconds must be > 0 and --stub-delay-ms >= 0")
+    if args.idle_seconds <= 0 or args.stub_delay_ms < 0 or (args.monitor_interval is not None
+                                                           and args.monitor_interval <= 0):
+        p.error("--idle-seconds and --monitor-interval must be > 0, --stub-delay-ms >= 0")
     for name in ("rounds", "batch_size", "concurrency", "max_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

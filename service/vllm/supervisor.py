@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 import httpx
 
-from adapters.cpu import has_bf16_units
+from adapters.cpu import prefers_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +116,11 @@ class VLLMOptions:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
 
 
-def cpu_serving_dtype(cpuinfo: str | None = None) -> str:
-    """bfloat16 on CPUs with BF16 units (AVX512-BF16 or AMX), else float32. Measured both ways
-    (benchmarks/README.md): without the units bf16 is 3x slower than fp32; with them 1.7x faster."""
-    return "bfloat16" if has_bf16_units(cpuinfo) else "float32"
+def cpu_serving_dtype(cpuinfo: str | None = None, speedup: float | None = None) -> str:
+    """bfloat16 where bf16 pays off on this CPU (`adapters.cpu.prefers_bf16`), else float32. Measured both ways
+    (benchmarks/README.md): without BF16 units bf16 is 3x slower than fp32; with them 1.7x faster, except on a VM
+    that lists the units but runs bf16 matmuls at half fp32's speed (there bf16 served 1.35x fewer requests)."""
+    return "bfloat16" if prefers_bf16(cpuinfo, speedup) else "float32"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -34,16 +34,30 @@ def test_managed_vllm_takes_every_core_only_where_no_worker_trains() -> None:
     assert Settings(start_worker=False, vllm_cpu_threads=1).managed_vllm_cpu_threads == 1
 
 
-def test_serving_dtype_follows_the_cpus_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
-    from adapters.cpu import has_bf16_units
+def test_serving_dtype_is_bf16_only_where_the_units_exist_and_measure_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapters.cpu import has_bf16_units, prefers_bf16
     from service.vllm.supervisor import cpu_serving_dtype
 
     amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n"
     avx512_bf16 = "flags\t\t: fpu avx2 avx512f avx512_bf16\n"
     avx2 = "flags\t\t: fpu sse4_2 avx2 fma\nbugs\t\t: avx512_bf16_is_not_a_flag_here\n"
-    assert cpu_serving_dtype(amx) == cpu_serving_dtype(avx512_bf16) == "bfloat16"
-    assert cpu_serving_dtype(avx2) == cpu_serving_dtype("") == "float32"
+    assert cpu_serving_dtype(amx, speedup=7.7) == cpu_serving_dtype(avx512_bf16, speedup=2.2) == "bfloat16"
+    # the units listed but bf16 measured slower (a VM hiding AMX): fp32, as without the units
+    assert cpu_serving_dtype(avx512_bf16, speedup=0.5) == cpu_serving_dtype(amx, speedup=1.1) == "float32"
+    assert cpu_serving_dtype(avx2, speedup=9.0) == cpu_serving_dtype("", speedup=9.0) == "float32"
     assert has_bf16_units(amx) and has_bf16_units(avx512_bf16) and not has_bf16_units(avx2)
-    assert Settings().managed_vllm_dtype == cpu_serving_dtype()  # this machine's CPU decides by default
+    assert Settings().managed_vllm_dtype == ("bfloat16" if prefers_bf16() else "float32")  # this machine decides
     monkeypatch.setenv("TUNELOOP_VLLM_DTYPE", "float32")
     assert Settings.from_env().managed_vllm_dtype == "float32"  # an explicit setting wins
+
+
+def test_bf16_speedup_is_measured_in_a_child_process() -> None:
+    """The real measurement (the API process must not import torch for it); any CPU gives a finite ratio."""
+    import sys
+
+    from adapters.cpu import matmul_bf16_speedup, measured_bf16_speedup
+
+    had_torch = "torch" in sys.modules
+    assert 0.01 < measured_bf16_speedup() < 100
+    assert ("torch" in sys.modules) == had_torch
+    assert 0.01 < matmul_bf16_speedup(rows=32, repeats=1) < 100

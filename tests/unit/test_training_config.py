@@ -36,11 +36,11 @@ def test_defaults_are_valid_and_replace_validates() -> None:
         hp.replace(lora_r=1000)
 
 
-def test_auto_precision_is_bf16_only_on_cpus_with_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_precision_is_bf16_only_where_bf16_pays_off(monkeypatch: pytest.MonkeyPatch) -> None:
     from adapters.training import config
 
-    for units, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(config, "has_bf16_units", lambda units=units: units)
+    for pays_off, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(config, "prefers_bf16", lambda pays_off=pays_off: pays_off)
         assert Hyperparameters(precision="auto").resolved_precision() == expected
         assert Hyperparameters().resolved_precision() == "fp32"  # the default is exact on every CPU
         assert Hyperparameters(precision="bf16").resolved_precision() == "bf16"

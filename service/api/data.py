@@ -113,7 +113,7 @@ async def get_snapshot(request: Request[Any, Any, Any], snapshot_id: str) -> dic
 
 
 @get("/v1/snapshots/{snapshot_id:str}/report", guards=[admin_scope],
-     operation_class=operation(responses.Report, alternatives={"text/html": TEXT}))
+     operation_class=operation(responses.SnapshotReport, alternatives={"text/html": TEXT}))
 async def snapshot_report(request: Request[Any, Any, Any], snapshot_id: str) -> Response[Any]:
     snap = await ctx_of(request).datasets.get_snapshot(snapshot_id)
     if wants_html(request):

@@ -4,9 +4,9 @@ Handlers build their responses as dicts (`*_json` in `service.core`); these type
 tests hold the two together: every JSON response a test receives from the real service is validated against
 the documented schema (`tests/openapi_conformance.py`), and the fuzz test checks it with schemathesis too.
 Nested results reuse the dataclasses that compute them (`TaskMetrics`, `RetentionResult`, `GateOutcome`,
-`GuardrailResult`), and configs their request types (`CurationConfig`, `Hyperparameters`, ...), so their schema
-cannot drift from the code. Open-ended parts (training metrics, which differ by method; reports; drift and
-fairness results) are objects whose keys the docs describe.
+`ErrorAnalysis`, `StepReport`, `GuardrailResult`, ...), and configs their request types (`CurationConfig`,
+`Hyperparameters`, ...), so their schema cannot drift from the code. What stays an open object is open by nature:
+an event's `data` (its keys depend on the event type), a monitor run's result, and a curation step's `details`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 import msgspec
 
 from adapters.curation.config import CurationConfig
+from adapters.curation.steps import StepReport
+from adapters.evaluation.errors import ErrorAnalysis
+from adapters.evaluation.fairness import AttributeFairness
 from adapters.evaluation.gates import GateOutcome
-from adapters.evaluation.generate import BackendKind
+from adapters.evaluation.generate import BackendKind, ModelRef
 from adapters.evaluation.metrics import TaskMetrics
 from adapters.evaluation.retention import RetentionResult
 from adapters.training.config import Hyperparameters, SearchSpec
@@ -46,7 +49,18 @@ class Problem(_Out, kw_only=True):
     detail: str
     instance: str
     field: Annotated[str, msgspec.Meta(description="the request field (or NDJSON line) at fault")] | None = None
-    errors: list[Object] | None = None
+    errors: Annotated[list[ProblemItem], msgspec.Meta(description="every fault, when a request has several")] | None = None
+
+
+class ProblemItem(msgspec.Struct, kw_only=True):
+    """One fault: of a request's validation (`field`, `message`), of a batch item (`index` too), or a bad NDJSON
+    line (`line`, `field`, `reason`: the same items as an upload's `errors`)."""
+
+    field: str | None
+    message: str | None = None
+    index: Annotated[int, msgspec.Meta(description="0-based position in a batch body")] | None = None
+    line: Annotated[int, msgspec.Meta(description="1-based line number in an NDJSON body")] | None = None
+    reason: str | None = None
 
 
 class Page(_Out, Generic[T], kw_only=True):
@@ -234,10 +248,102 @@ class Snapshot(_Out, kw_only=True):
     created_at: Timestamp
 
 
-class Report(msgspec.Struct, kw_only=True):
-    """A report as JSON (`text/html` gives the page); its sections are described in the README."""
+class LengthStats(msgspec.Struct, kw_only=True):
+    count: int
+    min: float
+    mean: float
+    p50: float
+    p90: float
+    max: float
 
-    object: Literal["snapshot.report", "evaluation.report"]
+
+class SplitSummary(msgspec.Struct, kw_only=True):
+    rows: int
+    kinds: Annotated[dict[str, int], msgspec.Meta(description="rows per kind: sft, preference, unpaired")]
+    labels: Annotated[dict[str, int] | None, msgspec.Meta(description="the most frequent answers, label-like data only")]
+    distinct_labels: int | None
+    unpaired_labels: Annotated[dict[str, int] | None, msgspec.Meta(description='"good" / "bad" unpaired rows')]
+    prompt_chars: LengthStats
+    answer_chars: LengthStats
+    prompt_words: LengthStats
+    answer_words: LengthStats
+    prompt_turns: LengthStats
+    attributes: Annotated[dict[str, dict[str, int]], msgspec.Meta(description="row attribute → value → rows")]
+    weights: Annotated[LengthStats | None, msgspec.Meta(description="label-balance weights, if balancing weighted")]
+
+
+class SplitCounts(msgspec.Struct, kw_only=True):
+    train: int
+    validation: int
+
+
+class SnapshotReport(_Out, kw_only=True):
+    """The curation's data-quality report as JSON (`text/html` gives the page with plots)."""
+
+    object: Literal["snapshot.report"]
+    snapshot_id: str
+    input_count: int
+    output_count: int
+    removed_total: int
+    added_total: int
+    flagged_total: int
+    counts: SplitCounts
+    label_like: bool
+    splits: Annotated[dict[str, SplitSummary], msgspec.Meta(description='keyed "train" and "validation"')]
+    steps: Annotated[list[StepReport], msgspec.Meta(description="each curation step: removals with reasons, examples")]
+    config: CurationConfig
+    content_hash: str
+
+
+class EvaluationResult(msgspec.Struct, kw_only=True):
+    candidate: ModelRef
+    reference: ModelRef
+    backend: BackendKind
+    label_like: bool
+    rows: int
+    skipped_rows: int
+    answer_choices: int | None
+    task: Annotated[dict[str, TaskMetrics], msgspec.Meta(description='keyed "candidate" and "reference"')]
+    errors: Annotated[dict[str, ErrorAnalysis], msgspec.Meta(description='keyed "candidate" and "reference"')]
+    retention: RetentionResult | None
+    fairness: list[FairnessComparison]
+    timings: Annotated[dict[str, float], msgspec.Meta(description="seconds per phase")]
+    gates: GateOutcome | None
+
+
+class FairnessComparison(msgspec.Struct, kw_only=True):
+    attribute: str
+    candidate: AttributeFairness
+    reference: AttributeFairness
+
+
+class LossPoint(msgspec.Struct, kw_only=True):
+    step: float
+    loss: float
+
+
+class ValidationLossPoint(msgspec.Struct, kw_only=True):
+    step: float
+    val_loss: float
+
+
+class LossCurve(msgspec.Struct, kw_only=True):
+    train: list[LossPoint]
+    validation: list[ValidationLossPoint]
+
+
+class EvaluationReport(_Out, kw_only=True):
+    """The whole evaluation as JSON (`text/html` gives the page with plots): everything behind the summary."""
+
+    object: Literal["evaluation.report"]
+    id: str
+    status: str
+    reasons: list[str] | None
+    schema_version: int | None = None
+    evaluation: Annotated[EvaluationResult, msgspec.Meta(description="absent if the evaluation errored")] | None = None
+    loss_curve: Annotated[LossCurve, msgspec.Meta(description="from the training job's events")] | None = None
+    seconds: float | None = None
+    error: Annotated[str, msgspec.Meta(description="why an evaluation ended in error")] | None = None
 
 
 # --- jobs ------------------------------------------------------------------------------------------------
@@ -274,6 +380,44 @@ class SnapshotJob(_JobTimes, kw_only=True):
     sources: SnapshotSources | None
 
 
+class ValidationPoint(msgspec.Struct, kw_only=True):
+    step: int
+    val_loss: float
+
+
+class SearchTrial(msgspec.Struct, kw_only=True):
+    number: int
+    state: str
+    value: Annotated[float | None, msgspec.Meta(description="the trial's best validation loss")]
+    params: Annotated[dict[str, Any], msgspec.Meta(description="the hyperparameters it tried")]
+
+
+class TrainingMetrics(msgspec.Struct, kw_only=True):
+    """What the training recipe reported. Which keys are present depends on the method: SFT reports them all,
+    DPO/KTO the losses, steps and validation history, a search its trials; a cancelled run only `steps`."""
+
+    train_loss: float | None = None
+    steps: int | None = None
+    total_steps: int | None = None
+    epochs: float | None = None
+    train_rows: int | None = None
+    replay_rows: Annotated[int, msgspec.Meta(description="rows of the base model's own answers mixed in")] | None = None
+    validation_rows: int | None = None
+    best_val_loss: Annotated[float, msgspec.Meta(description="of the adapter kept")] | None = None
+    best_step: int | None = None
+    stopped_early: bool | None = None
+    runtime_seconds: float | None = None
+    precision: Literal["fp32", "bf16"] | None = None
+    tokens_per_second: float | None = None
+    val_history: list[ValidationPoint] | None = None
+    last_loss: Annotated[float, msgspec.Meta(description="the last step event's loss")] | None = None
+    last_val_loss: float | None = None
+    best_trial: int | None = None
+    best_params: dict[str, Any] | None = None
+    n_trials: int | None = None
+    trials: list[SearchTrial] | None = None
+
+
 class FineTuningJob(_JobTimes, kw_only=True):
     object: Literal["fine_tuning.job"]
     model: str
@@ -281,7 +425,7 @@ class FineTuningJob(_JobTimes, kw_only=True):
     snapshot_id: str | None
     hyperparameters: Annotated[Hyperparameters | None, msgspec.Meta(description="empty until a search chose them")]
     trained_tokens: int | None
-    metrics: Object | None
+    metrics: TrainingMetrics | None
     adapter_id: str | None
     fine_tuned_model: str | None
     suffix: str | None
@@ -291,9 +435,21 @@ class FineTuningJob(_JobTimes, kw_only=True):
     parent_adapter_id: str | None
 
 
+class DriftJobResult(msgspec.Struct, kw_only=True):
+    """The outcome in brief; the full result is the monitor run `monitor_run_id` (`GET /v1/monitoring/drift`)."""
+
+    reference_rows: int
+    current_rows: int
+    reference_source: str
+    skipped: Annotated[str, msgspec.Meta(description="why nothing was computed (too few rows)")] | None = None
+    monitor_run_id: int | None = None
+    share: Annotated[float, msgspec.Meta(description="drifted / checked features")] | None = None
+    drifted: Annotated[list[str], msgspec.Meta(description="the features that drifted")] | None = None
+
+
 class DriftJob(_JobTimes, kw_only=True):
     object: Literal["drift.job"]
-    result: Object | None
+    result: Annotated[DriftJobResult | None, msgspec.Meta(description="set when the job has finished")]
 
 
 class JobEvent(_Out, kw_only=True):
@@ -346,7 +502,7 @@ class Adapter(_Out, kw_only=True):
     snapshot_id: str | None
     feedback_range: FeedbackRange | None
     hyperparameters: Hyperparameters | None
-    metrics: Object | None
+    metrics: Annotated[TrainingMetrics | None, msgspec.Meta(description="its training job's metrics")]
     evaluation_id: str | None
     parent_adapter_id: str | None
     created_at: Timestamp

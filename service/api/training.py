@@ -18,7 +18,7 @@ from service.api.openapi import TEXT, operation
 from service.auth import admin_scope
 from service.core.datasets import snapshot_job_json
 from service.core.drift import drift_job_json
-from service.core.evaluations import evaluation_json
+from service.core.evaluations import evaluation_json, evaluation_report_json
 from service.core.jobs import TERMINAL, event_json, job_json
 from service.core.serving import history_json
 from service.errors import NotFound, Unprocessable
@@ -147,7 +147,7 @@ async def get_evaluation(request: Request[Any, Any, Any], evaluation_id: str) ->
 
 
 @get("/v1/evaluations/{evaluation_id:str}/report", guards=[admin_scope],
-     operation_class=operation(responses.Report, alternatives={"text/html": TEXT}))
+     operation_class=operation(responses.EvaluationReport, alternatives={"text/html": TEXT}))
 async def evaluation_report(request: Request[Any, Any, Any], evaluation_id: str) -> Response[Any]:
     ev = await ctx_of(request).evaluations.get(evaluation_id)
     if ev.status in ("queued", "running"):
@@ -156,8 +156,7 @@ async def evaluation_report(request: Request[Any, Any, Any], evaluation_id: str)
     html_path = (ev.result or {}).get("html_path")
     if wants_html(request) and html_path and Path(html_path).exists():
         return Response(Path(html_path).read_text(), media_type="text/html")
-    return Response({"object": "evaluation.report", "id": ev.id, "status": ev.status, "reasons": ev.reasons,
-                     **{k: v for k, v in (ev.result or {}).items() if k != "html_path"}})
+    return Response(evaluation_report_json(ev))
 
 
 # --- serving: promote / rollback / history --------------------------------------------------------------

@@ -49,6 +49,12 @@ def evaluation_json(e: Evaluation) -> dict[str, Any]:
             "created_at": int(e.created_at), "finished_at": None if e.finished_at is None else int(e.finished_at)}
 
 
+def evaluation_report_json(e: Evaluation) -> dict[str, Any]:
+    """The stored report (`adapters.evaluation.report.report_json`) without the server-side HTML path."""
+    return {"object": "evaluation.report", "id": e.id, "status": e.status, "reasons": e.reasons,
+            **{k: v for k, v in (e.result or {}).items() if k != "html_path"}}
+
+
 async def queue_evaluation(sessions: async_sessionmaker[AsyncSession], adapter: Adapter,
                            source_job: Job | None = None, extra: dict[str, Any] | None = None) -> str:
     async with sessions() as s, s.begin():

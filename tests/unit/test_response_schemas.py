@@ -4,6 +4,7 @@ integration tests run on every response (`tests/openapi_conformance.py`) catches
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from adapters.curation.config import CurationConfig
 from adapters.curation.ndjson import iter_ndjson
 from adapters.curation.pipeline import run_pipeline
+from adapters.curation.report import quality_report
 from adapters.curation.rows import RowError, parse_row
 from adapters.evaluation.gates import GateConfig
 from adapters.evaluation.generate import ModelRef
@@ -22,7 +24,8 @@ from monitoring.experiments import Guardrail, Policy, VariantData, summarize
 from service.app import create_app
 from service.core.datasets import SnapshotSources, UploadResult, snapshot_job_json, snapshot_json
 from service.core.deployments import deployment_json
-from service.core.evaluations import evaluation_json
+from service.core.drift import drift_job_json
+from service.core.evaluations import evaluation_json, evaluation_report_json
 from service.core.experiments import experiment_json
 from service.core.jobs import job_json
 from service.errors import NotFound, _problem
@@ -186,3 +189,80 @@ def test_an_uploads_bad_lines_are_typed(openapi: dict[str, Any]) -> None:
     assert violations(openapi, "POST", path, 201, "application/json", upload) == []
     assert violations(openapi, "POST", path, 201, "application/json",
                       {**upload, "errors": [{"line": "two", "field": "line", "reason": "x"}]})
+
+
+def test_reports_are_typed(openapi: dict[str, Any]) -> None:
+    """The evaluation and snapshot reports, built from real results the way the handlers return them."""
+    rows = [{"prompt": [{"role": "user", "content": f"question {i}"}], "completion": ["card_arrival", "lost_card"][i % 2],
+             "attributes": {"segment": "ab"[i % 2]}} for i in range(20)]
+    ex, _ = to_examples(rows)
+    answers = [e.answer if i % 3 else "lost_card" for i, e in enumerate(ex)]
+    result = assemble_result(ModelRef("/m", "/a", "v1"), ModelRef("/m", None, "base"), ex, answers, answers,
+                             [0.5] * 20, [0.6] * 20, [2.1] * 4, [2.0] * 4, GateConfig())
+    curve = [{"type": "step", "step": 1, "loss": 2.5}, {"type": "validation", "step": 1, "val_loss": 2.0}]
+    ev = Evaluation(id="eval-1", adapter_id="ad-1", job_id=None, reference="base", status="passed",
+                    result={**report_json(result, curve), "html_path": "/x.html", "seconds": 3.5},
+                    reasons=list(result.gates.reasons), created_at=1.0, finished_at=2.0)
+    report = evaluation_report_json(ev)
+    assert report["evaluation"]["errors"]["candidate"]["confusions"] and report["evaluation"]["fairness"]
+    assert "html_path" not in report
+    path = "/v1/evaluations/eval-1/report"
+    assert violations(openapi, "GET", path, 200, "application/json", report) == []
+    broken = copy.deepcopy(report)
+    broken["evaluation"]["errors"]["candidate"]["confusions"][0]["count"] = "many"
+    assert any("count" in v for v in violations(openapi, "GET", path, 200, "application/json", broken))
+    broken = copy.deepcopy(report)
+    broken["evaluation"]["fairness"][0]["candidate"]["groups"][0]["count"] = None
+    assert violations(openapi, "GET", path, 200, "application/json", broken)
+    broken = copy.deepcopy(report)
+    broken["loss_curve"]["validation"][0] = {"step": 1}
+    assert violations(openapi, "GET", path, 200, "application/json", broken)
+    errored = evaluation_report_json(Evaluation(id="eval-2", adapter_id="ad-1", job_id=None, reference="base",
+                                                status="error", result={"error": "OSError: disk full"},
+                                                reasons=["disk full"], created_at=1.0, finished_at=2.0))
+    assert violations(openapi, "GET", path, 200, "application/json", errored) == []
+
+    config = CurationConfig.from_dict({"near_dedupe": False, "split": {"validation_fraction": 0.25}})
+    rows = [parse_row({"messages": [{"role": "user", "content": f"q{i % 7}"},
+                                    {"role": "assistant", "content": f"a{i % 7 % 3}"}]}) for i in range(14)]
+    snap = {"object": "snapshot.report", "snapshot_id": "snap-1",
+            **json.loads(json.dumps(quality_report(run_pipeline(rows, config)), default=str))}
+    assert snap["removed_total"] > 0 and any(s["removed"] for s in snap["steps"])
+    path = "/v1/snapshots/snap-1/report"
+    assert violations(openapi, "GET", path, 200, "application/json", snap) == []
+    broken = copy.deepcopy(snap)
+    broken["splits"]["train"]["prompt_chars"] = {"count": 3}
+    assert any("p90" in v for v in violations(openapi, "GET", path, 200, "application/json", broken))
+    broken = copy.deepcopy(snap)
+    broken["steps"][0]["removed"] = "some"
+    assert violations(openapi, "GET", path, 200, "application/json", broken)
+
+
+def test_training_metrics_drift_results_and_problem_items_are_typed(openapi: dict[str, Any]) -> None:
+    metrics = {"train_loss": 0.4, "steps": 20, "total_steps": 20, "epochs": 2.0, "train_rows": 150, "replay_rows": 10,
+               "validation_rows": 5, "best_val_loss": 0.3, "best_step": 20, "stopped_early": False,
+               "runtime_seconds": 12.5, "precision": "fp32", "tokens_per_second": 900.0,
+               "val_history": [{"step": 10, "val_loss": 0.5}, {"step": 20, "val_loss": 0.3}], "last_loss": 0.41}
+    job = job_json(Job(id="ftjob-1", kind="fine_tune", deployment="shop", status="succeeded", spec={"method": "sft"},
+                       hyperparameters={}, metrics=metrics, attempts=1, created_at=1.0, finished_at=2.0))
+    path = "/v1/fine_tuning/jobs/ftjob-1"
+    assert violations(openapi, "GET", path, 200, "application/json", job) == []
+    for bad in ({"steps": "twenty"}, {"precision": "fp8"}, {"val_history": [{"step": 10}]}):
+        assert violations(openapi, "GET", path, 200, "application/json", {**job, "metrics": {**metrics, **bad}}), bad
+
+    drift = drift_job_json(Job(id="driftjob-1", kind="drift", deployment="shop", status="succeeded", spec={},
+                               hyperparameters={}, attempts=1, created_at=1.0, finished_at=2.0,
+                               metrics={"reference_rows": 500, "current_rows": 500, "reference_source": "first "
+                                        "traffic window", "monitor_run_id": 3, "share": 0.4, "drifted": ["prompt"]}))
+    path = "/v1/monitoring/drift_jobs/driftjob-1"
+    assert violations(openapi, "GET", path, 200, "application/json", drift) == []
+    assert violations(openapi, "GET", path, 200, "application/json",
+                      {**drift, "result": {**drift["result"], "drifted": True}})
+
+    items = [{"index": 1, "field": "[1].rating", "message": "Expected `float`"},
+             {"line": 3, "field": "messages[0].role", "reason": "unknown role"}]
+    problem = _problem(422, "Unprocessable Content", "2 invalid items", "/v1/feedback", field="[1].rating",
+                       errors=items)
+    assert violations(openapi, "POST", "/v1/feedback", 422, "application/problem+json", problem) == []
+    assert violations(openapi, "POST", "/v1/feedback", 422, "application/problem+json",
+                      {**problem, "errors": [{"index": "first", "field": "[1].rating", "message": "x"}]})

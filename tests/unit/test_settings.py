@@ -61,3 +61,16 @@ def test_bf16_speedup_is_measured_in_a_child_process() -> None:
     assert 0.01 < measured_bf16_speedup() < 100
     assert ("torch" in sys.modules) == had_torch
     assert 0.01 < matmul_bf16_speedup(rows=32, repeats=1) < 100
+
+
+def test_a_failed_bf16_check_falls_back_to_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapters import cpu
+
+    avx512_bf16 = "flags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    monkeypatch.setattr(cpu.sys, "executable", "/nonexistent/python")
+    cpu.measured_bf16_speedup.cache_clear()
+    try:
+        assert cpu.measured_bf16_speedup() == 0.0
+        assert not cpu.prefers_bf16(avx512_bf16)
+    finally:
+        cpu.measured_bf16_speedup.cache_clear()

@@ -18,11 +18,11 @@ import msgspec
 from adapters.curation.config import CurationConfig
 from adapters.curation.steps import StepReport
 from adapters.evaluation.errors import ErrorAnalysis
-from adapters.evaluation.fairness import AttributeFairness
 from adapters.evaluation.gates import GateOutcome
 from adapters.evaluation.generate import BackendKind, ModelRef
 from adapters.evaluation.metrics import TaskMetrics
 from adapters.evaluation.retention import RetentionResult
+from adapters.evaluation.suites import FairnessComparison
 from adapters.training.config import Hyperparameters, SearchSpec
 from monitoring.experiments import Action, Guardrail, GuardrailResult, Policy
 from service.core.deployments import DeploymentConfig
@@ -295,7 +295,9 @@ class SnapshotReport(_Out, kw_only=True):
     content_hash: str
 
 
-class EvaluationResult(msgspec.Struct, kw_only=True):
+class EvaluationDetails(msgspec.Struct, kw_only=True):
+    """`adapters.evaluation.suites.EvaluationResult.to_dict()`: every suite's numbers, candidate and reference."""
+
     candidate: ModelRef
     reference: ModelRef
     backend: BackendKind
@@ -309,12 +311,6 @@ class EvaluationResult(msgspec.Struct, kw_only=True):
     fairness: list[FairnessComparison]
     timings: Annotated[dict[str, float], msgspec.Meta(description="seconds per phase")]
     gates: GateOutcome | None
-
-
-class FairnessComparison(msgspec.Struct, kw_only=True):
-    attribute: str
-    candidate: AttributeFairness
-    reference: AttributeFairness
 
 
 class LossPoint(msgspec.Struct, kw_only=True):
@@ -340,7 +336,7 @@ class EvaluationReport(_Out, kw_only=True):
     status: str
     reasons: list[str] | None
     schema_version: int | None = None
-    evaluation: Annotated[EvaluationResult, msgspec.Meta(description="absent if the evaluation errored")] | None = None
+    evaluation: Annotated[EvaluationDetails, msgspec.Meta(description="absent if the evaluation errored")] | None = None
     loss_curve: Annotated[LossCurve, msgspec.Meta(description="from the training job's events")] | None = None
     seconds: float | None = None
     error: Annotated[str, msgspec.Meta(description="why an evaluation ended in error")] | None = None

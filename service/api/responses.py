@@ -318,14 +318,16 @@ class LossPoint(msgspec.Struct, kw_only=True):
     loss: float
 
 
-class ValidationLossPoint(msgspec.Struct, kw_only=True):
+class ValidationPoint(msgspec.Struct, kw_only=True):
+    """A validation loss at a step: a job's `val_history` and a report's loss curve."""
+
     step: float
     val_loss: float
 
 
 class LossCurve(msgspec.Struct, kw_only=True):
     train: list[LossPoint]
-    validation: list[ValidationLossPoint]
+    validation: list[ValidationPoint]
 
 
 class EvaluationReport(_Out, kw_only=True):
@@ -374,11 +376,6 @@ class SnapshotJob(_JobTimes, kw_only=True):
     object: Literal["snapshot.job"]
     snapshot_id: Annotated[str | None, msgspec.Meta(description="set when the job has succeeded")]
     sources: SnapshotSources | None
-
-
-class ValidationPoint(msgspec.Struct, kw_only=True):
-    step: int
-    val_loss: float
 
 
 class SearchTrial(msgspec.Struct, kw_only=True):

@@ -6,9 +6,12 @@ Run: .venv/bin/python benchmarks/hot_swap.py [--swaps 20] [--clients 4] [--vllm-
 Without --vllm-url it starts `tuneloop serve` with its managed vLLM (a minute or two). Two random LoRA
 adapters (rank 8) are put into the registry directly (the benchmark measures swapping, not training).
 
-Two kinds of swap are timed: a plain `promote` (load + probe + switch inside the request), and the way an
-experiment promotes its winner: the adapter is already loaded and probed as a (here 0.1 %) variant, and
-promote + ending the experiment is only a commit and a routing switch.
+Three kinds of swap are timed: a `promote` of an adapter not loaded before (load + probe + switch inside the
+request); a `promote` of a new adapter that passed its evaluation, which the service stages (loads and probes)
+ahead of time; and the way an experiment promotes its winner, already loaded and probed as a (here 0.1 %)
+variant. Each is timed three ways: the promote call; the promote plus one request sent as soon as it returned;
+and the first response from the new adapter to any of the closed-loop load clients, which also waits for a
+client to finish the request it had in flight.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import free_port
-from tests.conftest_vllm import register_random_lora
+from tests.conftest_vllm import record_passed_evaluation, register_random_lora
 
 
 def p(values: list[float], q: float) -> float:
@@ -44,6 +47,19 @@ def first_response(samples: list[tuple[float, float, str]], adapter_id: str, t0:
         if hits:
             return min(s[0] + s[1] for s in hits) - t0
         time.sleep(0.01)
+
+
+def swap_phases(url: str) -> dict[str, list[float]]:
+    """[total seconds, count] per swap phase (load, probe, commit) from the service's own histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        if family.name == "tuneloop_swap_phase_seconds":
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    sums.setdefault(sample.labels["phase"], [0.0, 0.0])[sample.name.endswith("_count")] += sample.value
+    return sums
 
 
 def main() -> int:
@@ -69,7 +85,7 @@ def main() -> int:
     if args.vllm_url:
         cmd += ["--vllm-url", args.vllm_url]
     env = {**os.environ, "TUNELOOP_ADMIN_KEY": key, "TUNELOOP_START_WORKER": "false",
-           "TUNELOOP_VLLM_KV_CACHE_GIB": "2"}
+           "TUNELOOP_VLLM_KV_CACHE_GIB": "2", "TUNELOOP_EXPERIMENT_INTERVAL_SECONDS": "1"}
     with (tmp / "serve.log").open("wb") as log:
         svc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -111,19 +127,36 @@ def main() -> int:
             quiet_start = time.monotonic()
             time.sleep(args.seconds)
             quiet_end = time.monotonic()
-            to_first: list[float] = []
-            promote_calls: list[float] = []  # load + probe + switch, inside the promote request
-            for i in range(args.swaps):
-                target = adapters[i % 2]
+            timed: dict[str, list[tuple[float, float, float]]] = {"cold": [], "staged": [], "winner": []}
+
+            def swap(kind: str, target: str, experiment: str | None = None) -> None:
+                """Promote (and stop the experiment): the call, + a request sent when it returned, and the first
+                response from a load client."""
                 t0 = time.monotonic()
                 r = c.post("/v1/deployments/swap/promote", json={"adapter_id": target})
                 assert r.status_code == 200, r.text
-                promote_calls.append(time.monotonic() - t0)
-                to_first.append(first_response(samples, target, t0))
+                if experiment:
+                    assert c.post(f"/v1/experiments/{experiment}/stop").status_code == 200
+                call = time.monotonic() - t0
+                r = c.post("/v1/chat/completions", json={"model": "swap", "max_tokens": 4,
+                                                         "messages": [{"role": "user", "content": "Hello"}]})
+                assert r.status_code == 200 and r.headers["x-tuneloop-adapter"].startswith(f"swap--{target}"), r.text
+                timed[kind].append((call, time.monotonic() - t0, first_response(samples, target, t0)))
+
+            phases_before = swap_phases(url)
+            for i in range(args.swaps):  # adapters not loaded before: load + probe + switch inside the promote
+                target = adapters[i % 2]
+                swap("cold", target)
+            phases = {k: (v[0] - phases_before.get(k, [0, 0])[0]) / (v[1] - phases_before.get(k, [0, 0])[1])
+                      for k, v in swap_phases(url).items()}
             swap_end = time.monotonic()
-            staged_first: list[float] = []
-            staged_calls: list[float] = []  # promote (reusing the loaded variant) + stopping the experiment
-            for i in range(args.swaps):
+            for i in range(args.swaps):  # a new adapter that passed its evaluation, staged by the service
+                target = register_random_lora(tmp / "tuneloop.db", Path(base), tmp / f"lora{100 + i}", "swap", 100 + i)
+                record_passed_evaluation(tmp / "tuneloop.db", target, "swap")
+                while not (c.get("/v1/deployments/swap").json()["staged"] or "").startswith(f"swap--{target}"):
+                    time.sleep(0.2)
+                swap("staged", target)
+            for i in range(args.swaps):  # an experiment's winner, loaded and probed as a variant
                 target = adapters[(args.swaps + i) % 2]
                 exp = c.post("/v1/experiments", json={
                     "deployment": "swap", "seed": control_seed, "goal": {"metric": "rating"},
@@ -131,23 +164,22 @@ def main() -> int:
                                  {"name": "winner", "adapter_id": target, "weight": 0.001}],
                     "policy": {"auto_promote": False, "auto_rollback": False}})
                 assert exp.status_code == 201, exp.text
-                t0 = time.monotonic()
-                r = c.post("/v1/deployments/swap/promote", json={"adapter_id": target})
-                assert r.status_code == 200, r.text
-                assert c.post(f"/v1/experiments/{exp.json()['id']}/stop").status_code == 200
-                staged_calls.append(time.monotonic() - t0)
-                staged_first.append(first_response(samples, target, t0))
+                swap("winner", target, exp.json()["id"])
         stop.set()
         for t in threads:
             t.join()
         quiet = [s[1] for s in samples if quiet_start <= s[0] < quiet_end]
         swapping = [s[1] for s in samples if quiet_end <= s[0] < swap_end]
-        print(f"promote → first response from the new adapter: median {statistics.median(to_first):.3f} s, "
-              f"max {max(to_first):.3f} s over {len(to_first)} swaps (target ≤ 1 s)")
-        print(f"  of which the promote request (load + probe + switch): median {statistics.median(promote_calls):.3f} s")
-        print(f"experiment winner (already loaded as a variant) → first response: median "
-              f"{statistics.median(staged_first):.3f} s, max {max(staged_first):.3f} s over {len(staged_first)} swaps")
-        print(f"  of which promote + stopping the experiment: median {statistics.median(staged_calls):.3f} s")
+        print("time from promote to the first response served by the new adapter (target ≤ 1 s), median [max] over "
+              f"{args.swaps} swaps each:")
+        print(f"{'':52} {'promote call':>14} {'+ next request':>16} {'first from load':>16}")
+        for kind, label in (("cold", "not loaded before (load + probe + switch)"),
+                            ("staged", "passed its evaluation, staged by the service"),
+                            ("winner", "experiment winner (promote + stop)")):
+            cols = [f"{statistics.median(col):.3f} [{max(col):.3f}]" for col in zip(*timed[kind], strict=True)]
+            print(f"  {label:50} {cols[0]:>14} {cols[1]:>16} {cols[2]:>16}")
+        print("mean phase of a cold swap inside the server: " + ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
+        print(f"one request alone under this load (the floor of any swap): median {statistics.median(quiet):.3f} s")
         print(f"p99 latency without swaps {p(quiet, 99):.3f} s ({len(quiet)} requests), during swaps "
               f"{p(swapping, 99):.3f} s ({len(swapping)} requests): ratio {p(swapping, 99) / p(quiet, 99):.2f}x")
     finally:

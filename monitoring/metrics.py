@@ -89,6 +89,9 @@ EXPERIMENT_WEIGHT = Gauge("tuneloop_experiment_traffic_weight", "Current traffic
                           ["deployment", "variant"], registry=REGISTRY)
 EXPERIMENT_DECISIONS = Counter("tuneloop_experiment_decisions_total", "Experiment decisions.",
                                ["deployment", "decision"], registry=REGISTRY)
+SWAP_PHASE_SECONDS = Histogram("tuneloop_swap_phase_seconds",
+                               "Time of each phase of an adapter swap: load into vLLM, probe, commit and switch.",
+                               ["deployment", "phase"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 DEPLOY_EVENTS = Counter("tuneloop_deployment_changes_total", "Promotions and rollbacks.", ["deployment", "type"],
                         registry=REGISTRY)
 

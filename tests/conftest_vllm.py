@@ -88,6 +88,22 @@ def register_random_lora(db_path: Path, base_dir: Path, out_dir: Path, deploymen
     return aid
 
 
+def record_passed_evaluation(db_path: Path, adapter_id: str, deployment: str) -> None:
+    """Record that an adapter passed its evaluation gates, as the worker does after an evaluation job."""
+    import sqlite3
+    import time
+    import uuid
+
+    job = "evaljob-" + uuid.uuid4().hex[:16]
+    with sqlite3.connect(db_path, timeout=30) as db:
+        db.execute("INSERT INTO jobs (id, kind, deployment, status, spec, hyperparameters, metrics, attempts,"
+                   " cancel_requested, created_at) VALUES (?, 'evaluation', ?, 'succeeded', '{}', '{}', '{}', 1, 0, ?)",
+                   (job, deployment, time.time()))
+        db.execute("INSERT INTO evaluations (id, adapter_id, job_id, reference, status, result, reasons, created_at)"
+                   " VALUES (?, ?, ?, 'base', 'passed', '{}', '[]', ?)",
+                   ("eval-" + uuid.uuid4().hex[:16], adapter_id, job, time.time()))
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def vllm_supervisor(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[VLLMSupervisor]:
     """The shared real vLLM (served name "base"); stopped, with its whole process group, at session end."""

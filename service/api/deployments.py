@@ -47,4 +47,6 @@ async def get_deployment(request: Request[Any, Any, Any], name: str) -> dict[str
     out = deployment_json(await ctx.deployments.get(name))
     choice = ctx.router.production.get(name)
     out["serving"] = choice.served_name if choice else None
+    staged = ctx.serving.staged.get(name)
+    out["staged"] = staged.served_name if staged else None
     return out

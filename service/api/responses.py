@@ -161,6 +161,9 @@ class Deployment(_Out, kw_only=True):
     config: DeploymentConfig
     created_at: Timestamp
     serving: Annotated[str | None, msgspec.Meta(description="the served name production routes to")] = None
+    staged: Annotated[str | None, msgspec.Meta(
+        description="served name of the newest adapter that passed its evaluation, loaded and probed ahead of a "
+                    "promote, which then only switches routing")] = None
 
 
 class ApiKey(_Out, kw_only=True):

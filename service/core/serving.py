@@ -4,6 +4,10 @@ vLLM's runtime LoRA endpoints race with in-flight requests and keep prefix-cache
 same-named reloads, so an adapter is always loaded under a fresh served name
 (`<deployment>--<adapter id>--<generation>`), made routable only after it answered a probe on every vLLM
 server, and unloaded only after the requests already routed to it have finished.
+
+The newest adapter of each deployment that passed its evaluation is loaded and probed ahead of time (staged,
+not routable), so promoting it is only a commit and a routing switch: the load and the probe, most of a
+swap's time, happen before anyone asks for it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from monitoring import metrics
 from service.core.routing import BASE_NAME, Router, Target
 from service.errors import Conflict, NotFound, Unavailable
-from service.storage.models import Adapter, Deployment, DeploymentEvent
+from service.storage.models import Adapter, Deployment, DeploymentEvent, Evaluation
 from service.vllm.pool import VLLMPool
 
 log = logging.getLogger("tuneloop.serving")
@@ -44,6 +48,8 @@ class Serving:
         self.pool = pool
         self.router = router
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.staged: dict[str, Target] = {}  # deployment → loaded and probed, not routable; taken by promote
+        self._unstageable: set[str] = set()  # adapters whose staging failed once
         self._unloading: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
@@ -56,9 +62,11 @@ class Serving:
         if not self.pool.ready:
             raise Unavailable("vLLM is not ready; the adapter can't be loaded now")
         target = Target(fresh_name(deployment, adapter.id), adapter.id, adapter.path)
-        await self.pool.load_adapter(target.served_name, adapter.path)
+        with metrics.SWAP_PHASE_SECONDS.labels(deployment, "load").time():
+            await self.pool.load_adapter(target.served_name, adapter.path)
         try:
-            await self.pool.probe(target.served_name)
+            with metrics.SWAP_PHASE_SECONDS.labels(deployment, "probe").time():
+                await self.pool.probe(target.served_name)
         except Exception:
             await self.pool.unload_adapter(target.served_name)
             raise
@@ -69,6 +77,33 @@ class Serving:
         promoting it is then only a commit and a routing switch, with no second load and probe."""
         return next((t for t in self.router.routable().values()
                      if t.adapter_id == adapter_id and t.served_name.startswith(f"{deployment}--")), None)
+
+    async def stage_passed(self) -> None:
+        """Keep the newest adapter of each deployment that passed its evaluation (and serves nothing yet)
+        staged; unload a staged adapter that is no longer that one. Called by the API's monitor loop."""
+        if not self.pool.ready:
+            return
+        async with self.sessions() as s:
+            passed = (await s.execute(select(Adapter).join(Evaluation, Evaluation.adapter_id == Adapter.id)
+                                      .where(Adapter.status == "candidate", Evaluation.status == "passed")
+                                      .order_by(Adapter.version))).scalars().unique()
+            newest = {a.deployment: a for a in passed}
+        for deployment in set(self.staged) | set(newest):
+            adapter = newest.get(deployment)
+            async with self.locks[deployment]:
+                staged = self.staged.get(deployment)
+                wanted = adapter is not None and not self.loaded(deployment, adapter.id)
+                if staged is not None and (not wanted or staged.adapter_id != adapter.id):
+                    await self.pool.unload_adapter(staged.served_name)
+                    del self.staged[deployment]
+                if wanted and deployment not in self.staged and adapter.id not in self._unstageable:
+                    try:
+                        self.staged[deployment] = await self.load(deployment, adapter)
+                    except Exception:  # promote will load it (and report why it can't) when asked
+                        self._unstageable.add(adapter.id)
+                        log.exception("%s: staging %s failed; not retried", deployment, adapter.id)
+                    else:
+                        log.info("%s: staged %s", deployment, self.staged[deployment].served_name)
 
     def retire(self, target: Target) -> None:
         """Unload `target` once nothing routes to it and its in-flight requests have drained."""
@@ -100,6 +135,10 @@ class Serving:
         for dep in set(self.router.production) | set(counts):
             metrics.ADAPTERS_LOADED.labels(dep).set(counts.get(dep, 0))
 
+    def _take_staged(self, deployment: str, adapter_id: str) -> Target | None:
+        staged = self.staged.get(deployment)
+        return self.staged.pop(deployment) if staged is not None and staged.adapter_id == adapter_id else None
+
     async def _adapter(self, s: AsyncSession, deployment: str, adapter_id: Any) -> Adapter:
         if not isinstance(adapter_id, str):
             raise NotFound("adapter_id must name an adapter", field="adapter_id")
@@ -124,9 +163,11 @@ class Serving:
             if adapter is None:
                 new = Target(BASE_NAME, None)
             else:
-                new = self.loaded(deployment, adapter.id) or await self.load(deployment, adapter)
+                new = self.loaded(deployment, adapter.id) or self._take_staged(deployment, adapter.id) \
+                    or await self.load(deployment, adapter)
             old = self.router.production.get(deployment)
             previous = dep.production_adapter_id
+            switch_started = time.perf_counter()
             async with self.sessions() as s, s.begin():
                 await s.execute(update(Deployment).where(Deployment.name == deployment)
                                 .values(production_adapter_id=new.adapter_id))
@@ -141,6 +182,7 @@ class Serving:
                 s.add(event)
             # The atomic switch: requests after this line see the new target.
             self.router.set_production(deployment, new)
+            metrics.SWAP_PHASE_SECONDS.labels(deployment, "commit").observe(time.perf_counter() - switch_started)
             if old is not None:
                 self.retire(old)
             self._gauge()

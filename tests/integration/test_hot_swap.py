@@ -1,6 +1,7 @@
 """Zero-downtime swaps under load: concurrent clients for the whole run while 100 promote/rollback swaps
 happen on the real service and the real vLLM. No request fails, and every response was served by an
-adapter that was routable for the deployment at that moment."""
+adapter that was routable for the deployment at that moment. And an adapter that passed its evaluation is
+loaded ahead of its promote, so the promote does not load it again."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest_vllm import register_random_lora
+from tests.conftest_vllm import record_passed_evaluation, register_random_lora
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 SWAPS = 100
@@ -91,3 +92,60 @@ def test_100_swaps_under_load_without_a_failed_request(service, base_model_dir, 
     with service.client() as c:
         history = c.get(f"/v1/deployments/{dep}/history").json()["data"]
     assert len(history) == SWAPS
+
+
+def _staged(c: httpx.Client, dep: str, until, timeout: float = 120) -> str | None:
+    """The staged served name of `dep` once `until(name)` holds (the monitor loop stages every 5 s)."""
+    deadline = time.monotonic() + timeout
+    while not until(name := c.get(f"/v1/deployments/{dep}").json()["staged"]):
+        assert time.monotonic() < deadline, f"{dep}'s staged adapter is still {name!r}"
+        time.sleep(0.5)
+    return name
+
+
+def _vllm_models(vllm_supervisor) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{vllm_supervisor.base_url}/v1/models").json()["data"]}
+
+
+def _loads(c: httpx.Client, dep: str) -> float:
+    text = c.get("/metrics").text
+    line = next((ln for ln in text.splitlines() if ln.startswith("tuneloop_swap_phase_seconds_count")
+                 and f'deployment="{dep}"' in ln and 'phase="load"' in ln), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+def test_a_passed_adapter_is_staged_and_its_promote_does_not_load_it_again(service, base_model_dir, tmp_path,
+                                                                         vllm_supervisor) -> None:
+    dep = "staged"
+    db = service.data_dir / "tuneloop.db"
+    with service.client() as c:
+        assert c.post("/v1/deployments", json={"name": dep}).status_code == 201
+        first = register_random_lora(db, base_model_dir, tmp_path / "lora-1", dep, 1)
+        time.sleep(12)  # two monitor passes: a candidate without a passed evaluation is not staged
+        assert c.get(f"/v1/deployments/{dep}").json()["staged"] is None
+        record_passed_evaluation(db, first, dep)
+        name = _staged(c, dep, lambda n: n is not None)
+        assert name.startswith(f"{dep}--{first}--g"), name
+        assert name in _vllm_models(vllm_supervisor)
+        r = c.post("/v1/chat/completions", json={"model": dep, "max_tokens": 1,
+                                                 "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.headers["x-tuneloop-adapter"] == "base"  # staged is not routable
+
+        loads = _loads(c, dep)
+        assert c.post(f"/v1/deployments/{dep}/promote", json={"adapter_id": first}).status_code == 200
+        r = c.post("/v1/chat/completions", json={"model": dep, "max_tokens": 1,
+                                                 "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.headers["x-tuneloop-adapter"] == name  # the staged served name: no second load and probe
+        assert _loads(c, dep) == loads
+        assert c.get(f"/v1/deployments/{dep}").json()["staged"] is None
+
+        # a newer passed adapter is staged; once it is rejected it is unloaded again
+        second = register_random_lora(db, base_model_dir, tmp_path / "lora-2", dep, 2)
+        record_passed_evaluation(db, second, dep)
+        name = _staged(c, dep, lambda n: n is not None)
+        assert name.startswith(f"{dep}--{second}--g") and name in _vllm_models(vllm_supervisor), name
+        import sqlite3
+        with sqlite3.connect(db, timeout=30) as conn:
+            conn.execute("UPDATE adapters SET status = 'rejected' WHERE id = ?", (second,))
+        _staged(c, dep, lambda n: n is None)
+        assert name not in _vllm_models(vllm_supervisor)

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.evaluation.choices import validate_choices
 from adapters.evaluation.gates import GateConfig
+from monitoring import metrics
 from service.core.jobs import checked_job_body
 from service.errors import Conflict, NotFound, Unprocessable, convert_or_422, fields_under
 from service.storage.models import Deployment
@@ -81,6 +82,8 @@ class DeploymentService:
 
     def remember(self, dep: Deployment) -> None:
         self.names.add(dep.name)
+        for phase in ("load", "probe", "commit"):  # series at zero before the first swap, so rate() counts it
+            metrics.SWAP_PHASE_SECONDS.labels(dep.name, phase)
         choices = (dep.config or {}).get("answer_choices")
         if choices:
             self.answer_choices[dep.name] = tuple(choices)

@@ -171,7 +171,7 @@ class ExperimentService:
                 async with self.sessions() as s:
                     adapter = await s.get(Adapter, v["adapter_id"])
                 assert adapter is not None
-                targets[v["name"]] = await self.serving.load(exp.deployment, adapter)
+                targets[v["name"]] = await self.serving.staged_or_load(exp.deployment, adapter)
         except Exception:
             for t in targets.values():
                 self.serving.retire(t)

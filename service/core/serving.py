@@ -6,8 +6,8 @@ same-named reloads, so an adapter is always loaded under a fresh served name
 server, and unloaded only after the requests already routed to it have finished.
 
 The newest adapter of each deployment that passed its evaluation is loaded and probed ahead of time (staged,
-not routable), so promoting it is only a commit and a routing switch: the load and the probe, most of a
-swap's time, happen before anyone asks for it.
+not routable), so promoting it is only a commit and a routing switch, and an experiment that starts with it
+takes it as loaded: the load and the probe, most of a swap's time, happen before anyone asks for it.
 """
 
 from __future__ import annotations
@@ -134,6 +134,13 @@ class Serving:
             counts[name.split("--", 1)[0]] += 1
         for dep in set(self.router.production) | set(counts):
             metrics.ADAPTERS_LOADED.labels(dep).set(counts.get(dep, 0))
+
+    async def staged_or_load(self, deployment: str, adapter: Adapter) -> Target:
+        """The staged target of this adapter if there is one (an experiment starting with it), else a fresh load.
+        Taken under the deployment's lock, so staging cannot unload it at the same time."""
+        async with self.locks[deployment]:
+            staged = self._take_staged(deployment, adapter.id)
+        return staged or await self.load(deployment, adapter)
 
     def _take_staged(self, deployment: str, adapter_id: str) -> Target | None:
         staged = self.staged.get(deployment)

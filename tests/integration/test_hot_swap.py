@@ -144,6 +144,21 @@ def test_a_passed_adapter_is_staged_and_its_promote_does_not_load_it_again(servi
         record_passed_evaluation(db, second, dep)
         name = _staged(c, dep, lambda n: n is not None)
         assert name.startswith(f"{dep}--{second}--g") and name in _vllm_models(vllm_supervisor), name
+        # an experiment that starts with it takes it as loaded: its variant serves under the staged name
+        exp = c.post("/v1/experiments", json={
+            "deployment": dep, "seed": "staged", "goal": {"metric": "rating"},
+            "variants": [{"name": "control", "adapter_id": "production", "weight": 0.5},
+                         {"name": "treatment", "adapter_id": second, "weight": 0.5}],
+            "policy": {"auto_promote": False, "auto_rollback": False}})
+        assert exp.status_code == 201, exp.text
+        assert c.get(f"/v1/deployments/{dep}").json()["staged"] is None
+        served = {c.post("/v1/chat/completions", json={"model": dep, "max_tokens": 1, "user": f"u{i}", "messages": [
+            {"role": "user", "content": "Hi"}]}).headers["x-tuneloop-adapter"] for i in range(16)}
+        assert name in served, served
+        assert c.post(f"/v1/experiments/{exp.json()['id']}/stop").status_code == 200
+        # still the newest passed candidate, so it is staged again after the experiment, under a new name
+        name = _staged(c, dep, lambda n: n is not None)
+        assert name.startswith(f"{dep}--{second}--g") and name in _vllm_models(vllm_supervisor), name
         import sqlite3
         with sqlite3.connect(db, timeout=30) as conn:
             conn.execute("UPDATE adapters SET status = 'rejected' WHERE id = ?", (second,))

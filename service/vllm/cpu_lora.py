@@ -7,9 +7,10 @@ product itself. It also reads index -1 ("no adapter", a base-model request in a 
 "last slot", so a base request that shares a batch with LoRA requests while every slot is occupied gets
 the last slot's adapter applied.
 
-Here, when every token of a step uses the same adapter (found once per step, in `update_metadata`), a LoRA
-linear layer is two matmuls per output slice added in place. Otherwise each product is one dense matmul over
-all resident slots (there are `--max-loras` of them, a handful):
+Here, per step (once, in `update_metadata`) the tokens are grouped by adapter, and a LoRA linear layer is two
+matmuls per output slice and adapter, added in place on that adapter's rows. The other LoRA products (vLLM
+calls the ops below for the rest) are each one dense matmul over all resident slots (there are `--max-loras`
+of them, a handful):
  - shrink (in → rank): `x @ [A_0; A_1; ...]ᵀ`, then each token keeps its slot's `rank` columns;
  - expand (rank → out): each token's rank vector goes into its slot's block of a zero row, then one matmul
    with `[B_0 | B_1 | ...]`.
@@ -112,30 +113,61 @@ def batch_slot(indices: torch.Tensor) -> int | None:
     return _single_slot(indices)
 
 
+class MixedStep:
+    """A step whose tokens use different adapters (an A/B experiment, a swap while the old adapter's requests
+    finish, base requests beside LoRA ones): the slots in use, and per LoRA rank a 0/1 mask that keeps, for each
+    token, only its own slot's part of the product with every used slot's A."""
+
+    def __init__(self, indices: torch.Tensor) -> None:
+        self.rows = indices.numel()
+        self.indices = indices.clone()
+        self.slots = indices[indices >= 0].unique()
+        self._masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def mask(self, rank: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (rank, dtype)
+        if key not in self._masks:
+            own = self.indices.unsqueeze(1) == self.slots.unsqueeze(0)  # tokens × used slots
+            self._masks[key] = own.to(dtype).repeat_interleave(rank, dim=1)
+        return self._masks[key]
+
+
 def _install_linear_fast_path(wrapper_cls: type) -> None:
-    """Per step, find whether every token uses one adapter (or none); if so, a LoRA linear layer is two
+    """Per step, find which adapter each token uses. When all use one (or none), a LoRA linear layer is two
     matmuls per output slice (`y[:, slice] += (scale · x @ Aᵀ) @ Bᵀ`) instead of vLLM's ~10 small ops per
-    slice. Mixed batches keep the path above."""
+    slice. A mixed step does the same with the used slots' A and B side by side, and a mask that keeps each
+    token's own slot."""
     update_metadata, add_lora_linear = wrapper_cls.update_metadata, wrapper_cls.add_lora_linear
 
     def update_metadata_and_slot(self: Any, *args: Any, **kwargs: Any) -> None:
         update_metadata(self, *args, **kwargs)
-        self._tuneloop_slot = batch_slot(self.token_lora_indices)
+        indices = self.token_lora_indices
+        self._tuneloop_slot = batch_slot(indices)
+        self._tuneloop_mixed = MixedStep(indices) if self._tuneloop_slot is None else None
 
     def fast_add_lora_linear(self: Any, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
                              lora_b_stacked: tuple[torch.Tensor, ...], scale: float,
                              output_slices: tuple[int, ...], **kwargs: Any) -> None:
         slot = getattr(self, "_tuneloop_slot", None)
-        if slot is None:
-            return add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs)
         if slot == NO_ADAPTER:
             return None
         out, x = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        mixed = getattr(self, "_tuneloop_mixed", None) if slot is None else None
+        if slot is None and (mixed is None or mixed.rows != x.shape[0]):  # not this step's tokens: vLLM's path
+            return add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs)
+        xs = x.to(out.dtype)
         offset = 0
         for a, b, width in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-            a_slot, b_slot = _slots(a, out.dtype)[slot], _slots(b, out.dtype)[slot]
-            hidden = torch.mm(x.to(out.dtype), a_slot.T).mul_(scale)
-            out[:, offset: offset + width].addmm_(hidden, b_slot[:width].T)
+            a_all, b_all = _slots(a, out.dtype), _slots(b, out.dtype)
+            if mixed is None:
+                hidden = torch.mm(xs, a_all[slot].T).mul_(scale)
+                out[:, offset: offset + width].addmm_(hidden, b_all[slot][:width].T)
+            else:
+                used, rank = mixed.slots, a_all.shape[1]
+                hidden = torch.mm(xs, a_all[used].reshape(-1, a_all.shape[2]).T)  # tokens × (used · rank)
+                hidden.mul_(mixed.mask(rank, out.dtype)).mul_(scale)
+                b_used = b_all[used][:, :width].permute(1, 0, 2).reshape(width, -1)  # width × (used · rank)
+                out[:, offset: offset + width].addmm_(hidden, b_used.T)
             offset += width
         return None
 

@@ -91,12 +91,13 @@ async def test_runtime_lora_load_answer_unload(vllm_pool: VLLMPool, tiny_lora_ad
         await vllm_pool.probe(name)
 
 
-async def test_base_requests_batched_with_lora_requests_answer_as_alone(
+async def test_requests_batched_with_other_adapters_answer_as_alone(
     vllm_pool: VLLMPool, tiny_lora_adapter: Path, tmp_path: Path
 ) -> None:
     """Both LoRA slots busy (the test server has max_loras=2) and base-model requests in the same batches:
-    the base requests must get no adapter. vLLM's CPU op applied the last slot's adapter to them
-    (index -1 read as "last"); service/vllm/cpu_lora.py, the plugin the server loads, fixes that."""
+    the base requests must get no adapter and each LoRA request its own. vLLM's CPU op applied the last slot's
+    adapter to base requests (index -1 read as "last"); service/vllm/cpu_lora.py, the plugin the server
+    loads, fixes that and computes mixed batches its own way."""
     names = {"mix-a": tiny_lora_adapter, "mix-b": make_random_lora(require_test_model(), tmp_path / "b", seed=1)}
     questions = ["Name three colours.", "What is the capital of France?", "Say hello.", "Count to five."]
 
@@ -110,12 +111,13 @@ async def test_base_requests_batched_with_lora_requests_answer_as_alone(
     for name, path in names.items():
         await vllm_pool.load_adapter(name, str(path))
     try:
-        alone = [await ask("base", q) for q in questions]
         models = ["base", *names]
+        alone = [await ask(m, q) for q in questions for m in models]
         batched = await asyncio.gather(*(ask(m, q) for q in questions for m in models))
-        assert batched[:: len(models)] == alone
+        # every request answers as it does alone: base rows get no adapter, each LoRA row its own adapter
+        assert batched == alone
         loras = [a for i, a in enumerate(batched) if i % len(models)]
-        assert sum(a not in alone for a in loras) >= len(questions), "the adapters must change the answers"
+        assert sum(a not in alone[:: len(models)] for a in loras) >= len(questions), "the adapters must change the answers"
     finally:
         for name in names:
             await vllm_pool.unload_adapter(name)

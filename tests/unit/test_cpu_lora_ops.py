@@ -85,7 +85,7 @@ def test_register_replaces_the_ops_punica_cpu_calls(monkeypatch: pytest.MonkeyPa
 def test_linear_fast_path_matches_the_definition(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`PunicaWrapperCPU.add_lora_linear` with the plugin's per-step fast path (a private subclass, so the
     global class stays as it is) against the per-token definition, for a merged layer of two slices.
-    A mixed batch takes vLLM's path, which calls the plugin's ops."""
+    A mixed batch (three adapters and base rows) takes the masked path over the used slots."""
     from vllm.lora.punica_wrapper import punica_cpu
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
@@ -104,6 +104,7 @@ def test_linear_fast_path_matches_the_definition(case: str, monkeypatch: pytest.
     wrapper.indices_len = [tokens] * 4
     wrapper.is_prefill = False
     wrapper._tuneloop_slot = cpu_lora.batch_slot(idx)
+    wrapper._tuneloop_mixed = cpu_lora.MixedStep(idx) if wrapper._tuneloop_slot is None else None
     assert wrapper._tuneloop_slot == {"one adapter": 1, "no adapter": cpu_lora.NO_ADAPTER, "mixed": None}[case]
 
     x = torch.randn(tokens, 40, generator=g)

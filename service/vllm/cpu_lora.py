@@ -7,10 +7,11 @@ product itself. It also reads index -1 ("no adapter", a base-model request in a 
 "last slot", so a base request that shares a batch with LoRA requests while every slot is occupied gets
 the last slot's adapter applied.
 
-Here, per step (once, in `update_metadata`) the tokens are grouped by adapter, and a LoRA linear layer is two
-matmuls per output slice and adapter, added in place on that adapter's rows. The other LoRA products (vLLM
-calls the ops below for the rest) are each one dense matmul over all resident slots (there are `--max-loras`
-of them, a handful):
+Here, once per step (in `update_metadata`), the plugin finds which adapter each token uses, and a LoRA linear
+layer is two matmuls per output slice added in place: with that adapter's A and B when every token uses the
+same one; otherwise with the used adapters' A and B side by side and a mask that keeps each token's own part
+(`MixedStep`). The other LoRA products (vLLM calls the ops below for the rest) are each one dense matmul over
+all resident slots (there are `--max-loras` of them, a handful):
  - shrink (in → rank): `x @ [A_0; A_1; ...]ᵀ`, then each token keeps its slot's `rank` columns;
  - expand (rank → out): each token's rank vector goes into its slot's block of a zero row, then one matmul
    with `[B_0 | B_1 | ...]`.

@@ -43,8 +43,7 @@ def wrapper(fast: bool, tokens: int, indices: torch.Tensor) -> Any:
     w._token_lora_indices[:tokens] = indices
     w.indices_len = [tokens] * 4
     w.is_prefill = False
-    w._tuneloop_slot = cpu_lora.batch_slot(indices)
-    w._tuneloop_mixed = cpu_lora.MixedStep(indices) if w._tuneloop_slot is None else None
+    cpu_lora.plan_step(w, indices)
     return w
 
 

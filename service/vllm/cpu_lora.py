@@ -133,6 +133,12 @@ class MixedStep:
         return self._masks[key]
 
 
+def plan_step(wrapper: Any, indices: torch.Tensor) -> None:
+    """What the fast path needs to know about this step's tokens, found once per step."""
+    wrapper._tuneloop_slot = batch_slot(indices)
+    wrapper._tuneloop_mixed = MixedStep(indices) if wrapper._tuneloop_slot is None else None
+
+
 def _install_linear_fast_path(wrapper_cls: type) -> None:
     """Per step, find which adapter each token uses. When all use one (or none), a LoRA linear layer is two
     matmuls per output slice (`y[:, slice] += (scale · x @ Aᵀ) @ Bᵀ`) instead of vLLM's ~10 small ops per
@@ -142,9 +148,7 @@ def _install_linear_fast_path(wrapper_cls: type) -> None:
 
     def update_metadata_and_slot(self: Any, *args: Any, **kwargs: Any) -> None:
         update_metadata(self, *args, **kwargs)
-        indices = self.token_lora_indices
-        self._tuneloop_slot = batch_slot(indices)
-        self._tuneloop_mixed = MixedStep(indices) if self._tuneloop_slot is None else None
+        plan_step(self, self.token_lora_indices)
 
     def fast_add_lora_linear(self: Any, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
                              lora_b_stacked: tuple[torch.Tensor, ...], scale: float,

@@ -103,8 +103,7 @@ def test_linear_fast_path_matches_the_definition(case: str, monkeypatch: pytest.
     wrapper._token_lora_indices[:tokens] = idx
     wrapper.indices_len = [tokens] * 4
     wrapper.is_prefill = False
-    wrapper._tuneloop_slot = cpu_lora.batch_slot(idx)
-    wrapper._tuneloop_mixed = cpu_lora.MixedStep(idx) if wrapper._tuneloop_slot is None else None
+    cpu_lora.plan_step(wrapper, idx)
     assert wrapper._tuneloop_slot == {"one adapter": 1, "no adapter": cpu_lora.NO_ADAPTER, "mixed": None}[case]
 
     x = torch.randn(tokens, 40, generator=g)

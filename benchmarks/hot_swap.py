@@ -6,12 +6,13 @@ Run: .venv/bin/python benchmarks/hot_swap.py [--swaps 20] [--clients 4] [--vllm-
 Without --vllm-url it starts `tuneloop serve` with its managed vLLM (a minute or two). Two random LoRA
 adapters (rank 8) are put into the registry directly (the benchmark measures swapping, not training).
 
-Three kinds of swap are timed: a `promote` of an adapter not loaded before (load + probe + switch inside the
-request); a `promote` of a new adapter that passed its evaluation, which the service stages (loads and probes)
-ahead of time; and the way an experiment promotes its winner, already loaded and probed as a (here 0.1 %)
-variant. Each is timed three ways: the promote call; the promote plus one request sent as soon as it returned;
-and the first response from the new adapter to any of the closed-loop load clients, which also waits for a
-client to finish the request it had in flight.
+Four kinds of swap are timed: a `promote` of an adapter not loaded before (load + probe + switch inside the
+request); a `rollback` right after it, to the previous production the service kept loaded on standby; a
+`promote` of a new adapter that passed its evaluation, which the service stages (loads and probes) ahead of
+time; and the way an experiment promotes its winner, already loaded and probed as a (here 0.1 %) variant. Each
+is timed three ways: the promote (or rollback) call; the call plus one request sent as soon as it returned; and
+the first response from the new adapter to any of the closed-loop load clients, which also waits for a client
+to finish the request it had in flight.
 """
 
 from __future__ import annotations
@@ -134,14 +135,18 @@ def main() -> int:
                 extra.append(time.monotonic() - t0)
                 time.sleep(0.5)
             quiet_end = time.monotonic()
-            timed: dict[str, list[tuple[float, float, float]]] = {"cold": [], "staged": [], "winner": []}
+            timed: dict[str, list[tuple[float, float, float]]] = {"cold": [], "rollback": [], "staged": [],
+                                                                  "winner": []}
 
             def swap(kind: str, target: str, experiment: str | None = None) -> None:
-                """Promote (and stop the experiment): the call, + a request sent when it returned, and the first
-                response from a load client."""
+                """Promote or roll back (and stop the experiment): the call, + a request sent when it returned, and
+                the first response from a load client."""
                 t0 = time.monotonic()
-                r = c.post("/v1/deployments/swap/promote", json={"adapter_id": target})
-                assert r.status_code == 200, r.text
+                if kind == "rollback":
+                    r = c.post("/v1/deployments/swap/rollback")
+                else:
+                    r = c.post("/v1/deployments/swap/promote", json={"adapter_id": target})
+                assert r.status_code == 200 and r.json()["adapter_id"] == target, r.text
                 if experiment:
                     assert c.post(f"/v1/experiments/{experiment}/stop").status_code == 200
                 call = time.monotonic() - t0
@@ -152,8 +157,10 @@ def main() -> int:
 
             phases_before = swap_phases(url)
             for i in range(args.swaps):  # adapters not loaded before: load + probe + switch inside the promote
-                target = adapters[i % 2]
+                previous = c.get("/v1/deployments/swap").json()["production_adapter_id"]
+                target = register_random_lora(tmp / "tuneloop.db", Path(base), tmp / f"lora{10 + i}", "swap", 10 + i)
                 swap("cold", target)
+                swap("rollback", previous)  # back to the previous production, kept loaded on standby
             phases = {k: (v[0] - phases_before.get(k, [0, 0])[0]) / (v[1] - phases_before.get(k, [0, 0])[1])
                       for k, v in swap_phases(url).items()}
             swap_end = time.monotonic()
@@ -181,11 +188,12 @@ def main() -> int:
               f"{args.swaps} swaps each:")
         print(f"{'':52} {'promote call':>14} {'+ next request':>16} {'first from load':>16}")
         for kind, label in (("cold", "not loaded before (load + probe + switch)"),
+                            ("rollback", "rollback to the previous production (standby)"),
                             ("staged", "passed its evaluation, staged by the service"),
                             ("winner", "experiment winner (promote + stop)")):
             cols = [f"{statistics.median(col):.3f} [{max(col):.3f}]" for col in zip(*timed[kind], strict=True)]
             print(f"  {label:50} {cols[0]:>14} {cols[1]:>16} {cols[2]:>16}")
-        print("mean phase of a cold swap inside the server: " + ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
+        print("mean phase of a cold swap or rollback inside the server: " + ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
         print(f"without swaps: a load client's request median {statistics.median(quiet):.3f} s; the extra request "
               f"(as after each promote) median {statistics.median(extra):.3f} s, max {max(extra):.3f} s: the floor")
         print(f"p99 latency without swaps {p(quiet, 99):.3f} s ({len(quiet)} requests), during swaps "

@@ -47,6 +47,7 @@ async def get_deployment(request: Request[Any, Any, Any], name: str) -> dict[str
     out = deployment_json(await ctx.deployments.get(name))
     choice = ctx.router.production.get(name)
     out["serving"] = choice.served_name if choice else None
-    staged = ctx.serving.staged.get(name)
-    out["staged"] = staged.served_name if staged else None
+    for role, targets in (("staged", ctx.serving.staged), ("standby", ctx.serving.standby)):
+        t = targets.get(name)
+        out[role] = t.served_name if t else None
     return out

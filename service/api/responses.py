@@ -164,6 +164,9 @@ class Deployment(_Out, kw_only=True):
     staged: Annotated[str | None, msgspec.Meta(
         description="served name of the newest adapter that passed its evaluation, loaded and probed ahead of a "
                     "promote, which then only switches routing")] = None
+    standby: Annotated[str | None, msgspec.Meta(
+        description="served name of the previous production, kept loaded until the next swap, so a rollback only "
+                    "switches routing")] = None
 
 
 class ApiKey(_Out, kw_only=True):

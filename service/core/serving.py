@@ -8,6 +8,8 @@ server, and unloaded only after the requests already routed to it have finished.
 The newest adapter of each deployment that passed its evaluation is loaded and probed ahead of time (staged,
 not routable), so promoting it is only a commit and a routing switch, and an experiment that starts with it
 takes it as loaded: the load and the probe, most of a swap's time, happen before anyone asks for it.
+For the same reason the adapter that leaves production stays loaded (on standby, not routable) until the next
+swap, so a rollback is only a switch too; the standby that a later swap replaces is drained and unloaded.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Serving:
         self.router = router
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.staged: dict[str, Target] = {}  # deployment → loaded and probed, not routable; taken by promote
+        self.standby: dict[str, Target] = {}  # deployment → the previous production, loaded; taken by rollback
         self._unstageable: set[str] = set()  # adapters whose staging failed once
         self._unloading: set[asyncio.Task[None]] = set()
 
@@ -105,18 +108,23 @@ class Serving:
                     else:
                         log.info("%s: staged %s", deployment, self.staged[deployment].served_name)
 
+    def _in_use(self, served_name: str) -> bool:
+        """Routable, or kept loaded as a staged or standby adapter."""
+        return served_name in self.router.routable() or any(
+            t.served_name == served_name for t in (*self.staged.values(), *self.standby.values()))
+
     def retire(self, target: Target) -> None:
-        """Unload `target` once nothing routes to it and its in-flight requests have drained."""
+        """Unload `target` once nothing routes to it or keeps it and its in-flight requests have drained."""
         if target.adapter_id is None:
             return
 
         async def drain_and_unload() -> None:
             await asyncio.sleep(0)  # let requests that already chose this target register
-            if target.served_name in self.router.routable():
+            if self._in_use(target.served_name):
                 return
             if not await self.router.drain(target.served_name, timeout=600):
                 log.warning("%s still had requests in flight after 600 s; unloading anyway", target.served_name)
-            if target.served_name in self.router.routable():
+            if self._in_use(target.served_name):
                 return
             try:
                 await self.pool.unload_adapter(target.served_name)
@@ -139,12 +147,16 @@ class Serving:
         """The staged target of this adapter if there is one (an experiment starting with it), else a fresh load.
         Taken under the deployment's lock, so staging cannot unload it at the same time."""
         async with self.locks[deployment]:
-            staged = self._take_staged(deployment, adapter.id)
-        return staged or await self.load(deployment, adapter)
+            ready = self._take_ready(deployment, adapter.id)
+        return ready or await self.load(deployment, adapter)
 
-    def _take_staged(self, deployment: str, adapter_id: str) -> Target | None:
-        staged = self.staged.get(deployment)
-        return self.staged.pop(deployment) if staged is not None and staged.adapter_id == adapter_id else None
+    def _take_ready(self, deployment: str, adapter_id: str) -> Target | None:
+        """This adapter's staged or standby target, taken out of its role, if it has one."""
+        for role in (self.staged, self.standby):
+            t = role.get(deployment)
+            if t is not None and t.adapter_id == adapter_id:
+                return role.pop(deployment)
+        return None
 
     async def _adapter(self, s: AsyncSession, deployment: str, adapter_id: Any) -> Adapter:
         if not isinstance(adapter_id, str):
@@ -170,7 +182,7 @@ class Serving:
             if adapter is None:
                 new = Target(BASE_NAME, None)
             else:
-                new = self.loaded(deployment, adapter.id) or self._take_staged(deployment, adapter.id) \
+                new = self.loaded(deployment, adapter.id) or self._take_ready(deployment, adapter.id) \
                     or await self.load(deployment, adapter)
             old = self.router.production.get(deployment)
             previous = dep.production_adapter_id
@@ -190,8 +202,13 @@ class Serving:
             # The atomic switch: requests after this line see the new target.
             self.router.set_production(deployment, new)
             metrics.SWAP_PHASE_SECONDS.labels(deployment, "commit").observe(time.perf_counter() - switch_started)
-            if old is not None:
-                self.retire(old)
+            # The adapter that left production is the next rollback's target: it stays loaded (its in-flight
+            # requests finish meanwhile); the standby it replaces is drained and unloaded.
+            replaced = self.standby.pop(deployment, None)
+            if old is not None and old.adapter_id is not None:
+                self.standby[deployment] = old
+            if replaced is not None:
+                self.retire(replaced)
             self._gauge()
             metrics.DEPLOY_EVENTS.labels(deployment, event_type).inc()
             log.info("%s: %s → %s (%s)", deployment, old.served_name if old else None, new.served_name, event_type)

@@ -164,3 +164,64 @@ def test_a_passed_adapter_is_staged_and_its_promote_does_not_load_it_again(servi
             conn.execute("UPDATE adapters SET status = 'rejected' WHERE id = ?", (second,))
         _staged(c, dep, lambda n: n is None)
         assert name not in _vllm_models(vllm_supervisor)
+
+
+def _chat_served_by(c: httpx.Client, dep: str) -> str:
+    r = c.post("/v1/chat/completions", json={"model": dep, "max_tokens": 1,
+                                             "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 200, r.text
+    return r.headers["x-tuneloop-adapter"]
+
+
+def test_the_previous_production_stays_loaded_so_a_rollback_does_not_load_it_again(service, base_model_dir,
+                                                                                   tmp_path, vllm_supervisor) -> None:
+    dep = "standby"
+    db = service.data_dir / "tuneloop.db"
+    with service.client() as c:
+        assert c.post("/v1/deployments", json={"name": dep}).status_code == 201
+        first, second = (register_random_lora(db, base_model_dir, tmp_path / f"lora-{seed}", dep, seed)
+                         for seed in (1, 2))
+
+        def standby() -> str | None:
+            return c.get(f"/v1/deployments/{dep}").json()["standby"]
+
+        assert c.post(f"/v1/deployments/{dep}/promote", json={"adapter_id": first}).status_code == 200
+        first_name = _chat_served_by(c, dep)
+        assert first_name.startswith(f"{dep}--{first}--g") and standby() is None  # the base model left: nothing kept
+        assert c.post(f"/v1/deployments/{dep}/promote", json={"adapter_id": second}).status_code == 200
+        second_name = _chat_served_by(c, dep)
+        assert second_name.startswith(f"{dep}--{second}--g")
+        assert standby() == first_name and first_name in _vllm_models(vllm_supervisor)
+
+        loads = _loads(c, dep)
+        r = c.post(f"/v1/deployments/{dep}/rollback")
+        assert r.status_code == 200 and r.json()["adapter_id"] == first, r.text
+        assert _chat_served_by(c, dep) == first_name  # the same served name: no second load and probe
+        assert _loads(c, dep) == loads
+        assert standby() == second_name  # rolling back again would be a switch too
+
+        # the base model takes production: `first` is kept for the rollback, `second` is drained and unloaded
+        assert c.post(f"/v1/deployments/{dep}/promote", json={"adapter_id": None}).status_code == 200
+        assert _chat_served_by(c, dep) == "base" and standby() == first_name
+        deadline = time.monotonic() + 60
+        while second_name in (models := _vllm_models(vllm_supervisor)):
+            assert time.monotonic() < deadline, "the replaced standby was not unloaded"
+            time.sleep(0.5)
+        assert first_name in models
+
+        # An experiment's control is the production target. When its treatment is promoted and the experiment
+        # stops, the experiment's clean-up must not unload the demoted production: it is the standby now.
+        assert c.post(f"/v1/deployments/{dep}/promote", json={"adapter_id": first}).status_code == 200
+        assert _chat_served_by(c, dep) == first_name
+        exp = c.post("/v1/experiments", json={
+            "deployment": dep, "seed": "standby", "goal": {"metric": "rating"},
+            "variants": [{"name": "control", "adapter_id": "production", "weight": 0.5},
+                         {"name": "treatment", "adapter_id": second, "weight": 0.5}],
+            "policy": {"auto_promote": False, "auto_rollback": False}})
+        assert exp.status_code == 201, exp.text
+        assert c.post(f"/v1/deployments/{dep}/promote", json={"adapter_id": second}).status_code == 200
+        assert c.post(f"/v1/experiments/{exp.json()['id']}/stop").status_code == 200
+        time.sleep(2)  # what the experiment's clean-up unloads is unloaded by now
+        assert standby() == first_name and first_name in _vllm_models(vllm_supervisor)
+        assert c.post(f"/v1/deployments/{dep}/rollback").status_code == 200
+        assert _chat_served_by(c, dep) == first_name

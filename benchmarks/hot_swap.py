@@ -104,6 +104,9 @@ def main() -> int:
         httpx.post(url + "/v1/deployments", json={"name": "swap"}, headers=h)
         adapters = [register_random_lora(tmp / "tuneloop.db", Path(base), tmp / f"lora{seed}", "swap", seed)
                     for seed in (1, 2)]
+        # one never-loaded adapter per cold swap, made now: making one takes CPU from the timed window
+        fresh = [register_random_lora(tmp / "tuneloop.db", Path(base), tmp / f"lora{10 + i}", "swap", 10 + i)
+                 for i in range(args.swaps)]
 
         samples: list[tuple[float, float, str]] = []  # (start, latency, adapter header)
         stop = threading.Event()
@@ -156,9 +159,8 @@ def main() -> int:
                 timed[kind].append((call, time.monotonic() - t0, first_response(samples, target, t0)))
 
             phases_before = swap_phases(url)
-            for i in range(args.swaps):  # adapters not loaded before: load + probe + switch inside the promote
+            for target in fresh:  # adapters not loaded before: load + probe + switch inside the promote
                 previous = c.get("/v1/deployments/swap").json()["production_adapter_id"]
-                target = register_random_lora(tmp / "tuneloop.db", Path(base), tmp / f"lora{10 + i}", "swap", 10 + i)
                 swap("cold", target)
                 swap("rollback", previous)  # back to the previous production, kept loaded on standby
             phases = {k: (v[0] - phases_before.get(k, [0, 0])[0]) / (v[1] - phases_before.get(k, [0, 0])[1])

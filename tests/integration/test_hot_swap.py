@@ -114,6 +114,17 @@ def _loads(c: httpx.Client, dep: str) -> float:
     return float(line.rsplit(" ", 1)[1]) if line else 0.0
 
 
+def _start_half_and_half(c: httpx.Client, dep: str, treatment: str) -> str:
+    """Start an experiment of production against `treatment`, 50/50, that never decides by itself; its id."""
+    exp = c.post("/v1/experiments", json={
+        "deployment": dep, "seed": dep, "goal": {"metric": "rating"},
+        "variants": [{"name": "control", "adapter_id": "production", "weight": 0.5},
+                     {"name": "treatment", "adapter_id": treatment, "weight": 0.5}],
+        "policy": {"auto_promote": False, "auto_rollback": False}})
+    assert exp.status_code == 201, exp.text
+    return exp.json()["id"]
+
+
 def test_a_passed_adapter_is_staged_and_its_promote_does_not_load_it_again(service, base_model_dir, tmp_path,
                                                                          vllm_supervisor) -> None:
     dep = "staged"
@@ -145,17 +156,12 @@ def test_a_passed_adapter_is_staged_and_its_promote_does_not_load_it_again(servi
         name = _staged(c, dep, lambda n: n is not None)
         assert name.startswith(f"{dep}--{second}--g") and name in _vllm_models(vllm_supervisor), name
         # an experiment that starts with it takes it as loaded: its variant serves under the staged name
-        exp = c.post("/v1/experiments", json={
-            "deployment": dep, "seed": "staged", "goal": {"metric": "rating"},
-            "variants": [{"name": "control", "adapter_id": "production", "weight": 0.5},
-                         {"name": "treatment", "adapter_id": second, "weight": 0.5}],
-            "policy": {"auto_promote": False, "auto_rollback": False}})
-        assert exp.status_code == 201, exp.text
+        exp = _start_half_and_half(c, dep, second)
         assert c.get(f"/v1/deployments/{dep}").json()["staged"] is None
         served = {c.post("/v1/chat/completions", json={"model": dep, "max_tokens": 1, "user": f"u{i}", "messages": [
             {"role": "user", "content": "Hi"}]}).headers["x-tuneloop-adapter"] for i in range(16)}
         assert name in served, served
-        assert c.post(f"/v1/experiments/{exp.json()['id']}/stop").status_code == 200
+        assert c.post(f"/v1/experiments/{exp}/stop").status_code == 200
         # still the newest passed candidate, so it is staged again after the experiment, under a new name
         name = _staged(c, dep, lambda n: n is not None)
         assert name.startswith(f"{dep}--{second}--g") and name in _vllm_models(vllm_supervisor), name
@@ -213,14 +219,9 @@ def test_the_previous_production_stays_loaded_so_a_rollback_does_not_load_it_aga
         # stops, the experiment's clean-up must not unload the demoted production: it is the standby now.
         assert c.post(f"/v1/deployments/{dep}/promote", json={"adapter_id": first}).status_code == 200
         assert _chat_served_by(c, dep) == first_name
-        exp = c.post("/v1/experiments", json={
-            "deployment": dep, "seed": "standby", "goal": {"metric": "rating"},
-            "variants": [{"name": "control", "adapter_id": "production", "weight": 0.5},
-                         {"name": "treatment", "adapter_id": second, "weight": 0.5}],
-            "policy": {"auto_promote": False, "auto_rollback": False}})
-        assert exp.status_code == 201, exp.text
+        exp = _start_half_and_half(c, dep, second)
         assert c.post(f"/v1/deployments/{dep}/promote", json={"adapter_id": second}).status_code == 200
-        assert c.post(f"/v1/experiments/{exp.json()['id']}/stop").status_code == 200
+        assert c.post(f"/v1/experiments/{exp}/stop").status_code == 200
         time.sleep(2)  # what the experiment's clean-up unloads is unloaded by now
         assert standby() == first_name and first_name in _vllm_models(vllm_supervisor)
         assert c.post(f"/v1/deployments/{dep}/rollback").status_code == 200

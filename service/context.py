@@ -197,8 +197,7 @@ class AppContext:
     async def reload_adapters_on(self, server: Any) -> None:
         """Load every routable (and staged or standby) adapter on `server` (None: every server) before it takes
         traffic."""
-        kept = [*self.serving.staged.values(), *self.serving.standby.values()]
-        targets = {**self.router.routable(), **{t.served_name: t for t in kept}}
+        targets = {**self.router.routable(), **{t.served_name: t for t in self.serving.kept()}}
         for name, target in targets.items():
             assert target.path is not None
             await self.pool.load_adapter(name, target.path, servers=None if server is None else [server])

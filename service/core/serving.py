@@ -108,10 +108,12 @@ class Serving:
                     else:
                         log.info("%s: staged %s", deployment, self.staged[deployment].served_name)
 
+    def kept(self) -> list[Target]:
+        """Adapters loaded but not routable: staged ahead of a promote, or on standby for a rollback."""
+        return [*self.staged.values(), *self.standby.values()]
+
     def _in_use(self, served_name: str) -> bool:
-        """Routable, or kept loaded as a staged or standby adapter."""
-        return served_name in self.router.routable() or any(
-            t.served_name == served_name for t in (*self.staged.values(), *self.standby.values()))
+        return served_name in self.router.routable() or any(t.served_name == served_name for t in self.kept())
 
     def retire(self, target: Target) -> None:
         """Unload `target` once nothing routes to it or keeps it and its in-flight requests have drained."""

@@ -38,6 +38,7 @@ class Monitor:
             await asyncio.sleep(self.ctx.settings.experiment_interval_seconds)
             await self._safe(self.ctx.experiments.tick())
             await self._safe(self.ctx.serving.stage_passed())
+            await self._safe(self.ctx.serving.restore_standby())
             await self._safe(self.job_gauges())
             await self._safe(export_latest_drift(self.ctx.sessions))
             if time.monotonic() - last_slow >= self.ctx.settings.monitor_interval_seconds:

@@ -9,7 +9,8 @@ The newest adapter of each deployment that passed its evaluation is loaded and p
 not routable), so promoting it is only a commit and a routing switch, and an experiment that starts with it
 takes it as loaded: the load and the probe, most of a swap's time, happen before anyone asks for it.
 For the same reason the adapter that leaves production stays loaded (on standby, not routable) until the next
-swap, so a rollback is only a switch too; the standby that a later swap replaces is drained and unloaded.
+swap, so a rollback is only a switch too; the standby that a later swap replaces is drained and unloaded. A
+restarted service loads each deployment's rollback target on standby again, from the deployment history.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Serving:
         self.staged: dict[str, Target] = {}  # deployment → loaded and probed, not routable; taken by promote
         self.standby: dict[str, Target] = {}  # deployment → the previous production, loaded; taken by rollback
         self._unstageable: set[str] = set()  # adapters whose staging failed once
+        self._standby_restored: set[tuple[str, str]] = set()  # (deployment, production) pairs restore looked at
         self._unloading: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
@@ -107,6 +109,38 @@ class Serving:
                         log.exception("%s: staging %s failed; not retried", deployment, adapter.id)
                     else:
                         log.info("%s: staged %s", deployment, self.staged[deployment].served_name)
+
+    async def restore_standby(self) -> None:
+        """Load each deployment's rollback target on standby where none is kept (after a restart: the standby
+        lives in this process), once per production adapter, so the first rollback is a switch there too.
+        Called by the API's monitor loop."""
+        if not self.pool.ready:
+            return
+        wanted: list[tuple[str, str, Adapter]] = []
+        async with self.sessions() as s:
+            for dep in (await s.execute(select(Deployment).where(
+                    Deployment.production_adapter_id.is_not(None)))).scalars():
+                key = (dep.name, dep.production_adapter_id)
+                if dep.name in self.standby or key in self._standby_restored:
+                    continue
+                self._standby_restored.add(key)
+                event = await self._production_event(s, dep)
+                previous = await s.get(Adapter, event.previous_adapter_id) if event and event.previous_adapter_id \
+                    else None
+                if previous is not None:
+                    wanted.append((dep.name, dep.production_adapter_id, previous))
+        for deployment, production, adapter in wanted:
+            async with self.locks[deployment]:
+                current = self.router.production.get(deployment)
+                if deployment in self.standby or current is None or current.adapter_id != production \
+                        or self.loaded(deployment, adapter.id):
+                    continue  # a swap came first
+                try:
+                    self.standby[deployment] = await self.load(deployment, adapter)
+                except Exception:  # a rollback will load it (and report why it can't) when asked
+                    log.exception("%s: loading rollback target %s on standby failed", deployment, adapter.id)
+                else:
+                    log.info("%s: %s on standby again", deployment, self.standby[deployment].served_name)
 
     def kept(self) -> list[Target]:
         """Adapters loaded but not routable: staged ahead of a promote, or on standby for a rollback."""
@@ -216,16 +250,23 @@ class Serving:
             log.info("%s: %s → %s (%s)", deployment, old.served_name if old else None, new.served_name, event_type)
             return event
 
+    @staticmethod
+    async def _production_event(s: AsyncSession, dep: Deployment) -> DeploymentEvent | None:
+        """The event that made the current production adapter serve; its previous adapter is the rollback target."""
+        if dep.production_adapter_id is None:
+            return None
+        return (await s.execute(select(DeploymentEvent).where(
+            DeploymentEvent.deployment == dep.name, DeploymentEvent.adapter_id == dep.production_adapter_id)
+            .order_by(DeploymentEvent.id.desc()).limit(1))).scalar_one_or_none()
+
     async def rollback(self, deployment: str, reason: str = "manual rollback") -> DeploymentEvent:
         """Serve the previous production adapter (or the base model) again."""
         async with self.sessions() as s:
             dep = await s.get(Deployment, deployment)
             if dep is None:
                 raise NotFound(f"deployment {deployment!r} does not exist")
-            last = (await s.execute(select(DeploymentEvent).where(
-                DeploymentEvent.deployment == deployment, DeploymentEvent.adapter_id.is_not_distinct_from(
-                    dep.production_adapter_id)).order_by(DeploymentEvent.id.desc()).limit(1))).scalar_one_or_none()
-        if last is None or dep.production_adapter_id is None:
+            last = await self._production_event(s, dep)
+        if last is None:
             raise Conflict(f"{deployment} has no previous production to roll back to")
         target = last.previous_adapter_id
         return await self.promote(deployment, target, force=True, reason=reason, event_type="rollback")

@@ -1,7 +1,8 @@
 """Zero-downtime swaps under load: concurrent clients for the whole run while 100 promote/rollback swaps
 happen on the real service and the real vLLM. No request fails, and every response was served by an
 adapter that was routable for the deployment at that moment. And an adapter that passed its evaluation is
-loaded ahead of its promote, so the promote does not load it again."""
+loaded ahead of its promote, so the promote does not load it again; the previous production stays loaded for
+a rollback, and a restarted service loads it again."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import start_service, stop_service
 from tests.conftest_vllm import record_passed_evaluation, register_random_lora
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -226,3 +228,38 @@ def test_the_previous_production_stays_loaded_so_a_rollback_does_not_load_it_aga
         assert standby() == first_name and first_name in _vllm_models(vllm_supervisor)
         assert c.post(f"/v1/deployments/{dep}/rollback").status_code == 200
         assert _chat_served_by(c, dep) == first_name
+
+
+def test_a_restarted_service_loads_the_rollback_target_on_standby_again(base_model_dir, tmp_path,
+                                                                        vllm_supervisor) -> None:
+    """The standby lives in the API process; after a restart it is loaded again from the deployment history."""
+    dep = "restarted"
+    data_dir = tmp_path / "svc"
+    svc = start_service(data_dir, base_model_dir, [vllm_supervisor.base_url])
+    try:
+        with svc.client() as c:
+            assert c.post("/v1/deployments", json={"name": dep}).status_code == 201
+            first, second = (register_random_lora(data_dir / "tuneloop.db", base_model_dir, tmp_path / f"lora-{seed}",
+                                                  dep, seed) for seed in (1, 2))
+            for adapter in (first, second):
+                assert c.post(f"/v1/deployments/{dep}/promote", json={"adapter_id": adapter}).status_code == 200
+            assert c.get(f"/v1/deployments/{dep}").json()["standby"].startswith(f"{dep}--{first}--g")
+    finally:
+        stop_service(svc)
+
+    svc = start_service(data_dir, base_model_dir, [vllm_supervisor.base_url])
+    try:
+        with svc.client() as c:
+            deadline = time.monotonic() + 60
+            while (name := c.get(f"/v1/deployments/{dep}").json()["standby"]) is None:
+                assert time.monotonic() < deadline, "the rollback target was not loaded on standby after the restart"
+                time.sleep(0.5)
+            assert name.startswith(f"{dep}--{first}--g") and name in _vllm_models(vllm_supervisor), name
+            assert _chat_served_by(c, dep).startswith(f"{dep}--{second}--g")
+            loads = _loads(c, dep)
+            r = c.post(f"/v1/deployments/{dep}/rollback")
+            assert r.status_code == 200 and r.json()["adapter_id"] == first, r.text
+            assert _chat_served_by(c, dep) == name  # the restored standby serves: the rollback loaded nothing
+            assert _loads(c, dep) == loads
+    finally:
+        stop_service(svc)

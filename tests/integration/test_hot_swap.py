@@ -96,11 +96,11 @@ def test_100_swaps_under_load_without_a_failed_request(service, base_model_dir, 
     assert len(history) == SWAPS
 
 
-def _staged(c: httpx.Client, dep: str, until, timeout: float = 120) -> str | None:
-    """The staged served name of `dep` once `until(name)` holds (the monitor loop stages every 5 s)."""
+def _staged(c: httpx.Client, dep: str, until, timeout: float = 120, role: str = "staged") -> str | None:
+    """The staged (or standby) served name of `dep` once `until(name)` holds (the monitor loop runs every 5 s)."""
     deadline = time.monotonic() + timeout
-    while not until(name := c.get(f"/v1/deployments/{dep}").json()["staged"]):
-        assert time.monotonic() < deadline, f"{dep}'s staged adapter is still {name!r}"
+    while not until(name := c.get(f"/v1/deployments/{dep}").json()[role]):
+        assert time.monotonic() < deadline, f"{dep}'s {role} adapter is still {name!r}"
         time.sleep(0.5)
     return name
 
@@ -250,10 +250,7 @@ def test_a_restarted_service_loads_the_rollback_target_on_standby_again(base_mod
     svc = start_service(data_dir, base_model_dir, [vllm_supervisor.base_url])
     try:
         with svc.client() as c:
-            deadline = time.monotonic() + 60
-            while (name := c.get(f"/v1/deployments/{dep}").json()["standby"]) is None:
-                assert time.monotonic() < deadline, "the rollback target was not loaded on standby after the restart"
-                time.sleep(0.5)
+            name = _staged(c, dep, lambda n: n is not None, timeout=60, role="standby")
             assert name.startswith(f"{dep}--{first}--g") and name in _vllm_models(vllm_supervisor), name
             assert _chat_served_by(c, dep).startswith(f"{dep}--{second}--g")
             loads = _loads(c, dep)

@@ -54,6 +54,8 @@ REQUEST_DURATION = Histogram("tuneloop_request_duration_seconds", "Gateway reque
 TOKENS = Counter("tuneloop_tokens_total", "Tokens processed by the gateway.",
                  ["deployment", "adapter", "variant", "direction"], registry=REGISTRY)
 VLLM_UP = Gauge("tuneloop_vllm_up", "1 when every vLLM server behind the gateway is ready.", registry=REGISTRY)
+MONITOR_LEADER = Gauge("tuneloop_monitor_leader", "1 in the one API process (of those sharing a database) whose "
+                       "monitor decides experiments and runs drift, fairness and triggers.", registry=REGISTRY)
 VLLM_RESTARTS = Counter("tuneloop_vllm_restarts_total", "Restarts of the managed vLLM server.", registry=REGISTRY)
 ADAPTERS_LOADED = Gauge("tuneloop_adapters_loaded", "Adapters loaded in vLLM and routable.",
                         ["deployment"], registry=REGISTRY)

@@ -27,6 +27,7 @@ from service.core.experiments import ExperimentService
 from service.core.feedback import FeedbackService
 from service.core.gateway import Gateway
 from service.core.jobs import JobService
+from service.core.replicas import follow_loop
 from service.core.routing import BASE_NAME, Router, Target
 from service.core.serving import Serving, fresh_name
 from service.settings import Settings
@@ -124,6 +125,7 @@ class AppContext:
             ctx.tasks.append(asyncio.create_task(
                 pool.health_loop(interval=1.0, on_server_ready=ctx.reload_adapters_on), name="vllm-health"))
         ctx.tasks.append(asyncio.create_task(ctx._vllm_up_loop(), name="vllm-up"))
+        ctx.tasks.append(asyncio.create_task(follow_loop(ctx), name="follow"))
         if settings.start_monitor:
             from service.core.monitor import Monitor
 

@@ -60,6 +60,7 @@ class Settings:
     # monitor
     monitor_interval_seconds: float = 60.0  # drift, fairness, retraining triggers
     experiment_interval_seconds: float = 5.0  # experiment decisions, job gauges
+    follow_interval_seconds: float = 1.0  # adopt swaps, experiments and deployments made by other API processes
     drift_window: int = 500  # completions per drift window (reference and current)
 
     @property

@@ -147,17 +147,19 @@ class ExperimentService:
     async def create(self, body: Any) -> Experiment:
         if not isinstance(body, dict):
             raise Unprocessable("body must be an object")
-        exp = await insert_experiment(self.sessions, body, status="running")
-        try:
-            await self._activate(exp)
-        except Exception:
-            async with self.sessions() as s, s.begin():
-                await s.execute(update(Experiment).where(Experiment.id == exp.id)
-                                .values(status="failed", finished_at=time.time()))
-            raise
+        async with self._lock:  # not followed (loaded a second time) while it loads
+            exp = await insert_experiment(self.sessions, body, status="running")
+            try:
+                await self._activate(exp)
+            except Exception:
+                async with self.sessions() as s, s.begin():
+                    await s.execute(update(Experiment).where(Experiment.id == exp.id)
+                                    .values(status="failed", finished_at=time.time()))
+                raise
         return exp
 
-    async def _activate(self, exp: Experiment) -> None:
+    async def _load_targets(self, exp: Experiment) -> dict[str, Target]:
+        """Every variant's target: the base model, production as it serves, or the adapter loaded."""
         targets: dict[str, Target] = {}
         try:
             for v in exp.variants:
@@ -176,16 +178,52 @@ class ExperimentService:
             for t in targets.values():
                 self.serving.retire(t)
             raise
-        self.targets[exp.id] = targets
+        return targets
+
+    async def _activate(self, exp: Experiment) -> None:
+        """Start it: load its variants, record it running (only if it is still in the status read, so that
+        of two API processes only one starts a pending experiment), route it."""
+        targets = await self._load_targets(exp)
         state = dict(exp.decision or {})
         state.setdefault("stage", 0)
         state.setdefault("stage_started_at", time.time())
         state["weights"] = state.get("weights") or self._initial_weights(exp)
         async with self.sessions() as s, s.begin():
-            await s.execute(update(Experiment).where(Experiment.id == exp.id).values(status="running", decision=state))
-            s.add(ExperimentEvent(experiment_id=exp.id, type="started", data={"weights": state["weights"]}))
+            started = await s.execute(update(Experiment).where(Experiment.id == exp.id, Experiment.status == exp.status)
+                                      .values(status="running", decision=state))
+            if started.rowcount == 1:
+                s.add(ExperimentEvent(experiment_id=exp.id, type="started", data={"weights": state["weights"]}))
+        if started.rowcount != 1:  # another process started (or stopped) it; `follow` routes what it did
+            for t in targets.values():
+                self.serving.retire(t)
+            return
+        self.targets[exp.id] = targets
         exp.decision, exp.status = state, "running"
         self._route(exp, state["weights"])
+
+    async def follow(self) -> None:
+        """Route the experiments another API process started, re-weighted or stopped (see
+        `service.core.replicas`): the database's running experiments are what this process routes."""
+        if not self.serving.pool.ready:
+            return
+        async with self._lock:
+            async with self.sessions() as s:
+                running = {e.id: e for e in (await s.execute(
+                    select(Experiment).where(Experiment.status == "running"))).scalars()}
+            for exp_id in [e for e in self.targets if e not in running]:
+                self._unroute(exp_id)
+            for exp in running.values():
+                weights = (exp.decision or {}).get("weights") or self._initial_weights(exp)
+                if exp.id not in self.targets:
+                    try:
+                        self.targets[exp.id] = await self._load_targets(exp)
+                    except Exception:
+                        log.exception("following experiment %s failed; retried at the next pass", exp.id)
+                        continue
+                    log.info("%s: followed experiment %s", exp.deployment, exp.id)
+                elif [v.weight for v in self.router.experiments[exp.deployment].variants] == weights:
+                    continue
+                self._route(exp, weights)
 
     def _initial_weights(self, exp: Experiment) -> list[float]:
         policy = Policy(**{**exp.policy, "ramp": tuple(exp.policy.get("ramp") or ()), "guardrails": ()})
@@ -210,19 +248,32 @@ class ExperimentService:
 
     async def stop(self, experiment_id: str, status: str = "stopped", reason: str = "stopped via API",
                    numbers: dict[str, Any] | None = None) -> Experiment:
+        async with self._lock:
+            return await self._stop(experiment_id, status, reason, numbers)
+
+    async def _stop(self, experiment_id: str, status: str, reason: str,
+                    numbers: dict[str, Any] | None = None) -> Experiment:
         exp = await self.get(experiment_id)
         if exp.status not in ACTIVE:
             raise Conflict(f"experiment {experiment_id} is already {exp.status}")
-        route = self.router.experiments.get(exp.deployment)
-        if route is not None and route.experiment_id == exp.id:
-            self.router.set_experiment(exp.deployment, None)
-        for t in self.targets.pop(exp.id, {}).values():
-            self.serving.retire(t)
+        self._unroute(exp.id)
         async with self.sessions() as s, s.begin():
-            await s.execute(update(Experiment).where(Experiment.id == exp.id)
-                            .values(status=status, finished_at=time.time()))
-            s.add(ExperimentEvent(experiment_id=exp.id, type=status, data={"reason": reason, **(numbers or {})}))
+            stopped = await s.execute(update(Experiment).where(Experiment.id == exp.id, Experiment.status.in_(ACTIVE))
+                                      .values(status=status, finished_at=time.time()))
+            if stopped.rowcount == 1:
+                s.add(ExperimentEvent(experiment_id=exp.id, type=status, data={"reason": reason, **(numbers or {})}))
+        if stopped.rowcount != 1:
+            exp = await self.get(experiment_id)
+            raise Conflict(f"experiment {experiment_id} is already {exp.status}")
         return await self.get(experiment_id)
+
+    def _unroute(self, experiment_id: str) -> None:
+        """Stop routing to an experiment; its variants' adapters drain and unload."""
+        for deployment, route in list(self.router.experiments.items()):
+            if route.experiment_id == experiment_id:
+                self.router.set_experiment(deployment, None)
+        for t in self.targets.pop(experiment_id, {}).values():
+            self.serving.retire(t)
 
     # -- read -----------------------------------------------------------------------------------------
     async def get(self, experiment_id: str) -> Experiment:
@@ -368,14 +419,14 @@ class ExperimentService:
                     await self.serving.promote(exp.deployment, winner["adapter_id"], force=False,
                                                reason=f"experiment {exp.id}: {decision.reason}")
                 except Exception as exc:
-                    await self.stop(exp.id, "failed", f"promoting {decision.winner} failed: {exc}")
+                    await self._stop(exp.id, "failed", f"promoting {decision.winner} failed: {exc}")
                     raise
-            await self.stop(exp.id, "promoted", decision.reason, {"winner": decision.winner})
+            await self._stop(exp.id, "promoted", decision.reason, {"winner": decision.winner})
         elif decision.action == "rollback" and decision.apply:
-            await self.stop(exp.id, "rolled_back", decision.reason)
+            await self._stop(exp.id, "rolled_back", decision.reason)
             await _reject_losers(self.sessions, exp)
         elif decision.action == "stop_inconclusive":
-            await self.stop(exp.id, "inconclusive", decision.reason)
+            await self._stop(exp.id, "inconclusive", decision.reason)
 
     def _export(self, exp: Experiment, summary: dict[str, Any], decision: Decision) -> None:
         for v in summary.get("variants", []):

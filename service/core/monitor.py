@@ -4,6 +4,9 @@ Fast tick (`experiment_interval_seconds`): experiment decisions, job-state gauge
 Slow tick (`monitor_interval_seconds`), per deployment: queue a drift job (the worker runs it, see
 `service.core.drift`), fairness over recent traffic and feedback (fairlearn), then the retraining triggers.
 Every run is stored (`monitor_runs`) and exported to Prometheus.
+
+Where several API processes share the database, decisions (experiments, drift, fairness, triggers) are made
+by the one holding the leader lock (`service.core.replicas`); staging, standbys and gauges are per process.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from monitoring import metrics
 from service.core.drift import MIN_ROWS, TrafficWindows, export_latest_drift, queue_drift_job
+from service.core.replicas import LeaderLock
 from service.storage.models import Completion, Deployment, Evaluation, Feedback, Job, MonitorRun
 
 if TYPE_CHECKING:
@@ -31,19 +35,32 @@ class Monitor:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.window = ctx.settings.drift_window
+        self.leader = LeaderLock(ctx.engine, ctx.settings.database)
 
     async def run(self) -> None:
         last_slow = time.monotonic()
-        while True:
-            await asyncio.sleep(self.ctx.settings.experiment_interval_seconds)
-            await self._safe(self.ctx.experiments.tick())
-            await self._safe(self.ctx.serving.stage_passed())
-            await self._safe(self.ctx.serving.restore_standby())
-            await self._safe(self.job_gauges())
-            await self._safe(export_latest_drift(self.ctx.sessions))
-            if time.monotonic() - last_slow >= self.ctx.settings.monitor_interval_seconds:
-                last_slow = time.monotonic()
-                await self._safe(self.run_all())
+        try:
+            while True:
+                await asyncio.sleep(self.ctx.settings.experiment_interval_seconds)
+                leader = await self._is_leader()
+                if leader:
+                    await self._safe(self.ctx.experiments.tick())
+                await self._safe(self.ctx.serving.stage_passed())
+                await self._safe(self.ctx.serving.restore_standby())
+                await self._safe(self.job_gauges())
+                await self._safe(export_latest_drift(self.ctx.sessions))
+                if leader and time.monotonic() - last_slow >= self.ctx.settings.monitor_interval_seconds:
+                    last_slow = time.monotonic()
+                    await self._safe(self.run_all())
+        finally:
+            await self.leader.release()
+
+    async def _is_leader(self) -> bool:
+        try:
+            return await self.leader.held()
+        except Exception:
+            log.exception("the leader lock could not be checked; not deciding in this pass")
+            return False
 
     async def _safe(self, coro: Any) -> None:
         try:

@@ -11,6 +11,10 @@ takes it as loaded: the load and the probe, most of a swap's time, happen before
 For the same reason the adapter that leaves production stays loaded (on standby, not routable) until the next
 swap, so a rollback is only a switch too; the standby that a later swap replaces is drained and unloaded. A
 restarted service loads each deployment's rollback target on standby again, from the deployment history.
+
+Several API processes may share one database (`service.core.replicas`): served names carry a per-process
+tag so that they never collide in a shared vLLM, a promote commits only if production is still what it
+read (compare-and-set), and `follow_production` adopts a swap another process committed.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from collections import defaultdict
 from typing import Any
@@ -32,11 +37,12 @@ from service.storage.models import Adapter, Deployment, DeploymentEvent, Evaluat
 from service.vllm.pool import VLLMPool
 
 log = logging.getLogger("tuneloop.serving")
-_generation = itertools.count(int(time.time()) % 100_000)
+_PROCESS_TAG = secrets.token_hex(3)  # API processes sharing a vLLM never load under the same name
+_generation = itertools.count()
 
 
 def fresh_name(deployment: str, adapter_id: str) -> str:
-    return f"{deployment}--{adapter_id}--g{next(_generation)}"
+    return f"{deployment}--{adapter_id}--g{_PROCESS_TAG}-{next(_generation)}"
 
 
 def history_json(e: DeploymentEvent) -> dict[str, Any]:
@@ -54,6 +60,7 @@ class Serving:
         self.staged: dict[str, Target] = {}  # deployment → loaded and probed, not routable; taken by promote
         self.standby: dict[str, Target] = {}  # deployment → the previous production, loaded; taken by rollback
         self._unstageable: set[str] = set()  # adapters whose staging failed once
+        self._unadoptable: set[str | None] = set()  # productions another process committed that failed to load
         self._standby_restored: set[tuple[str, str]] = set()  # (deployment, production) pairs restore looked at
         self._unloading: set[asyncio.Task[None]] = set()
 
@@ -220,12 +227,17 @@ class Serving:
             else:
                 new = self.loaded(deployment, adapter.id) or self._take_ready(deployment, adapter.id) \
                     or await self.load(deployment, adapter)
-            old = self.router.production.get(deployment)
             previous = dep.production_adapter_id
             switch_started = time.perf_counter()
             async with self.sessions() as s, s.begin():
-                await s.execute(update(Deployment).where(Deployment.name == deployment)
-                                .values(production_adapter_id=new.adapter_id))
+                # Compare-and-set: another API process on this database may have swapped since the read.
+                swapped = await s.execute(update(Deployment).where(
+                    Deployment.name == deployment, Deployment.production_adapter_id.is_(None) if previous is None
+                    else Deployment.production_adapter_id == previous).values(production_adapter_id=new.adapter_id))
+                if swapped.rowcount != 1:
+                    self.retire(new)  # unloaded unless something routes to it
+                    raise Conflict(f"production of {deployment} changed while this promote loaded its adapter "
+                                   "(another API process promoted); look at its history and retry")
                 if previous:
                     await s.execute(update(Adapter).where(Adapter.id == previous).values(status="retired"))
                 if adapter is not None:
@@ -235,20 +247,69 @@ class Serving:
                                                                                   and adapter.status == "rejected"),
                                         reason=reason)
                 s.add(event)
-            # The atomic switch: requests after this line see the new target.
-            self.router.set_production(deployment, new)
+            old = self._switch(deployment, new, keep_old=True)
             metrics.SWAP_PHASE_SECONDS.labels(deployment, "commit").observe(time.perf_counter() - switch_started)
-            # The adapter that left production is the next rollback's target: it stays loaded (its in-flight
-            # requests finish meanwhile); the standby it replaces is drained and unloaded.
-            replaced = self.standby.pop(deployment, None)
-            if old is not None and old.adapter_id is not None:
-                self.standby[deployment] = old
-            if replaced is not None:
-                self.retire(replaced)
-            self._gauge()
             metrics.DEPLOY_EVENTS.labels(deployment, event_type).inc()
             log.info("%s: %s → %s (%s)", deployment, old.served_name if old else None, new.served_name, event_type)
             return event
+
+    def _switch(self, deployment: str, new: Target, *, keep_old: bool) -> Target | None:
+        """The atomic switch (requests after it see `new`); returns the target that left production.
+
+        With `keep_old` the adapter that left is the next rollback's target: it stays loaded on standby (its
+        in-flight requests finish meanwhile) and the standby it replaces is drained and unloaded."""
+        old = self.router.production.get(deployment)
+        self.router.set_production(deployment, new)
+        replaced = self.standby.pop(deployment, None)
+        if old is not None and old.adapter_id is not None:
+            if keep_old:
+                self.standby[deployment] = old
+            else:
+                self.retire(old)
+        if replaced is not None:
+            self.retire(replaced)
+        self._gauge()
+        return old
+
+    def know(self, deployment: str) -> None:
+        """Route a deployment another API process created (to the base model until `follow_production`)."""
+        if deployment not in self.router.production:
+            self.router.set_production(deployment, Target(BASE_NAME, None))
+
+    async def follow_production(self) -> None:
+        """Adopt the production adapter another API process committed: load it under this process's own name,
+        switch, and keep the adapter that left on standby when it is the new production's rollback target."""
+        if not self.pool.ready:
+            return  # once vLLM is ready again, the next pass adopts it
+        async with self.sessions() as s:
+            rows = (await s.execute(select(Deployment.name, Deployment.production_adapter_id))).all()
+        for deployment, production in rows:
+            current = self.router.production.get(deployment)
+            if current is None or current.adapter_id == production:
+                continue
+            async with self.locks[deployment]:
+                async with self.sessions() as s:
+                    dep = await s.get(Deployment, deployment)
+                    current = self.router.production.get(deployment)
+                    if dep is None or current is None or current.adapter_id == dep.production_adapter_id:
+                        continue  # a swap in this process came first
+                    event = await self._production_event(s, dep)
+                    adapter = await s.get(Adapter, dep.production_adapter_id) if dep.production_adapter_id \
+                        else None
+                try:
+                    new = Target(BASE_NAME, None) if adapter is None else self.loaded(deployment, adapter.id) \
+                        or self._take_ready(deployment, adapter.id) or await self.load(deployment, adapter)
+                except Exception:
+                    if dep.production_adapter_id not in self._unadoptable:  # logged once, retried every pass
+                        self._unadoptable.add(dep.production_adapter_id)
+                        log.exception("%s: adopting %s failed; retried at every pass", deployment,
+                                      dep.production_adapter_id)
+                    continue
+                keep = event is not None and current.adapter_id is not None \
+                    and current.adapter_id == event.previous_adapter_id
+                self._switch(deployment, new, keep_old=keep)
+                log.info("%s: followed %s → %s (%s)", deployment, current.served_name, new.served_name,
+                         event.type if event else "database")
 
     @staticmethod
     async def _production_event(s: AsyncSession, dep: Deployment) -> DeploymentEvent | None:

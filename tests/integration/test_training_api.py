@@ -240,7 +240,7 @@ def test_auto_deploy_starts_an_experiment_after_a_passed_evaluation(service, sna
                 "model": "trainer", "user": f"auto-{u}", "max_tokens": 2, "temperature": 0,
                 "messages": [{"role": "user", "content": "I lost my card"}]})
             assert resp.status_code == 200, resp.text
-            served.add(resp.headers["x-tuneloop-adapter"].split("--g")[0])  # versioned: <dep>--<id>--g<n>
+            served.add(resp.headers["x-tuneloop-adapter"].split("--g")[0])  # versioned: <dep>--<id>--g<process tag>-<n>
         assert served == {"base", f"trainer--{adapter_id}"}  # the seed makes the split deterministic
         assert c.post(f"/v1/experiments/{exp['id']}/stop").status_code == 200
         assert c.get(f"/v1/experiments/{exp['id']}").json()["status"] != "running"

@@ -1,0 +1,133 @@
+"""Several API processes on one database: each follows what the others changed, and one of them decides.
+
+Routing, staging and the standby live in each API process (`service.core.routing`, `service.core.serving`).
+With one database behind several `tuneloop serve` processes (PostgreSQL and a load balancer, or replicas on
+one machine sharing the SQLite file), a promote, rollback, experiment or new deployment made through one
+of them must reach the others' routing tables. The database is the record, so every process follows it:
+`follow` runs about every `follow_interval_seconds` and adopts what changed there, loading adapters under
+its own served names (each process loads, probes, drains and unloads only its own names, so the swap
+guarantees hold per process; the switch reaches another process within one follow interval).
+
+Experiment decisions, drift jobs, fairness runs and retraining triggers must be made once, not once per
+process: `LeaderLock` elects the one process whose monitor makes them (a PostgreSQL session advisory lock,
+or an exclusive lock on a file beside the SQLite database); when that process dies, its lock is released
+and another takes over at its next monitor pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from monitoring import metrics
+
+if TYPE_CHECKING:
+    from service.context import AppContext
+
+log = logging.getLogger("tuneloop.replicas")
+LOCK_KEY = zlib.crc32(b"tuneloop monitor leader")  # the advisory lock's key (a bigint in PostgreSQL)
+
+
+async def follow(ctx: AppContext) -> None:
+    """One pass: deployments created or reconfigured elsewhere, then production swaps, then experiments."""
+    for dep in await ctx.deployments.list():
+        ctx.deployments.remember(dep)
+        ctx.serving.know(dep.name)
+    await ctx.serving.follow_production()
+    await ctx.experiments.follow()
+
+
+async def follow_loop(ctx: AppContext) -> None:
+    while True:
+        await asyncio.sleep(ctx.settings.follow_interval_seconds)
+        try:
+            await follow(ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("following the database failed")
+
+
+class LeaderLock:
+    """Held by at most one process per database; `held()` takes it when free, and says whether this process
+    has it. PostgreSQL: `pg_try_advisory_lock` on a connection kept open (the server frees the lock when that
+    connection ends). SQLite: `flock` on `<database>.leader` (the kernel frees it when the process ends)."""
+
+    def __init__(self, engine: AsyncEngine, database_url: str) -> None:
+        self.engine = engine
+        self.sqlite_path = database_url.split("///", 1)[-1] if database_url.startswith("sqlite") else None
+        self._conn: AsyncConnection | None = None
+        self._fd: int | None = None
+
+    async def held(self) -> bool:
+        if self.sqlite_path is not None:
+            is_leader = self._flock()
+        else:
+            is_leader = await self._advisory_lock()
+        metrics.MONITOR_LEADER.set(1 if is_leader else 0)
+        return is_leader
+
+    def _flock(self) -> bool:
+        if self._fd is not None:
+            return True
+        if self.sqlite_path == ":memory:":
+            return True  # one process by definition
+        fd = os.open(Path(self.sqlite_path + ".leader"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        log.info("this process now runs the monitor's decisions (leader)")
+        return True
+
+    async def _advisory_lock(self) -> bool:
+        if self._conn is not None:
+            try:  # still connected, so still holding it
+                await self._conn.execute(text("SELECT 1"))
+                await self._conn.commit()  # not left idle in a transaction
+                return True
+            except Exception:  # noqa: BLE001 - the connection, and so the lock, is gone
+                log.warning("lost the leader lock's connection; trying to take the lock again")
+                await self._drop()
+        conn = await self.engine.connect()
+        try:
+            got: Any = (await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": LOCK_KEY})).scalar()
+            await conn.commit()
+        except Exception:
+            await conn.close()
+            raise
+        if not got:
+            await conn.close()
+            return False
+        self._conn = conn
+        log.info("this process now runs the monitor's decisions (leader)")
+        return True
+
+    async def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):  # already broken
+                await self._conn.invalidate()
+            self._conn = None
+
+    async def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._conn is not None:
+            try:
+                await self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LOCK_KEY})
+                await self._conn.close()
+            except Exception:  # noqa: BLE001 - closing the connection frees it anyway
+                await self._drop()
+            self._conn = None

@@ -1,0 +1,181 @@
+"""Two `tuneloop serve` processes on one real PostgreSQL database, in front of one real vLLM: a deployment,
+promote, rollback or experiment made through one of them is followed by the other, concurrent promotes
+through both leave one consistent history, and exactly one of them makes the monitor's decisions."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import PG_URL, Service, _reset_pg, start_service, stop_service
+from tests.conftest_vllm import make_random_lora
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+DEP = "shared"
+
+
+def _register(base_dir: str, out_dir: Path, seed: int) -> str:
+    """Put a random LoRA into the shared registry, as a training job would; its adapter id."""
+    import asyncpg
+
+    path = make_random_lora(Path(base_dir), out_dir, seed=seed)
+    aid = "adp-" + uuid.uuid4().hex[:16]
+
+    async def insert() -> None:
+        conn = await asyncpg.connect(PG_URL.replace("+asyncpg", ""))
+        try:
+            await conn.execute(
+                "INSERT INTO adapters (id, deployment, version, path, status, method, base_model, base_model_hash,"
+                " hyperparameters, metrics, created_at) SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, 'candidate',"
+                " 'sft', $4, $5, '{}', '{}', $6 FROM adapters WHERE deployment = $2::varchar",
+                aid, DEP, str(path), base_dir, "0" * 64, time.time())
+        finally:
+            await conn.close()
+
+    asyncio.run(insert())
+    return aid
+
+
+def _served_by(svc: Service, user: str | None = None) -> httpx.Response:
+    with svc.client() as c:
+        body = {"model": DEP, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
+        return c.post("/v1/chat/completions", json=body | ({"user": user} if user else {}))
+
+
+def _until(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
+    """Wait for another process to follow (it looks at the database every second)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def _leader(svc: Service) -> float:
+    text = httpx.get(svc.url + "/metrics").text
+    return float(next(ln.rsplit(" ", 1)[1] for ln in text.splitlines() if ln.startswith("tuneloop_monitor_leader ")))
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, base_model_dir: str, vllm_supervisor) -> Iterator[tuple[Service, Service]]:
+    _reset_pg()
+    env = {"TUNELOOP_START_WORKER": "false", "TUNELOOP_EXPERIMENT_INTERVAL_SECONDS": "1"}
+    a = start_service(tmp_path / "a", base_model_dir, [vllm_supervisor.base_url], database_url=PG_URL, env=env)
+    try:
+        b = start_service(tmp_path / "b", base_model_dir, [vllm_supervisor.base_url], database_url=PG_URL, env=env)
+    except BaseException:
+        stop_service(a)
+        raise
+    try:
+        with a.client() as c:
+            assert c.post("/v1/deployments", json={"name": DEP}).status_code == 201
+        _until("B did not learn of the deployment A created", lambda: _served_by(b).status_code == 200)
+        yield a, b
+    finally:
+        stop_service(a)
+        stop_service(b)
+
+
+def test_a_promote_and_a_rollback_through_one_process_reach_the_other(replicas, base_model_dir, tmp_path) -> None:
+    a, b = replicas
+    first = _register(base_model_dir, tmp_path / "lora-1", 1)
+    with a.client() as c:
+        assert c.post(f"/v1/deployments/{DEP}/promote", json={"adapter_id": first}).status_code == 200
+    on_a = _served_by(a).headers["x-tuneloop-adapter"]
+    assert on_a.startswith(f"{DEP}--{first}--g"), on_a
+    _until("B still serves the old production",
+           lambda: _served_by(b).headers["x-tuneloop-adapter"].startswith(f"{DEP}--{first}--g"))
+    assert _served_by(b).headers["x-tuneloop-adapter"] != on_a  # each process loads under its own name
+
+    with b.client() as c:
+        r = c.post(f"/v1/deployments/{DEP}/rollback")
+        assert r.status_code == 200 and r.json()["adapter_id"] is None, r.text
+    assert _served_by(b).headers["x-tuneloop-adapter"] == "base"
+    _until("A still serves the adapter B rolled back", lambda: _served_by(a).headers["x-tuneloop-adapter"] == "base")
+    with a.client() as c:
+        assert [e["type"] for e in c.get(f"/v1/deployments/{DEP}/history").json()["data"]] == ["promote", "rollback"]
+
+
+def test_concurrent_promotes_through_both_processes_leave_one_consistent_history(replicas, base_model_dir,
+                                                                                tmp_path) -> None:
+    """Both load a new adapter at once; the second commit finds production changed and is refused (409), so
+    the history is one chain and both processes end up serving what the database says."""
+    a, b = replicas
+    accepted = 0
+    for round_ in range(5):
+        ids = [_register(base_model_dir, tmp_path / f"lora-{round_}-{i}", 10 * round_ + i) for i in (1, 2)]
+        results: dict[str, httpx.Response] = {}
+        go = threading.Barrier(2)
+
+        def promote(svc: Service, adapter: str) -> None:
+            with svc.client() as c:
+                go.wait()
+                results[adapter] = c.post(f"/v1/deployments/{DEP}/promote", json={"adapter_id": adapter})
+
+        threads = [threading.Thread(target=promote, args=(svc, aid)) for svc, aid in zip((a, b), ids, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert {r.status_code for r in results.values()} <= {200, 409}, [r.text for r in results.values()]
+        assert any(r.status_code == 200 for r in results.values())
+        accepted += sum(r.status_code == 200 for r in results.values())
+        with a.client() as c:
+            production = c.get(f"/v1/deployments/{DEP}").json()["production_adapter_id"]
+        for svc in (a, b):
+            _until(f"{svc.url} does not serve production {production}",
+                   lambda svc=svc: _served_by(svc).headers["x-tuneloop-adapter"].startswith(f"{DEP}--{production}--g"))
+    with a.client() as c:
+        history = c.get(f"/v1/deployments/{DEP}/history").json()["data"]
+    assert len(history) == accepted
+    previous = None
+    for event in history:
+        assert event["previous_adapter_id"] == previous, history
+        previous = event["adapter_id"]
+
+
+def test_an_experiment_through_one_process_is_routed_by_both_and_one_process_decides(replicas, base_model_dir,
+                                                                                    tmp_path) -> None:
+    a, b = replicas
+    _until("not exactly one process holds the leader lock", lambda: _leader(a) + _leader(b) == 1)
+    treatment = _register(base_model_dir, tmp_path / "lora-1", 1)
+    with a.client() as c:
+        r = c.post("/v1/experiments", json={
+            "deployment": DEP, "seed": DEP, "goal": {"metric": "rating"},
+            "variants": [{"name": "control", "adapter_id": None, "weight": 0.5},
+                         {"name": "treatment", "adapter_id": treatment, "weight": 0.5}],
+            "policy": {"auto_promote": False, "auto_rollback": False}})
+        assert r.status_code == 201, r.text
+        exp = r.json()["id"]
+
+    users = [f"u{i}" for i in range(16)]
+    _until("B does not route the experiment A started",
+           lambda: all("x-tuneloop-variant" in _served_by(b, u).headers for u in users[:2]))
+    variants = {}
+    for u in users:
+        on_a, on_b = _served_by(a, u).headers, _served_by(b, u).headers
+        assert on_a["x-tuneloop-variant"] == on_b["x-tuneloop-variant"], u  # sticky across processes
+        variants[u] = on_b["x-tuneloop-variant"]
+        if variants[u] == "treatment":
+            assert on_b["x-tuneloop-adapter"].startswith(f"{DEP}--{treatment}--g")
+            assert on_b["x-tuneloop-adapter"] != on_a["x-tuneloop-adapter"]
+    assert set(variants.values()) == {"control", "treatment"}, variants
+
+    with b.client() as c:
+        assert c.post(f"/v1/experiments/{exp}/stop").status_code == 200
+        assert c.post(f"/v1/experiments/{exp}/stop").status_code == 409
+    _until("A still routes the experiment B stopped",
+           lambda: all("x-tuneloop-variant" not in _served_by(a, u).headers for u in users))
+    with a.client() as c:
+        events = [e["type"] for e in c.get(f"/v1/experiments/{exp}").json()["events"]]
+    assert events.count("started") == 1 and events.count("stopped") == 1, events
+
+    leader, other = (a, b) if _leader(a) == 1 else (b, a)
+    stop_service(leader)
+    _until("the other process did not take over the decisions", lambda: _leader(other) == 1)

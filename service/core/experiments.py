@@ -221,7 +221,8 @@ class ExperimentService:
                         log.exception("following experiment %s failed; retried at the next pass", exp.id)
                         continue
                     log.info("%s: followed experiment %s", exp.deployment, exp.id)
-                elif [v.weight for v in self.router.experiments[exp.deployment].variants] == weights:
+                elif (route := self.router.experiments.get(exp.deployment)) is not None \
+                        and route.experiment_id == exp.id and [v.weight for v in route.variants] == weights:
                     continue
                 self._route(exp, weights)
 

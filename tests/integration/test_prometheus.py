@@ -135,8 +135,8 @@ def test_dashboards_are_provisionable_grafana_json() -> None:
             for t in p["targets"]:
                 assert t["datasource"]["uid"] == DS_UID and t["expr"].strip(), (d["uid"], p["title"])
                 if "tuneloop_" in t["expr"] and "deployment" not in t["expr"]:
-                    # only the process-wide metrics (jobs, vLLM) may ignore the deployment variable
-                    assert re.search(r"tuneloop_(jobs|vllm)", t["expr"]), (d["uid"], p["title"], t["expr"])
+                    # only the process-wide metrics (jobs, vLLM, the monitor leader) may ignore the deployment variable
+                    assert re.search(r"tuneloop_(jobs|vllm|monitor_leader)", t["expr"]), (d["uid"], p["title"], t["expr"])
 
 
 def _declared_metric_names() -> dict[str, set[str]]:

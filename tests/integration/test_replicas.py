@@ -102,6 +102,24 @@ def test_a_promote_and_a_rollback_through_one_process_reach_the_other(replicas, 
         assert [e["type"] for e in c.get(f"/v1/deployments/{DEP}/history").json()["data"]] == ["promote", "rollback"]
 
 
+def _promote_at_once(promotes: list[tuple[Service, str]]) -> dict[str, httpx.Response]:
+    """Send every (process, adapter id) promote at the same moment; the responses by adapter id."""
+    results: dict[str, httpx.Response] = {}
+    go = threading.Barrier(len(promotes))
+
+    def promote(svc: Service, adapter: str) -> None:
+        with svc.client() as c:
+            go.wait()
+            results[adapter] = c.post(f"/v1/deployments/{DEP}/promote", json={"adapter_id": adapter})
+
+    threads = [threading.Thread(target=promote, args=p) for p in promotes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def test_concurrent_promotes_through_both_processes_leave_one_consistent_history(replicas, base_model_dir,
                                                                                 tmp_path) -> None:
     """Both load a new adapter at once; the second commit finds production changed and is refused (409), so
@@ -110,19 +128,7 @@ def test_concurrent_promotes_through_both_processes_leave_one_consistent_history
     accepted = 0
     for round_ in range(5):
         ids = [_register(base_model_dir, tmp_path / f"lora-{round_}-{i}", 10 * round_ + i) for i in (1, 2)]
-        results: dict[str, httpx.Response] = {}
-        go = threading.Barrier(2)
-
-        def promote(svc: Service, adapter: str) -> None:
-            with svc.client() as c:
-                go.wait()
-                results[adapter] = c.post(f"/v1/deployments/{DEP}/promote", json={"adapter_id": adapter})
-
-        threads = [threading.Thread(target=promote, args=(svc, aid)) for svc, aid in zip((a, b), ids, strict=True)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = _promote_at_once(list(zip((a, b), ids, strict=True)))
         assert {r.status_code for r in results.values()} <= {200, 409}, [r.text for r in results.values()]
         assert any(r.status_code == 200 for r in results.values())
         accepted += sum(r.status_code == 200 for r in results.values())
@@ -130,7 +136,8 @@ def test_concurrent_promotes_through_both_processes_leave_one_consistent_history
             production = c.get(f"/v1/deployments/{DEP}").json()["production_adapter_id"]
         for svc in (a, b):
             _until(f"{svc.url} does not serve production {production}",
-                   lambda svc=svc: _served_by(svc).headers["x-tuneloop-adapter"].startswith(f"{DEP}--{production}--g"))
+                   lambda svc=svc, p=production: _served_by(svc).headers["x-tuneloop-adapter"].startswith(
+                       f"{DEP}--{p}--g"))
     with a.client() as c:
         history = c.get(f"/v1/deployments/{DEP}/history").json()["data"]
     assert len(history) == accepted

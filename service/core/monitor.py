@@ -35,9 +35,9 @@ class Monitor:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.window = ctx.settings.drift_window
-        self.leader = LeaderLock(ctx.engine, ctx.settings.database)
 
     async def run(self) -> None:
+        self.leader = LeaderLock(self.ctx.engine, self.ctx.settings.database)
         last_slow = time.monotonic()
         try:
             while True:

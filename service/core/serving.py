@@ -247,22 +247,23 @@ class Serving:
                                                                                   and adapter.status == "rejected"),
                                         reason=reason)
                 s.add(event)
-            old = self._switch(deployment, new, keep_old=True)
+            old = self._switch(deployment, new, rollback_target=previous)
             metrics.SWAP_PHASE_SECONDS.labels(deployment, "commit").observe(time.perf_counter() - switch_started)
             metrics.DEPLOY_EVENTS.labels(deployment, event_type).inc()
             log.info("%s: %s → %s (%s)", deployment, old.served_name if old else None, new.served_name, event_type)
             return event
 
-    def _switch(self, deployment: str, new: Target, *, keep_old: bool) -> Target | None:
+    def _switch(self, deployment: str, new: Target, *, rollback_target: str | None) -> Target | None:
         """The atomic switch (requests after it see `new`); returns the target that left production.
 
-        With `keep_old` the adapter that left is the next rollback's target: it stays loaded on standby (its
-        in-flight requests finish meanwhile) and the standby it replaces is drained and unloaded."""
+        When the adapter that left is the next rollback's target (it always is, unless another API process
+        swapped in between) it stays loaded on standby (its in-flight requests finish meanwhile) and the
+        standby it replaces is drained and unloaded."""
         old = self.router.production.get(deployment)
         self.router.set_production(deployment, new)
         replaced = self.standby.pop(deployment, None)
         if old is not None and old.adapter_id is not None:
-            if keep_old:
+            if old.adapter_id == rollback_target:
                 self.standby[deployment] = old
             else:
                 self.retire(old)
@@ -305,9 +306,7 @@ class Serving:
                         log.exception("%s: adopting %s failed; retried at every pass", deployment,
                                       dep.production_adapter_id)
                     continue
-                keep = event is not None and current.adapter_id is not None \
-                    and current.adapter_id == event.previous_adapter_id
-                self._switch(deployment, new, keep_old=keep)
+                self._switch(deployment, new, rollback_target=event.previous_adapter_id if event else None)
                 log.info("%s: followed %s → %s (%s)", deployment, current.served_name, new.served_name,
                          event.type if event else "database")
 

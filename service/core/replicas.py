@@ -39,10 +39,11 @@ LOCK_KEY = zlib.crc32(b"tuneloop monitor leader")  # the advisory lock's key (a 
 
 async def follow(ctx: AppContext) -> None:
     """One pass: deployments created or reconfigured elsewhere, then production swaps, then experiments."""
-    for dep in await ctx.deployments.list():
+    deployments = await ctx.deployments.list()
+    for dep in deployments:
         ctx.deployments.remember(dep)
         ctx.serving.know(dep.name)
-    await ctx.serving.follow_production()
+    await ctx.serving.follow_production({d.name: d.production_adapter_id for d in deployments})
     await ctx.experiments.follow()
 
 

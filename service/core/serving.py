@@ -277,14 +277,13 @@ class Serving:
         if deployment not in self.router.production:
             self.router.set_production(deployment, Target(BASE_NAME, None))
 
-    async def follow_production(self) -> None:
-        """Adopt the production adapter another API process committed: load it under this process's own name,
-        switch, and keep the adapter that left on standby when it is the new production's rollback target."""
+    async def follow_production(self, production_in_db: dict[str, str | None]) -> None:
+        """Adopt the production adapter another API process committed (`production_in_db`: deployment → its
+        production adapter as just read): load it under this process's own name, switch, and keep the adapter
+        that left on standby when it is the new production's rollback target."""
         if not self.pool.ready:
             return  # once vLLM is ready again, the next pass adopts it
-        async with self.sessions() as s:
-            rows = (await s.execute(select(Deployment.name, Deployment.production_adapter_id))).all()
-        for deployment, production in rows:
+        for deployment, production in production_in_db.items():
             current = self.router.production.get(deployment)
             if current is None or current.adapter_id == production:
                 continue

@@ -65,7 +65,8 @@ class LeaderLock:
 
     def __init__(self, engine: AsyncEngine, database_url: str) -> None:
         self.engine = engine
-        self.sqlite_path = database_url.split("///", 1)[-1] if database_url.startswith("sqlite") else None
+        self.sqlite_path = None if not database_url.startswith("sqlite") else \
+            database_url.split("///", 1)[1] if "///" in database_url else ":memory:"
         self._conn: AsyncConnection | None = None
         self._fd: int | None = None
 

@@ -518,6 +518,9 @@ def test_every_alert_expression_evaluates_against_the_live_metrics(live: Live) -
     rules = {r["alert"]: r["expr"] for r in _alert_rules()}
     assert live.prom.query(rules["TuneloopVLLMDown"], at=live.end) == []
     assert live.prom.query(rules["TuneloopDown"], at=live.end) == []
+    # the one API process holds the monitor's leader lock (SQLite: the flock beside the database)
+    assert [s["value"][1] for s in live.prom.query("tuneloop_monitor_leader", at=live.end)] == ["1"]
+    assert live.prom.query(rules["TuneloopNoDecidingProcess"], at=live.end) == []
     # the segments were rated 0.9 / 0.6 / 0.2: the fairness alert's expression matches this deployment
     gap = [s for s in live.prom.query(rules["TuneloopFairnessGap"], at=live.end)
            if s["metric"].get("deployment") == dep]

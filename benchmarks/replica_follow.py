@@ -2,7 +2,10 @@
 SQLite file, shared) in front of one vLLM, closed-loop clients on both; a promote (or rollback) is sent to the
 first, and the time to the first response served by the new adapter is taken on each.
 
-Run: .venv/bin/python benchmarks/replica_follow.py [--swaps 10] [--clients 2]
+Run: .venv/bin/python benchmarks/replica_follow.py [--swaps 10] [--clients 2] [--database-url URL]
+
+With --database-url (say an empty PostgreSQL database, `postgresql+asyncpg://postgres@127.0.0.1:5432/bench`)
+both processes use it (PostgreSQL: the leader lock is an advisory lock); without it they share an SQLite file.
 
 The first process starts the managed vLLM (a minute or two); the second uses it with --vllm-url. The second
 process follows the database about every second (`TUNELOOP_FOLLOW_INTERVAL_SECONDS`), then loads and probes
@@ -30,7 +33,32 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.hot_swap import first_response
 from tests.conftest import free_port
-from tests.conftest_vllm import register_random_lora
+from tests.conftest_vllm import make_random_lora
+
+
+def register(database_url: str, base: str, out_dir: Path, seed: int) -> str:
+    """A random LoRA put into the registry through the service's own models (SQLite or PostgreSQL)."""
+    import asyncio
+
+    from sqlalchemy import func, select
+
+    from service.storage.db import make_engine, make_sessionmaker
+    from service.storage.models import Adapter
+
+    path = make_random_lora(Path(base), out_dir, seed=seed)
+    aid = "adp-" + uuid.uuid4().hex[:16]
+
+    async def insert() -> None:
+        engine = make_engine(database_url)
+        async with make_sessionmaker(engine)() as s, s.begin():
+            version = (await s.execute(select(func.coalesce(func.max(Adapter.version), 0))
+                                       .where(Adapter.deployment == "swap"))).scalar_one() + 1
+            s.add(Adapter(id=aid, deployment="swap", version=version, path=str(path), base_model=base,
+                          base_model_hash="0" * 64))
+        await engine.dispose()
+
+    asyncio.run(insert())
+    return aid
 
 
 def serve(data_dir: Path, base: str, key: str, extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
@@ -58,6 +86,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--swaps", type=int, default=10)
     ap.add_argument("--clients", type=int, default=2, help="closed-loop clients on each process")
+    ap.add_argument("--database-url", default=None, help="shared by both processes (default: an SQLite file)")
     args = ap.parse_args()
 
     from adapters.base_model import BUILTIN_SMOLLM2, prepare_base_model
@@ -66,17 +95,16 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tuneloop-replicas-"))
     key = "bench-" + uuid.uuid4().hex
     h = {"Authorization": f"Bearer {key}"}
-    db = tmp / "a" / "tuneloop.db"
+    database = args.database_url or f"sqlite+aiosqlite:///{tmp / 'a' / 'tuneloop.db'}"
     procs = []
     try:
-        first, url_a = serve(tmp / "a", base, key, [])
+        first, url_a = serve(tmp / "a", base, key, ["--database-url", database])
         procs.append(first)
         vllm_url = re.search(r"vLLM ready at (\S+)", (tmp / "a" / "serve.log").read_text()).group(1)
-        second, url_b = serve(tmp / "b", base, key, ["--vllm-url", vllm_url,
-                                                      "--database-url", f"sqlite+aiosqlite:///{db}"])
+        second, url_b = serve(tmp / "b", base, key, ["--vllm-url", vllm_url, "--database-url", database])
         procs.append(second)
-        httpx.post(url_a + "/v1/deployments", json={"name": "swap"}, headers=h)
-        home, *fresh = [register_random_lora(db, Path(base), tmp / f"lora{i}", "swap", i) for i in range(args.swaps + 1)]
+        assert httpx.post(url_a + "/v1/deployments", json={"name": "swap"}, headers=h).status_code == 201
+        home, *fresh = [register(database, base, tmp / f"lora{i}", i) for i in range(args.swaps + 1)]
         while httpx.post(url_b + "/v1/chat/completions", headers=h, json={
                 "model": "swap", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}).status_code != 200:
             time.sleep(0.2)  # the second process has followed the new deployment

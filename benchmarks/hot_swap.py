@@ -50,6 +50,18 @@ def first_response(samples: list[tuple[float, float, str]], adapter_id: str, t0:
         time.sleep(0.01)
 
 
+def closed_loop_client(url: str, headers: dict[str, str], user: str, samples: list[tuple[float, float, str]],
+                       stop: threading.Event) -> None:
+    """4-token chat requests to deployment `swap`, back to back until `stop`: (start, latency, adapter header)."""
+    with httpx.Client(base_url=url, headers=headers, timeout=120) as c:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            r = c.post("/v1/chat/completions", json={"model": "swap", "max_tokens": 4, "user": user,
+                                                     "messages": [{"role": "user", "content": "Hello"}]})
+            assert r.status_code == 200, r.text
+            samples.append((t0, time.monotonic() - t0, r.headers["x-tuneloop-adapter"]))
+
+
 def swap_phases(url: str) -> dict[str, list[float]]:
     """[total seconds, count] per swap phase (load, probe, commit) from the service's own histogram."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -110,17 +122,8 @@ def main() -> int:
 
         samples: list[tuple[float, float, str]] = []  # (start, latency, adapter header)
         stop = threading.Event()
-
-        def client(k: int) -> None:
-            with httpx.Client(base_url=url, headers=h, timeout=120) as c:
-                while not stop.is_set():
-                    t0 = time.monotonic()
-                    r = c.post("/v1/chat/completions", json={"model": "swap", "max_tokens": 4, "user": f"u{k}",
-                                                             "messages": [{"role": "user", "content": "Hello"}]})
-                    assert r.status_code == 200, r.text
-                    samples.append((t0, time.monotonic() - t0, r.headers["x-tuneloop-adapter"]))
-
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+        threads = [threading.Thread(target=closed_loop_client, args=(url, h, f"u{k}", samples, stop))
+                   for k in range(args.clients)]
         for t in threads:
             t.start()
         with httpx.Client(base_url=url, headers=h, timeout=300) as c:

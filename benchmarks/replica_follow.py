@@ -31,7 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.hot_swap import first_response
+from benchmarks.hot_swap import closed_loop_client, first_response
 from tests.conftest import free_port
 from tests.conftest_vllm import make_random_lora
 
@@ -111,17 +111,8 @@ def main() -> int:
 
         samples: dict[str, list[tuple[float, float, str]]] = {url_a: [], url_b: []}
         stop = threading.Event()
-
-        def client(url: str, k: int) -> None:
-            with httpx.Client(base_url=url, headers=h, timeout=120) as c:
-                while not stop.is_set():
-                    t0 = time.monotonic()
-                    r = c.post("/v1/chat/completions", json={"model": "swap", "max_tokens": 4, "user": f"u{k}",
-                                                             "messages": [{"role": "user", "content": "Hello"}]})
-                    assert r.status_code == 200, r.text
-                    samples[url].append((t0, time.monotonic() - t0, r.headers["x-tuneloop-adapter"]))
-
-        threads = [threading.Thread(target=client, args=(u, k)) for u in (url_a, url_b) for k in range(args.clients)]
+        threads = [threading.Thread(target=closed_loop_client, args=(u, h, f"u{k}", samples[u], stop))
+                   for u in (url_a, url_b) for k in range(args.clients)]
         for t in threads:
             t.start()
         timed: dict[str, list[tuple[float, float]]] = {"promote": [], "rollback": []}

@@ -71,10 +71,10 @@ class LeaderLock:
         self._fd: int | None = None
 
     async def held(self) -> bool:
-        if self.sqlite_path is not None:
-            is_leader = self._flock()
-        else:
-            is_leader = await self._advisory_lock()
+        was_leader = self._fd is not None or self._conn is not None
+        is_leader = self._flock() if self.sqlite_path is not None else await self._advisory_lock()
+        if is_leader and not was_leader:
+            log.info("this process now runs the monitor's decisions (leader)")
         metrics.MONITOR_LEADER.set(1 if is_leader else 0)
         return is_leader
 
@@ -90,7 +90,6 @@ class LeaderLock:
             os.close(fd)
             return False
         self._fd = fd
-        log.info("this process now runs the monitor's decisions (leader)")
         return True
 
     async def _advisory_lock(self) -> bool:
@@ -113,7 +112,6 @@ class LeaderLock:
             await conn.close()
             return False
         self._conn = conn
-        log.info("this process now runs the monitor's decisions (leader)")
         return True
 
     async def _drop(self) -> None:

@@ -142,6 +142,7 @@ class ExperimentService:
         self.router = router
         self.targets: dict[str, dict[str, Target]] = {}  # experiment id → variant name → target
         self._lock = asyncio.Lock()
+        self._unfollowable: set[str] = set()  # experiments another process started that failed to load here
 
     # -- create / stop --------------------------------------------------------------------------------
     async def create(self, body: Any) -> Experiment:
@@ -218,7 +219,9 @@ class ExperimentService:
                     try:
                         self.targets[exp.id] = await self._load_targets(exp)
                     except Exception:
-                        log.exception("following experiment %s failed; retried at the next pass", exp.id)
+                        if exp.id not in self._unfollowable:  # logged once, retried every pass
+                            self._unfollowable.add(exp.id)
+                            log.exception("following experiment %s failed; retried at every pass", exp.id)
                         continue
                     log.info("%s: followed experiment %s", exp.deployment, exp.id)
                 elif (route := self.router.experiments.get(exp.deployment)) is not None \

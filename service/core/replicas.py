@@ -6,7 +6,8 @@ one machine sharing the SQLite file), a promote, rollback, experiment or new dep
 of them must reach the others' routing tables. The database is the record, so every process follows it:
 `follow` runs about every `follow_interval_seconds` and adopts what changed there, loading adapters under
 its own served names (each process loads, probes, drains and unloads only its own names, so the swap
-guarantees hold per process; the switch reaches another process within one follow interval).
+guarantees hold per process). On PostgreSQL a change wakes the other processes' follow at once
+(`ChangeListener`: LISTEN/NOTIFY); on SQLite it reaches them within one follow interval.
 
 Experiment decisions, drift jobs, fairness runs and retraining triggers must be made once, not once per
 process: `LeaderLock` elects the one process whose monitor makes them (a PostgreSQL session advisory lock,
@@ -48,14 +49,78 @@ async def follow(ctx: AppContext) -> None:
 
 
 async def follow_loop(ctx: AppContext) -> None:
-    while True:
-        await asyncio.sleep(ctx.settings.follow_interval_seconds)
+    changes = ChangeListener(ctx.engine)
+    try:
+        while True:
+            await changes.wait(ctx.settings.follow_interval_seconds)
+            try:
+                await follow(ctx)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("following the database failed")
+    finally:
+        await changes.close()
+
+
+class ChangeListener:
+    """Wakes the follow loop as soon as another process commits a change, instead of at its next poll.
+
+    PostgreSQL only: migration 0004's triggers `NOTIFY` `CHANNEL` on every change to deployments or
+    experiments, and this LISTENs on a connection of its own. A notification that arrives during a pass
+    wakes the next one, so none is lost. The poll stays: it is the fallback when the listening connection
+    breaks (reopened at the next wait), and all there is on SQLite."""
+
+    CHANNEL = "tuneloop_follow"  # the channel migration 0004 notifies
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.enabled = engine.dialect.name == "postgresql"
+        self._changed = asyncio.Event()
+        self._conn: AsyncConnection | None = None
+        self._listening: Any = None  # the asyncpg connection under `_conn` (LISTEN is its `add_listener`)
+        self._failed = False  # logged once until it listens again
+
+    async def wait(self, timeout: float) -> bool:
+        """Return True when a change was notified since the last return, False after `timeout` seconds."""
+        if self.enabled:
+            await self._listen()
         try:
-            await follow(ctx)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("following the database failed")
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        self._changed.clear()
+        return True
+
+    def _notified(self, *_: object) -> None:
+        self._changed.set()
+
+    async def _listen(self) -> None:
+        if self._listening is not None and not self._listening.is_closed():
+            return
+        await self.close()
+        try:
+            self._conn = await self.engine.connect()
+            self._listening = (await self._conn.get_raw_connection()).driver_connection
+            await self._listening.add_listener(self.CHANNEL, self._notified)
+        except Exception:  # noqa: BLE001 - the poll carries on; retried at the next wait
+            if not self._failed:
+                log.exception("cannot LISTEN for changes; following by the poll alone until it can")
+            self._failed = True
+            await self.close()
+            return
+        if self._failed:
+            log.info("listening for changes again")
+        self._failed = False
+        self._changed.set()  # changes made while not listening: follow once now
+
+    async def close(self) -> None:
+        """Invalidate, not return, the connection: a pooled connection must not stay LISTENing."""
+        if self._conn is not None:
+            with contextlib.suppress(Exception):  # a broken connection is closed all the same
+                await self._conn.invalidate()
+                await self._conn.close()
+        self._conn = self._listening = None
 
 
 class LeaderLock:

@@ -103,7 +103,7 @@ class ChangeListener:
             self._conn = await self.engine.connect()
             self._listening = (await self._conn.get_raw_connection()).driver_connection
             await self._listening.add_listener(self.CHANNEL, self._notified)
-        except Exception:  # noqa: BLE001 - the poll carries on; retried at the next wait
+        except Exception:  # the poll carries on; retried at the next wait
             if not self._failed:
                 log.exception("cannot LISTEN for changes; following by the poll alone until it can")
             self._failed = True

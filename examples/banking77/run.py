@@ -65,10 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-test", type=int, default=None, help="seeded sample of test.csv (default: all rows)")
     p.add_argument("--seed", type=int, default=0)
     h = p.add_argument_group("hyperparameters (SmolLM2-135M on CPU)")
-    h.add_argument("--epochs", type=int, default=None, help="default 1 (full) / 8 (feedback: few rows)")
+    h.add_argument("--epochs", type=int, default=None, help="default 1 (full) / 8 (feedback: few rows) / 2 (--continue)")
     h.add_argument("--batch-size", type=int, default=16)
     h.add_argument("--grad-accum", type=int, default=1)
-    h.add_argument("--lr", type=float, default=1e-3)
+    h.add_argument("--lr", type=float, default=None,
+                   help="default 1e-3 (full) / 2e-3 (feedback) / 2e-4 (--continue: small steps from the served adapter)")
     h.add_argument("--warmup-ratio", type=float, default=0.03)
     h.add_argument("--lora-r", type=int, default=16)
     h.add_argument("--lora-alpha", type=int, default=32)
@@ -125,7 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.deployment is None:
         args.deployment = "banking77" if args.mode == "full" else "banking77-feedback"
     if args.epochs is None:
-        args.epochs = 1 if args.mode == "full" else 8
+        args.epochs = 1 if args.mode == "full" else 2 if args.continue_training else 8
+    if args.lr is None:
+        args.lr = 1e-3 if args.mode == "full" else 2e-4 if args.continue_training else 2e-3
     if args.replay_fraction is None:
         args.replay_fraction = 0.0 if args.mode == "full" or args.method != "sft" else 0.24
     if args.replay_fraction and args.method != "sft":

@@ -34,32 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.hot_swap import closed_loop_client, first_response
 from tests.conftest import free_port
-from tests.conftest_vllm import make_random_lora
-
-
-def register(database_url: str, base: str, out_dir: Path, seed: int) -> str:
-    """A random LoRA put into the registry through the service's own models (SQLite or PostgreSQL)."""
-    import asyncio
-
-    from sqlalchemy import func, select
-
-    from service.storage.db import make_engine, make_sessionmaker
-    from service.storage.models import Adapter
-
-    path = make_random_lora(Path(base), out_dir, seed=seed)
-    aid = "adp-" + uuid.uuid4().hex[:16]
-
-    async def insert() -> None:
-        engine = make_engine(database_url)
-        async with make_sessionmaker(engine)() as s, s.begin():
-            version = (await s.execute(select(func.coalesce(func.max(Adapter.version), 0))
-                                       .where(Adapter.deployment == "swap"))).scalar_one() + 1
-            s.add(Adapter(id=aid, deployment="swap", version=version, path=str(path), base_model=base,
-                          base_model_hash="0" * 64))
-        await engine.dispose()
-
-    asyncio.run(insert())
-    return aid
+from tests.conftest_vllm import register_random_lora_at
 
 
 def serve(data_dir: Path, base: str, key: str, extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
@@ -105,7 +80,8 @@ def main() -> int:
         second, url_b = serve(tmp / "b", base, key, ["--vllm-url", vllm_url, "--database-url", database])
         procs.append(second)
         assert httpx.post(url_a + "/v1/deployments", json={"name": "swap"}, headers=h).status_code == 201
-        home, *fresh = [register(database, base, tmp / f"lora{i}", i) for i in range(args.swaps + 1)]
+        home, *fresh = [register_random_lora_at(database, Path(base), tmp / f"lora{i}", "swap", i)
+                         for i in range(args.swaps + 1)]
         while httpx.post(url_b + "/v1/chat/completions", headers=h, json={
                 "model": "swap", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}).status_code != 200:
             time.sleep(0.2)  # the second process has followed the new deployment

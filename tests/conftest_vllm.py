@@ -88,6 +88,34 @@ def register_random_lora(db_path: Path, base_dir: Path, out_dir: Path, deploymen
     return aid
 
 
+def register_random_lora_at(database_url: str, base_dir: Path, out_dir: Path, deployment: str, seed: int) -> str:
+    """`register_random_lora` for any database URL (SQLite or PostgreSQL), through the service's own models."""
+    import asyncio
+    import uuid
+
+    from sqlalchemy import func, select
+
+    from service.storage.db import make_engine, make_sessionmaker
+    from service.storage.models import Adapter
+
+    path = make_random_lora(base_dir, out_dir, seed=seed)
+    aid = "adp-" + uuid.uuid4().hex[:16]
+
+    async def insert() -> None:
+        engine = make_engine(database_url)
+        try:
+            async with make_sessionmaker(engine)() as s, s.begin():
+                version = (await s.execute(select(func.coalesce(func.max(Adapter.version), 0))
+                                           .where(Adapter.deployment == deployment))).scalar_one() + 1
+                s.add(Adapter(id=aid, deployment=deployment, version=version, path=str(path),
+                              base_model=str(base_dir), base_model_hash="0" * 64))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(insert())
+    return aid
+
+
 def record_passed_evaluation(db_path: Path, adapter_id: str, deployment: str) -> None:
     """Record that an adapter passed its evaluation gates, as the worker does after an evaluation job."""
     import sqlite3

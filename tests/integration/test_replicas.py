@@ -4,10 +4,8 @@ through both leave one consistent history, and exactly one of them makes the mon
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,32 +13,10 @@ import httpx
 import pytest
 
 from tests.conftest import PG_URL, Service, _reset_pg, start_service, stop_service
-from tests.conftest_vllm import make_random_lora
+from tests.conftest_vllm import register_random_lora_at
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 DEP = "shared"
-
-
-def _register(base_dir: str, out_dir: Path, seed: int) -> str:
-    """Put a random LoRA into the shared registry, as a training job would; its adapter id."""
-    import asyncpg
-
-    path = make_random_lora(Path(base_dir), out_dir, seed=seed)
-    aid = "adp-" + uuid.uuid4().hex[:16]
-
-    async def insert() -> None:
-        conn = await asyncpg.connect(PG_URL.replace("+asyncpg", ""))
-        try:
-            await conn.execute(
-                "INSERT INTO adapters (id, deployment, version, path, status, method, base_model, base_model_hash,"
-                " hyperparameters, metrics, created_at) SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, 'candidate',"
-                " 'sft', $4, $5, '{}', '{}', $6 FROM adapters WHERE deployment = $2::varchar",
-                aid, DEP, str(path), base_dir, "0" * 64, time.time())
-        finally:
-            await conn.close()
-
-    asyncio.run(insert())
-    return aid
 
 
 def _served_by(svc: Service, user: str | None = None) -> httpx.Response:
@@ -84,7 +60,7 @@ def replicas(tmp_path: Path, base_model_dir: str, vllm_supervisor) -> Iterator[t
 
 def test_a_promote_and_a_rollback_through_one_process_reach_the_other(replicas, base_model_dir, tmp_path) -> None:
     a, b = replicas
-    first = _register(base_model_dir, tmp_path / "lora-1", 1)
+    first = register_random_lora_at(PG_URL, Path(base_model_dir), tmp_path / "lora-1", DEP, 1)
     with a.client() as c:
         assert c.post(f"/v1/deployments/{DEP}/promote", json={"adapter_id": first}).status_code == 200
     on_a = _served_by(a).headers["x-tuneloop-adapter"]
@@ -127,7 +103,8 @@ def test_concurrent_promotes_through_both_processes_leave_one_consistent_history
     a, b = replicas
     accepted = 0
     for round_ in range(5):
-        ids = [_register(base_model_dir, tmp_path / f"lora-{round_}-{i}", 10 * round_ + i) for i in (1, 2)]
+        ids = [register_random_lora_at(PG_URL, Path(base_model_dir), tmp_path / f"lora-{round_}-{i}", DEP,
+                                       10 * round_ + i) for i in (1, 2)]
         results = _promote_at_once(list(zip((a, b), ids, strict=True)))
         assert {r.status_code for r in results.values()} <= {200, 409}, [r.text for r in results.values()]
         assert any(r.status_code == 200 for r in results.values())
@@ -151,7 +128,7 @@ def test_an_experiment_through_one_process_is_routed_by_both_and_one_process_dec
                                                                                     tmp_path) -> None:
     a, b = replicas
     _until("not exactly one process holds the leader lock", lambda: _leader(a) + _leader(b) == 1)
-    treatment = _register(base_model_dir, tmp_path / "lora-1", 1)
+    treatment = register_random_lora_at(PG_URL, Path(base_model_dir), tmp_path / "lora-1", DEP, 1)
     with a.client() as c:
         r = c.post("/v1/experiments", json={
             "deployment": DEP, "seed": DEP, "goal": {"metric": "rating"},

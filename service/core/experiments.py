@@ -223,6 +223,7 @@ class ExperimentService:
                             self._unfollowable.add(exp.id)
                             log.exception("following experiment %s failed; retried at every pass", exp.id)
                         continue
+                    self._unfollowable.discard(exp.id)  # a later failure is news again
                     log.info("%s: followed experiment %s", exp.deployment, exp.id)
                 elif (route := self.router.experiments.get(exp.deployment)) is not None \
                         and route.experiment_id == exp.id and [v.weight for v in route.variants] == weights:

@@ -305,6 +305,7 @@ class Serving:
                         log.exception("%s: adopting %s failed; retried at every pass", deployment,
                                       dep.production_adapter_id)
                     continue
+                self._unadoptable.discard(dep.production_adapter_id)  # a later failure is news again
                 self._switch(deployment, new, rollback_target=event.previous_adapter_id if event else None)
                 log.info("%s: followed %s → %s (%s)", deployment, current.served_name, new.served_name,
                          event.type if event else "database")

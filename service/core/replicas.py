@@ -6,8 +6,8 @@ one machine sharing the SQLite file), a promote, rollback, experiment or new dep
 of them must reach the others' routing tables. The database is the record, so every process follows it:
 `follow` runs about every `follow_interval_seconds` and adopts what changed there, loading adapters under
 its own served names (each process loads, probes, drains and unloads only its own names, so the swap
-guarantees hold per process). On PostgreSQL a change wakes the other processes' follow at once
-(`ChangeListener`: LISTEN/NOTIFY); on SQLite it reaches them within one follow interval.
+guarantees hold per process). A change wakes the other processes' follow at once on PostgreSQL
+(`ChangeListener`: LISTEN/NOTIFY), and within 0.1 s on SQLite (a change counter it reads).
 
 Experiment decisions, drift jobs, fairness runs and retraining triggers must be made once, not once per
 process: `LeaderLock` elects the one process whose monitor makes them (a PostgreSQL session advisory lock,
@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,24 +67,30 @@ async def follow_loop(ctx: AppContext) -> None:
 class ChangeListener:
     """Wakes the follow loop as soon as another process commits a change, instead of at its next poll.
 
-    PostgreSQL only: migration 0004's triggers `NOTIFY` `CHANNEL` on every change to deployments or
-    experiments, and this LISTENs on a connection of its own. A notification that arrives during a pass
-    wakes the next one, so none is lost. The poll stays: it is the fallback when the listening connection
-    breaks (reopened at the next wait), and all there is on SQLite."""
+    PostgreSQL: migration 0004's triggers `NOTIFY` `CHANNEL` on every change to deployments or experiments,
+    and this LISTENs on a connection of its own; a notification that arrives during a pass wakes the next,
+    so none is lost. SQLite: migration 0005's triggers count those changes in `follow_version`, and this
+    reads the counter every `SQLITE_POLL_SECONDS` (one row, far cheaper than a follow pass). Either way the
+    first wait returns at once (follow what happened before), and the poll stays the fallback when the
+    listening fails."""
 
     CHANNEL = "tuneloop_follow"  # the channel migration 0004 notifies
+    SQLITE_POLL_SECONDS = 0.1
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.enabled = engine.dialect.name == "postgresql"
+        self.dialect = engine.dialect.name
         self._changed = asyncio.Event()
         self._conn: AsyncConnection | None = None
         self._listening: Any = None  # the asyncpg connection under `_conn` (LISTEN is its `add_listener`)
+        self._version: int | None = None  # SQLite: the change counter when last read
         self._failed = False  # logged once until it listens again
 
     async def wait(self, timeout: float) -> bool:
-        """Return True when a change was notified since the last return, False after `timeout` seconds."""
-        if self.enabled:
+        """Return True when a change was committed since the last return, False after `timeout` seconds."""
+        if self.dialect == "sqlite":
+            return await self._count(timeout)
+        if self.dialect == "postgresql":
             await self._listen()
         try:
             await asyncio.wait_for(self._changed.wait(), timeout)
@@ -91,6 +98,26 @@ class ChangeListener:
             return False
         self._changed.clear()
         return True
+
+    async def _count(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                async with self.engine.connect() as c:
+                    version = (await c.execute(text("SELECT version FROM follow_version"))).scalar_one()
+            except Exception:  # the poll carries on; retried at the next read
+                if not self._failed:
+                    log.exception("cannot read the change counter; following by the poll alone until it can")
+                self._failed = True
+                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+                return False
+            self._failed = False
+            if version != self._version:
+                self._version = version
+                return True
+            if (left := deadline - time.monotonic()) <= 0:
+                return False
+            await asyncio.sleep(min(self.SQLITE_POLL_SECONDS, left))
 
     def _notified(self, *_: object) -> None:
         self._changed.set()

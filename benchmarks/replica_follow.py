@@ -8,9 +8,9 @@ With --database-url (say an empty PostgreSQL database, `postgresql+asyncpg://pos
 both processes use it (PostgreSQL: the leader lock is an advisory lock); without it they share an SQLite file.
 
 The first process starts the managed vLLM (a minute or two); the second uses it with --vllm-url. The second
-process learns of the swap from the database (on PostgreSQL at once, by LISTEN/NOTIFY; on SQLite at its next
-poll, about every second: `TUNELOOP_FOLLOW_INTERVAL_SECONDS`), then loads and probes the adapter under its own
-name: the difference between the two columns is the cost of following.
+process learns of the swap from the database (on PostgreSQL at once, by LISTEN/NOTIFY; on SQLite within 0.1 s,
+from the change counter it reads), then loads and probes the adapter under its own name: the difference between
+the two columns is the cost of following.
 """
 
 from __future__ import annotations

@@ -70,26 +70,9 @@ def make_random_lora(
     return out_dir
 
 
-def register_random_lora(db_path: Path, base_dir: Path, out_dir: Path, deployment: str, seed: int) -> str:
-    """Put a random LoRA into a service's registry (as a training job would), so it can be promoted or tested
-    in an experiment without training; returns its adapter id."""
-    import sqlite3
-    import time
-    import uuid
-
-    path = make_random_lora(base_dir, out_dir, seed=seed)
-    aid = "adp-" + uuid.uuid4().hex[:16]
-    with sqlite3.connect(db_path, timeout=30) as db:
-        version = db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM adapters WHERE deployment = ?",
-                             (deployment,)).fetchone()[0]
-        db.execute("INSERT INTO adapters (id, deployment, version, path, status, method, base_model, base_model_hash,"
-                   " hyperparameters, metrics, created_at) VALUES (?, ?, ?, ?, 'candidate', 'sft', ?, ?, '{}', '{}', ?)",
-                   (aid, deployment, version, str(path), str(base_dir), "0" * 64, time.time()))
-    return aid
-
-
 def register_random_lora_at(database_url: str, base_dir: Path, out_dir: Path, deployment: str, seed: int) -> str:
-    """`register_random_lora` for any database URL (SQLite or PostgreSQL), through the service's own models."""
+    """Put a random LoRA into a service's registry (any database URL, through the service's own models) as a
+    training job would, so it can be promoted or tested in an experiment without training; its adapter id."""
     import asyncio
     import uuid
 
@@ -114,6 +97,11 @@ def register_random_lora_at(database_url: str, base_dir: Path, out_dir: Path, de
 
     asyncio.run(insert())
     return aid
+
+
+def register_random_lora(db_path: Path, base_dir: Path, out_dir: Path, deployment: str, seed: int) -> str:
+    """`register_random_lora_at` on a service's SQLite file."""
+    return register_random_lora_at(f"sqlite+aiosqlite:///{db_path}", base_dir, out_dir, deployment, seed)
 
 
 def record_passed_evaluation(db_path: Path, adapter_id: str, deployment: str) -> None:

@@ -37,7 +37,7 @@ class Monitor:
         self.window = ctx.settings.drift_window
 
     async def run(self) -> None:
-        self.leader = LeaderLock(self.ctx.engine, self.ctx.settings.database)
+        self.leader = LeaderLock(self.ctx.engine)
         last_slow = time.monotonic()
         try:
             while True:

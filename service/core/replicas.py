@@ -40,6 +40,13 @@ log = logging.getLogger("tuneloop.replicas")
 LOCK_KEY = zlib.crc32(b"tuneloop monitor leader")  # the advisory lock's key (a bigint in PostgreSQL)
 
 
+def sqlite_file(engine: AsyncEngine) -> str | None:
+    """The SQLite database file behind `engine`; None for another database or an in-memory one."""
+    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+        return None
+    return engine.url.database
+
+
 async def follow(ctx: AppContext) -> None:
     """One pass: deployments created or reconfigured elsewhere, then production swaps, then experiments."""
     deployments = await ctx.deployments.list()
@@ -81,8 +88,7 @@ class ChangeListener:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
-        self.sqlite_path = engine.url.database if self.dialect == "sqlite" and engine.url.database not in (
-            None, "", ":memory:") else None  # an in-memory database has no other process to follow
+        self.sqlite_path = sqlite_file(engine)  # None in memory too: no other process to follow
         self._sqlite: sqlite3.Connection | None = None  # SQLite: a plain connection that reads the counter
         self._changed = asyncio.Event()
         self._conn: AsyncConnection | None = None
@@ -125,9 +131,11 @@ class ChangeListener:
 
     def _read_counter(self) -> int:
         """One row of a WAL database, which no writer blocks: microseconds, so it is read on the event loop
-        (through aiosqlite's thread hop and a pool checkout it cost a process 1.1 % of a core at 10 reads/s)."""
+        (through aiosqlite's thread hop and a pool checkout it cost a process 1.1 % of a core at 10 reads/s).
+        Busy timeout 0, as the completion log's loop commit: never sleep on the loop; a rare busy read fails
+        and the poll carries on."""
         if self._sqlite is None:
-            self._sqlite = sqlite3.connect(self.sqlite_path, isolation_level=None, timeout=1)  # autocommit
+            self._sqlite = sqlite3.connect(self.sqlite_path, isolation_level=None, timeout=0)  # autocommit
         return self._sqlite.execute("SELECT version FROM follow_version").fetchone()[0]
 
     def _close_sqlite(self) -> None:
@@ -172,16 +180,16 @@ class LeaderLock:
     has it. PostgreSQL: `pg_try_advisory_lock` on a connection kept open (the server frees the lock when that
     connection ends). SQLite: `flock` on `<database>.leader` (the kernel frees it when the process ends)."""
 
-    def __init__(self, engine: AsyncEngine, database_url: str) -> None:
+    def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.sqlite_path = None if not database_url.startswith("sqlite") else \
-            database_url.split("///", 1)[1] if "///" in database_url else ":memory:"
+        self.sqlite = engine.dialect.name == "sqlite"
+        self.sqlite_path = sqlite_file(engine)  # None in memory: one process by definition
         self._conn: AsyncConnection | None = None
         self._fd: int | None = None
 
     async def held(self) -> bool:
         was_leader = self._fd is not None or self._conn is not None
-        is_leader = self._flock() if self.sqlite_path is not None else await self._advisory_lock()
+        is_leader = self._flock() if self.sqlite else await self._advisory_lock()
         if is_leader and not was_leader:
             log.info("this process now runs the monitor's decisions (leader)")
         metrics.MONITOR_LEADER.set(1 if is_leader else 0)
@@ -190,8 +198,8 @@ class LeaderLock:
     def _flock(self) -> bool:
         if self._fd is not None:
             return True
-        if self.sqlite_path == ":memory:":
-            return True  # one process by definition
+        if self.sqlite_path is None:
+            return True  # in memory: one process by definition
         fd = os.open(Path(self.sqlite_path + ".leader"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

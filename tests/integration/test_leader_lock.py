@@ -9,7 +9,7 @@ from service.storage.db import make_engine
 
 async def test_one_process_holds_the_leader_lock_and_another_takes_it_over(database_url: str) -> None:
     engines = [make_engine(database_url) for _ in range(2)]
-    first, second = (LeaderLock(e, database_url) for e in engines)
+    first, second = (LeaderLock(e) for e in engines)
     try:
         assert await first.held()
         assert not await second.held()

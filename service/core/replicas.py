@@ -23,6 +23,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import struct
 import time
 import zlib
 from pathlib import Path
@@ -78,7 +79,8 @@ class ChangeListener:
     PostgreSQL: migration 0004's triggers `NOTIFY` `CHANNEL` on every change to deployments or experiments,
     and this LISTENs on a connection of its own; a notification that arrives during a pass wakes the next,
     so none is lost. SQLite: migration 0005's triggers count those changes in `follow_version`, and this
-    reads the counter every `SQLITE_POLL_SECONDS` (one row, far cheaper than a follow pass). Either way the
+    reads the counter every `SQLITE_POLL_SECONDS` (one row, far cheaper than a follow pass) while another
+    process shares the file (`Presence`); alone, it waits out the poll instead. Either way the
     first wait returns at once (follow what happened before), and the poll stays the fallback when the
     listening fails."""
 
@@ -89,6 +91,7 @@ class ChangeListener:
         self.engine = engine
         self.dialect = engine.dialect.name
         self.sqlite_path = sqlite_file(engine)  # None in memory too: no other process to follow
+        self._presence = Presence(self.sqlite_path) if self.sqlite_path else None
         self._sqlite: sqlite3.Connection | None = None  # SQLite: a plain connection that reads the counter
         self._changed = asyncio.Event()
         self._conn: AsyncConnection | None = None
@@ -110,6 +113,10 @@ class ChangeListener:
         return True
 
     async def _count(self, timeout: float) -> bool:
+        if self._version is not None and self._presence is not None and not self._presence.others():
+            # no other API process on this file, so nothing to follow but the poll's fallback
+            await asyncio.sleep(timeout)
+            return False
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -168,11 +175,50 @@ class ChangeListener:
     async def close(self) -> None:
         """Invalidate, not return, the connection: a pooled connection must not stay LISTENing."""
         self._close_sqlite()
+        if self._presence is not None:
+            self._presence.close()
+            self._presence = None
         if self._conn is not None:
             with contextlib.suppress(Exception):  # a broken connection is closed all the same
                 await self._conn.invalidate()
                 await self._conn.close()
         self._conn = self._listening = None
+
+
+class Presence:
+    """Whether another API process follows the same SQLite file, so that one on its own (the default set-up)
+    does not read the change counter ten times a second for nothing.
+
+    Each holds a shared lock on `<database>.processes` while it runs. Asking means trying to turn ours into an
+    exclusive lock: that fails while anyone else holds theirs, and a failed attempt keeps ours; a success is
+    turned back at once. Open-file-description locks (Linux), unlike POSIX record locks, are not merged per
+    process, so two services in one process see each other too, and the kernel drops a lock with its file.
+    Where they do not exist, `others()` always says yes (the counter is read as before)."""
+
+    def __init__(self, database: str) -> None:
+        self._fd: int | None = None
+        if hasattr(fcntl, "F_OFD_SETLKW"):
+            self._fd = os.open(database + ".processes", os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock(fcntl.F_RDLCK, wait=True)  # waits out another process's question: two system calls
+
+    def _lock(self, kind: int, wait: bool = False) -> None:
+        flock = struct.pack("hhqqi4x", kind, os.SEEK_SET, 0, 0, 0)  # struct flock: the whole file, l_pid 0
+        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, flock)
+
+    def others(self) -> bool:
+        if self._fd is None:
+            return True
+        try:
+            self._lock(fcntl.F_WRLCK)
+        except OSError:  # another process holds its shared lock
+            return True
+        self._lock(fcntl.F_RDLCK)
+        return False
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
 
 
 class LeaderLock:

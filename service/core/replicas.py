@@ -197,28 +197,40 @@ class Presence:
 
     def __init__(self, database: str) -> None:
         self._fd: int | None = None
-        if hasattr(fcntl, "F_OFD_SETLKW"):
-            self._fd = os.open(database + ".processes", os.O_RDWR | os.O_CREAT, 0o644)
-            self._lock(fcntl.F_RDLCK, wait=True)  # waits out another process's question: two system calls
-
-    def _lock(self, kind: int, wait: bool = False) -> None:
-        flock = struct.pack("hhqqi4x", kind, os.SEEK_SET, 0, 0, 0)  # struct flock: the whole file, l_pid 0
-        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, flock)
+        if not hasattr(fcntl, "F_OFD_SETLK"):
+            return
+        fd = os.open(database + ".processes", os.O_RDWR | os.O_CREAT, 0o644)
+        for _ in range(100):  # another process may hold it exclusively, for the two system calls of its question
+            try:
+                _ofd_lock(fd, fcntl.F_RDLCK)
+            except OSError:
+                time.sleep(0.001)
+                continue
+            self._fd = fd
+            return
+        os.close(fd)
+        log.warning("no shared lock on %s.processes: reading the change counter as if not alone", database)
 
     def others(self) -> bool:
         if self._fd is None:
             return True
         try:
-            self._lock(fcntl.F_WRLCK)
-        except OSError:  # another process holds its shared lock
+            _ofd_lock(self._fd, fcntl.F_WRLCK)
+        except OSError:  # another process holds its shared lock (or the lock failed: the safe answer)
             return True
-        self._lock(fcntl.F_RDLCK)
+        with contextlib.suppress(OSError):  # turning it back never conflicts
+            _ofd_lock(self._fd, fcntl.F_RDLCK)
         return False
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # releases the lock
             self._fd = None
+
+
+def _ofd_lock(fd: int, kind: int) -> None:
+    """Set an open-file-description lock on the whole file without waiting (`struct flock`, `l_pid` 0)."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", kind, os.SEEK_SET, 0, 0, 0))
 
 
 class LeaderLock:

@@ -29,13 +29,13 @@ from service.core.gateway import Gateway
 from service.core.jobs import JobService
 from service.core.replicas import follow_loop
 from service.core.routing import BASE_NAME, Router, Target
-from service.core.serving import Serving, fresh_name
+from service.core.serving import Serving, fresh_name, routable_lora_rank
 from service.settings import Settings
 from service.storage import migrate
 from service.storage.db import make_engine, make_readonly_sessionmaker, make_sessionmaker, make_sqlite_writer
 from service.storage.models import Adapter, Deployment
 from service.vllm.pool import VLLMPool
-from service.vllm.supervisor import VLLMOptions, VLLMSupervisor
+from service.vllm.supervisor import VLLMOptions, VLLMSupervisor, lora_rank_limit
 
 log = logging.getLogger("tuneloop")
 
@@ -93,9 +93,14 @@ class AppContext:
         if settings.vllm_urls:
             pool = VLLMPool(list(settings.vllm_urls))
         else:
+            max_rank = settings.vllm_max_lora_rank
+            if (needed := lora_rank_limit(await routable_lora_rank(sessions))) > max_rank:
+                log.warning("an adapter that serves has a LoRA rank over TUNELOOP_VLLM_MAX_LORA_RANK=%d: the managed "
+                            "vLLM starts with --max-lora-rank %d", max_rank, needed)
+                max_rank = needed
             supervisor = VLLMSupervisor(VLLMOptions(
                 model_path=base_path, max_loras=settings.vllm_max_loras, max_cpu_loras=settings.vllm_max_cpu_loras,
-                max_lora_rank=settings.vllm_max_lora_rank, max_model_len=settings.vllm_max_model_len,
+                max_lora_rank=max_rank, max_model_len=settings.vllm_max_model_len,
                 dtype=settings.managed_vllm_dtype, kv_cache_space_gib=settings.vllm_kv_cache_gib,
                 cpu_threads=settings.managed_vllm_cpu_threads,
                 log_path=str(settings.data_dir / "logs" / "vllm.log")))

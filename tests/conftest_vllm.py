@@ -70,7 +70,8 @@ def make_random_lora(
     return out_dir
 
 
-def register_random_lora_at(database_url: str, base_dir: Path, out_dir: Path, deployment: str, seed: int) -> str:
+def register_random_lora_at(database_url: str, base_dir: Path, out_dir: Path, deployment: str, seed: int,
+                            rank: int = 8) -> str:
     """Put a random LoRA into a service's registry (any database URL, through the service's own models) as a
     training job would, so it can be promoted or tested in an experiment without training; its adapter id."""
     import asyncio
@@ -81,7 +82,7 @@ def register_random_lora_at(database_url: str, base_dir: Path, out_dir: Path, de
     from service.storage.db import make_engine, make_sessionmaker
     from service.storage.models import Adapter
 
-    path = make_random_lora(base_dir, out_dir, seed=seed)
+    path = make_random_lora(base_dir, out_dir, rank=rank, seed=seed)
     aid = "adp-" + uuid.uuid4().hex[:16]
 
     async def insert() -> None:
@@ -99,9 +100,10 @@ def register_random_lora_at(database_url: str, base_dir: Path, out_dir: Path, de
     return aid
 
 
-def register_random_lora(db_path: Path, base_dir: Path, out_dir: Path, deployment: str, seed: int) -> str:
+def register_random_lora(db_path: Path, base_dir: Path, out_dir: Path, deployment: str, seed: int,
+                         rank: int = 8) -> str:
     """`register_random_lora_at` on a service's SQLite file."""
-    return register_random_lora_at(f"sqlite+aiosqlite:///{db_path}", base_dir, out_dir, deployment, seed)
+    return register_random_lora_at(f"sqlite+aiosqlite:///{db_path}", base_dir, out_dir, deployment, seed, rank)
 
 
 def record_passed_evaluation(db_path: Path, adapter_id: str, deployment: str) -> None:

@@ -146,6 +146,12 @@ async def get_evaluation(request: Request[Any, Any, Any], evaluation_id: str) ->
     return evaluation_json(await ctx_of(request).evaluations.get(evaluation_id))
 
 
+@post("/v1/evaluations/{evaluation_id:str}/cancel", guards=[admin_scope], status_code=200,
+      operation_class=operation(responses.Evaluation))
+async def cancel_evaluation(request: Request[Any, Any, Any], evaluation_id: str) -> dict[str, Any]:
+    return evaluation_json(await ctx_of(request).evaluations.cancel(evaluation_id))
+
+
 @get("/v1/evaluations/{evaluation_id:str}/report", guards=[admin_scope],
      operation_class=operation(responses.EvaluationReport, alternatives={"text/html": TEXT}))
 async def evaluation_report(request: Request[Any, Any, Any], evaluation_id: str) -> Response[Any]:

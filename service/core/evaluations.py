@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.errors import NotFound
+from service.errors import Conflict, NotFound
 from service.storage.models import (
     Adapter,
     DatasetRecord,
@@ -96,6 +96,22 @@ class EvaluationService:
         if ev is None:
             raise NotFound(f"evaluation {evaluation_id!r} does not exist")
         return ev
+
+    async def cancel(self, evaluation_id: str) -> Evaluation:
+        """A queued evaluation is cancelled at once, a running one by its worker between two batches (partial
+        results are discarded). The adapter keeps its status: a cancelled evaluation rejects nothing and passes
+        nothing (an earlier passed one still counts for staging); `POST /v1/adapters/{id}/evaluations` runs
+        another."""
+        from service.core.jobs import request_cancel
+
+        ev = await self.get(evaluation_id)
+        if ev.status not in ("queued", "running"):
+            raise Conflict(f"evaluation {evaluation_id} is already {ev.status}")
+        async with self.sessions() as s, s.begin():
+            if await request_cancel(s, ev.job_id):
+                await s.execute(update(Evaluation).where(Evaluation.id == ev.id, Evaluation.status == "queued")
+                                .values(status="cancelled", finished_at=time.time()))
+        return await self.get(evaluation_id)
 
     async def for_adapter(self, adapter_id: str) -> list[Evaluation]:
         async with self.sessions() as s:

@@ -118,6 +118,17 @@ def checked_job_body(body: Any) -> dict[str, Any]:
             "curation": checked_curation(body.get("curation"))}
 
 
+async def request_cancel(s: AsyncSession, job_id: str) -> bool:
+    """Cancel a queued job at once (True); flag a running one, which its worker stops at its next heartbeat
+    (training within a step, an evaluation between batches) and marks cancelled (False)."""
+    cancelled = (await s.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                                 .values(status="cancelled", finished_at=time.time(), cancel_requested=True)))
+    if cancelled.rowcount != 1:
+        await s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))
+    s.add(JobEvent(job_id=job_id, type="cancel_requested", message="cancellation requested"))
+    return cancelled.rowcount == 1
+
+
 class JobService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], datasets: DatasetService) -> None:
         self.sessions = sessions
@@ -214,12 +225,7 @@ class JobService:
         if job.status in TERMINAL:
             raise Conflict(f"job {job_id} is already {job.status}")
         async with self.sessions() as s, s.begin():
-            # A queued job is cancelled at once; a running one when its worker sees the flag (≤ one step).
-            await s.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
-                            .values(status="cancelled", finished_at=time.time(), cancel_requested=True))
-            await s.execute(update(Job).where(Job.id == job_id, Job.status == "running")
-                            .values(cancel_requested=True))
-            s.add(JobEvent(job_id=job_id, type="cancel_requested", message="cancellation requested"))
+            await request_cancel(s, job_id)
         return await self.get(job_id, kind)
 
     async def snapshot_of(self, job: Job) -> Snapshot | None:

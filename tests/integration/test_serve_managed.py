@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import re
 import signal
+import sqlite3
 import time
 
 import httpx
 import psutil
 import pytest
 
+from service.storage import migrate
 from service.vllm.supervisor import cpu_serving_dtype
 from tests.conftest import start_service, stop_service
 from tests.conftest_vllm import register_random_lora
@@ -76,3 +78,28 @@ def test_managed_vllm_restart_and_clean_shutdown(tmp_path, base_model_dir) -> No
     assert "Application shutdown complete" in svc.log_text()
     _, alive = psutil.wait_procs(descendants, timeout=30)
     assert not alive, f"orphans after SIGTERM: {[p.cmdline() for p in alive]}"
+
+
+def test_a_restart_without_the_rank_setting_still_serves_a_higher_rank_production(tmp_path, base_model_dir) -> None:
+    """A rank-32 production (promoted while the service ran with TUNELOOP_VLLM_MAX_LORA_RANK=32), then a start with
+    the default 16: the managed vLLM starts with --max-lora-rank 32 and serves it, where it used to refuse the
+    adapter's reload, retry forever and so take no traffic for any deployment."""
+    db = tmp_path / "svc" / "tuneloop.db"
+    db.parent.mkdir()
+    migrate.upgrade(f"sqlite+aiosqlite:///{db}")
+    aid = register_random_lora(db, base_model_dir, tmp_path / "lora32", "wide", 1, rank=32)
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO deployments (name, base_model, production_adapter_id, config, created_at) "
+                     "VALUES ('wide', ?, ?, '{}', ?)", (str(base_model_dir), aid, time.time()))
+    svc = start_service(db.parent, base_model_dir, None, timeout=400,
+                        env={"TUNELOOP_VLLM_KV_CACHE_GIB": "1", "TUNELOOP_VLLM_MAX_MODEL_LEN": "1024",
+                             "TUNELOOP_VLLM_MAX_LORA_RANK": "16"})
+    try:
+        (vllm,) = _vllm_children(svc.proc.pid)
+        cmd = vllm.cmdline()
+        assert cmd[cmd.index("--max-lora-rank") + 1] == "32"
+        with svc.client() as c:
+            r = c.post("/v1/chat/completions", json={**LORA_CHAT, "model": "wide"})
+            assert r.status_code == 200 and aid in r.headers["x-tuneloop-adapter"], r.text
+    finally:
+        stop_service(svc, signal.SIGTERM)

@@ -120,6 +120,18 @@ def test_train_evaluate_promote_and_serve(service, snapshot_id) -> None:
         html = c.get(f"/v1/evaluations/{ev['id']}/report", headers={"accept": "text/html"})
         assert html.headers["content-type"].startswith("text/html") and "<img" in html.text
 
+        # another evaluation, cancelled: it ends `cancelled` and judges nothing
+        again = c.post(f"/v1/adapters/{adapter['id']}/evaluations").json()["id"]
+        r = c.post(f"/v1/evaluations/{again}/cancel")
+        assert r.status_code == 200 and r.json()["status"] in ("queued", "running", "cancelled"), r.text
+        deadline = time.monotonic() + 300
+        while (status := c.get(f"/v1/evaluations/{again}").json()["status"]) != "cancelled":
+            assert status in ("queued", "running") and time.monotonic() < deadline, status
+            time.sleep(1)
+        r = c.post(f"/v1/evaluations/{again}/cancel")
+        assert r.status_code == 409 and r.headers["content-type"].startswith("application/problem+json")
+        assert c.get(f"/v1/adapters/{adapter['id']}").json()["status"] == "candidate"
+
         prompt = {"model": "trainer", "temperature": 0, "max_tokens": 12,
                   "messages": [{"role": "user", "content": "My card still hasn't arrived, what do I do?"}]}
         base = c.post("/v1/chat/completions", json=prompt)

@@ -34,7 +34,7 @@ from service.settings import Settings
 from service.storage import migrate
 from service.storage.db import make_engine, make_readonly_sessionmaker, make_sessionmaker, make_sqlite_writer
 from service.storage.models import Adapter, Deployment
-from service.vllm.pool import VLLMPool
+from service.vllm.pool import VLLMPool, VLLMRequestError
 from service.vllm.supervisor import VLLMOptions, VLLMSupervisor, lora_rank_limit
 
 log = logging.getLogger("tuneloop")
@@ -205,10 +205,20 @@ class AppContext:
         """Load every routable (and staged or standby) adapter on `server` (None: every server) before it takes
         traffic."""
         targets = {**self.router.routable(), **{t.served_name: t for t in self.serving.kept()}}
+        refused = 0
         for name, target in targets.items():
             assert target.path is not None
-            await self.pool.load_adapter(name, target.path, servers=None if server is None else [server])
-        log.info("vLLM ready; %d adapters loaded", len(targets))
+            try:
+                await self.pool.load_adapter(name, target.path, servers=None if server is None else [server])
+            except VLLMRequestError as exc:
+                if exc.status_code is None:  # no answer: the server is in trouble, the whole reload is retried
+                    raise
+                # The server refused this adapter (its files are gone, say): it must not keep every other
+                # deployment from serving. Requests routed to it get a 503 naming it until a swap replaces it.
+                log.error("adapter %s (%s) cannot be loaded again; its requests fail until a promote or rollback "
+                          "replaces it: %s", target.adapter_id, name, exc)
+                refused += 1
+        log.info("vLLM ready; %d adapters loaded, %d refused", len(targets) - refused, refused)
 
     async def _vllm_up_loop(self) -> None:
         seen = 0

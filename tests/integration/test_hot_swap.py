@@ -6,6 +6,7 @@ a rollback, and a restarted service loads it again."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -258,5 +259,37 @@ def test_a_restarted_service_loads_the_rollback_target_on_standby_again(base_mod
             assert r.status_code == 200 and r.json()["adapter_id"] == first, r.text
             assert _chat_served_by(c, dep) == name  # the restored standby serves: the rollback loaded nothing
             assert _loads(c, dep) == loads
+    finally:
+        stop_service(svc)
+
+
+def test_an_adapter_that_cannot_be_loaded_again_fails_only_its_own_deployment(base_model_dir, tmp_path,
+                                                                              vllm_supervisor) -> None:
+    """A production whose files are gone when the service restarts: vLLM refuses it, the other deployments serve,
+    its own requests get a 503, and a rollback makes it serve again (it used to keep the server not ready)."""
+    data_dir = tmp_path / "svc"
+    svc = start_service(data_dir, base_model_dir, [vllm_supervisor.base_url])
+    try:
+        with svc.client() as c:
+            adapters = {}
+            for seed, dep in enumerate(("kept", "lost"), start=1):
+                assert c.post("/v1/deployments", json={"name": dep}).status_code == 201
+                adapters[dep] = register_random_lora(data_dir / "tuneloop.db", base_model_dir, tmp_path / dep, dep, seed)
+                assert c.post(f"/v1/deployments/{dep}/promote", json={"adapter_id": adapters[dep]}).status_code == 200
+    finally:
+        stop_service(svc)
+    shutil.rmtree(tmp_path / "lost")
+
+    svc = start_service(data_dir, base_model_dir, [vllm_supervisor.base_url], timeout=120)
+    try:
+        with svc.client() as c:
+            assert _chat_served_by(c, "kept").startswith(f"kept--{adapters['kept']}--g")
+            assert _chat_served_by(c, "default") == "base"
+            r = c.post("/v1/chat/completions", json={"model": "lost", "max_tokens": 1,
+                                                     "messages": [{"role": "user", "content": "Hi"}]})
+            assert r.status_code == 503 and adapters["lost"] in r.json()["detail"], r.text
+            assert c.post("/v1/deployments/lost/rollback").status_code == 200
+            assert _chat_served_by(c, "lost") == "base"
+        assert f"adapter {adapters['lost']}" in svc.log_text() and "cannot be loaded again" in svc.log_text()
     finally:
         stop_service(svc)

@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import secrets
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from adapters.training.config import parent_lora_shape
 from monitoring import metrics
 from service.core.routing import BASE_NAME, Router, Target
 from service.errors import Conflict, NotFound, Unavailable
@@ -66,7 +65,7 @@ async def routable_lora_rank(sessions: async_sessionmaker[AsyncSession]) -> int:
     ranks = []
     for path in paths:
         try:
-            ranks.append(int(json.loads((Path(path) / "adapter_config.json").read_text())["r"]))
+            ranks.append(parent_lora_shape(path)["lora_r"])
         except (OSError, ValueError, KeyError, TypeError):  # its files are gone: loading it fails either way
             continue
     return max(ranks, default=0)

@@ -211,10 +211,12 @@ class AppContext:
             try:
                 await self.pool.load_adapter(name, target.path, servers=None if server is None else [server])
             except VLLMRequestError as exc:
-                if exc.status_code is None:  # no answer: the server is in trouble, the whole reload is retried
+                # No answer: the server is in trouble, and the whole reload is retried. Refused by a server
+                # while others serve: it stays out of the pool, as before. Refused with no other server (its
+                # files are gone, say): it must not keep every other deployment from serving, so it is
+                # skipped, and requests routed to it get a 503 naming it until a swap replaces it.
+                if exc.status_code is None or any(s.ready for s in self.pool.servers if s is not server):
                     raise
-                # The server refused this adapter (its files are gone, say): it must not keep every other
-                # deployment from serving. Requests routed to it get a 503 naming it until a swap replaces it.
                 log.error("adapter %s (%s) cannot be loaded again; its requests fail until a promote or rollback "
                           "replaces it: %s", target.adapter_id, name, exc)
                 refused += 1

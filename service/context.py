@@ -210,6 +210,7 @@ class AppContext:
             assert target.path is not None
             try:
                 await self.pool.load_adapter(name, target.path, servers=None if server is None else [server])
+                self.serving.reloaded(name, ok=True)
             except VLLMRequestError as exc:
                 # No answer: the server is in trouble, and the whole reload is retried. Refused by a server
                 # while others serve: it stays out of the pool, as before. Refused with no other server (its
@@ -219,6 +220,7 @@ class AppContext:
                     raise
                 log.error("adapter %s (%s) cannot be loaded again; its requests fail until a promote or rollback "
                           "replaces it: %s", target.adapter_id, name, exc)
+                self.serving.reloaded(name, ok=False)
                 refused += 1
         log.info("vLLM ready; %d adapters loaded, %d refused", len(targets) - refused, refused)
 

@@ -35,7 +35,7 @@ from monitoring import metrics
 from service.core.routing import BASE_NAME, Router, Target
 from service.errors import Conflict, NotFound, Unavailable
 from service.storage.models import Adapter, Deployment, DeploymentEvent, Evaluation, Experiment
-from service.vllm.pool import VLLMPool
+from service.vllm.pool import VLLMPool, VLLMRequestError
 
 log = logging.getLogger("tuneloop.serving")
 _PROCESS_TAG = secrets.token_hex(3)  # API processes sharing a vLLM never load under the same name
@@ -83,6 +83,7 @@ class Serving:
         self._unadoptable: set[str | None] = set()  # productions another process committed that failed to load
         self._standby_restored: set[tuple[str, str]] = set()  # (deployment, production) pairs restore looked at
         self._unloading: set[asyncio.Task[None]] = set()
+        self.refused: set[str] = set()  # served names vLLM refused at a reload: routed (their requests get 503)
 
     async def close(self) -> None:
         for t in list(self._unloading):
@@ -94,21 +95,39 @@ class Serving:
         if not self.pool.ready:
             raise Unavailable("vLLM is not ready; the adapter can't be loaded now")
         target = Target(fresh_name(deployment, adapter.id), adapter.id, adapter.path)
-        with metrics.SWAP_PHASE_SECONDS.labels(deployment, "load").time():
-            await self.pool.load_adapter(target.served_name, adapter.path)
         try:
-            with metrics.SWAP_PHASE_SECONDS.labels(deployment, "probe").time():
-                await self.pool.probe(target.served_name)
-        except Exception:
-            await self.pool.unload_adapter(target.served_name)
-            raise
+            with metrics.SWAP_PHASE_SECONDS.labels(deployment, "load").time():
+                await self.pool.load_adapter(target.served_name, adapter.path)
+            try:
+                with metrics.SWAP_PHASE_SECONDS.labels(deployment, "probe").time():
+                    await self.pool.probe(target.served_name)
+            except Exception:
+                await self.pool.unload_adapter(target.served_name)
+                raise
+        except VLLMRequestError as exc:  # the caller's answer names why, instead of an internal error
+            if exc.status_code is None:
+                raise Unavailable(f"vLLM did not answer while loading adapter {adapter.id}: {exc.detail}") from exc
+            raise Conflict(f"vLLM cannot serve adapter {adapter.id}: {exc}", field="adapter_id") from exc
         return target
 
     def loaded(self, deployment: str, adapter_id: str) -> Target | None:
         """The target already loaded, probed and routable for this adapter (an experiment's variant), if any:
         promoting it is then only a commit and a routing switch, with no second load and probe."""
-        return next((t for t in self.router.routable().values()
-                     if t.adapter_id == adapter_id and t.served_name.startswith(f"{deployment}--")), None)
+        return next((t for t in self.router.routable().values() if t.adapter_id == adapter_id
+                     and t.served_name.startswith(f"{deployment}--") and t.served_name not in self.refused), None)
+
+    def reloaded(self, served_name: str, ok: bool) -> None:
+        """What a reload after a vLLM (re)start did with `served_name`. A refused name stays routed, so its
+        requests fail with a 503 naming it, but is never taken as loaded again: not kept on standby or staged,
+        and a promote of its adapter loads it anew."""
+        if ok:
+            self.refused.discard(served_name)
+            return
+        self.refused.add(served_name)
+        for role in (self.staged, self.standby):
+            for deployment, target in list(role.items()):
+                if target.served_name == served_name:
+                    del role[deployment]
 
     async def stage_passed(self) -> None:
         """Keep the newest adapter of each deployment that passed its evaluation (and serves nothing yet)
@@ -283,7 +302,7 @@ class Serving:
         self.router.set_production(deployment, new)
         replaced = self.standby.pop(deployment, None)
         if old is not None and old.adapter_id is not None:
-            if old.adapter_id == rollback_target:
+            if old.adapter_id == rollback_target and old.served_name not in self.refused:
                 self.standby[deployment] = old
             else:
                 self.retire(old)

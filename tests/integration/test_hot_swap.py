@@ -290,6 +290,10 @@ def test_an_adapter_that_cannot_be_loaded_again_fails_only_its_own_deployment(ba
             assert r.status_code == 503 and adapters["lost"] in r.json()["detail"], r.text
             assert c.post("/v1/deployments/lost/rollback").status_code == 200
             assert _chat_served_by(c, "lost") == "base"
+            r = c.post("/v1/deployments/lost/promote", json={"adapter_id": adapters["lost"]})  # its files are gone
+            assert r.status_code == 409 and r.json()["field"] == "adapter_id", r.text
+            assert "vLLM cannot serve adapter" in r.json()["detail"] and "No adapter found" in r.json()["detail"]
+            assert _chat_served_by(c, "lost") == "base"  # nothing changed
         assert f"adapter {adapters['lost']}" in svc.log_text() and "cannot be loaded again" in svc.log_text()
     finally:
         stop_service(svc)

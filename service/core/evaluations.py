@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.core.jobs import request_cancel
 from service.errors import Conflict, NotFound
 from service.storage.models import (
     Adapter,
@@ -102,8 +103,6 @@ class EvaluationService:
         results are discarded). The adapter keeps its status: a cancelled evaluation rejects nothing and passes
         nothing (an earlier passed one still counts for staging); `POST /v1/adapters/{id}/evaluations` runs
         another."""
-        from service.core.jobs import request_cancel
-
         ev = await self.get(evaluation_id)
         if ev.status not in ("queued", "running"):
             raise Conflict(f"evaluation {evaluation_id} is already {ev.status}")

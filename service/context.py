@@ -112,7 +112,7 @@ class AppContext:
         ctx = cls(settings=settings, engine=engine, sessions=sessions, keys=keys, base_model_path=base_path,
                   base_model_hash=base_hash, router=router, pool=pool, completions=completions,
                   deployments=deployments, gateway=gateway, feedback=feedback, datasets=datasets,
-                  jobs=JobService(sessions, datasets), evaluations=EvaluationService(sessions),
+                  jobs=JobService(sessions, datasets, supervisor.options.max_lora_rank if supervisor else None), evaluations=EvaluationService(sessions),
                   serving=(serving := Serving(sessions, pool, router)),
                   experiments=ExperimentService(sessions, serving, router), supervisor=supervisor)
         await deployments.ensure_default()

@@ -27,6 +27,7 @@ from service.core.datasets import DatasetService, checked_curation
 from service.core.experiments import checked_auto_deploy
 from service.errors import Conflict, NotFound, Unprocessable
 from service.storage.models import Adapter, Deployment, Job, JobEvent, Snapshot
+from service.vllm.supervisor import lora_rank_limit
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 JOB_FIELDS = frozenset({"deployment", "snapshot_id", "datasets", "include_feedback", "method", "search", "suffix",
@@ -130,9 +131,14 @@ async def request_cancel(s: AsyncSession, job_id: str) -> bool:
 
 
 class JobService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], datasets: DatasetService) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], datasets: DatasetService,
+                 max_lora_rank: int | None = None) -> None:
+        """`max_lora_rank`: the managed vLLM's `--max-lora-rank` (None with servers it does not run, whose
+        setting it cannot know). A job for a higher rank is refused when it is written, not after hours of
+        training for an adapter that vLLM would refuse to load."""
         self.sessions = sessions
         self.datasets = datasets
+        self.max_lora_rank = max_lora_rank
 
     async def create(self, body: Any) -> Job:
         checked = checked_job_body(body)
@@ -156,6 +162,7 @@ class JobService:
                 check_search_keeps_shape((search or {}).get("space", {}))
             except ValueError as exc:
                 raise Unprocessable(str(exc), field="search.space") from exc
+        self._check_servable_rank(hyper, search)
 
         snapshot_id = body.get("snapshot_id")
         sources = None
@@ -182,6 +189,19 @@ class JobService:
                            message=f"{mtype} job queued on "
                            + (f"snapshot {snapshot_id}" if snapshot_id else "a snapshot the worker will curate")))
         return job
+
+    def _check_servable_rank(self, hyper: dict[str, Any] | str, search: dict[str, Any] | None) -> None:
+        limit = self.max_lora_rank
+        if limit is None:
+            return
+        ranks = [("method.hyperparameters.lora_r", hyper["lora_r"])] if isinstance(hyper, dict) else []
+        ranks += [("search.space.lora_r", r) for r in (search or {}).get("space", {}).get("lora_r", [])]
+        for field, rank in ranks:
+            if isinstance(rank, int) and rank > limit:
+                raise Unprocessable(
+                    f"lora_r {rank} is over the managed vLLM's --max-lora-rank {limit}, so it could not serve the "
+                    f"adapter: restart the service with TUNELOOP_VLLM_MAX_LORA_RANK={lora_rank_limit(rank)} first",
+                    field=field)
 
     async def _parent(self, adapter_id: Any, deployment: str) -> Adapter:
         """The adapter a job continues from: one of this deployment's, with its files on disk."""

@@ -101,5 +101,16 @@ def test_a_restart_without_the_rank_setting_still_serves_a_higher_rank_productio
         with svc.client() as c:
             r = c.post("/v1/chat/completions", json={**LORA_CHAT, "model": "wide"})
             assert r.status_code == 200 and aid in r.headers["x-tuneloop-adapter"], r.text
+            # A job for a rank this vLLM could not load is refused when it is written (here, before the
+            # missing data is); rank 32 passes that check and meets the next one.
+            job = {"deployment": "wide", "datasets": [], "method": {"type": "sft", "hyperparameters": {}}}
+            for hyper, search, field in (({"lora_r": 64, "lora_alpha": 128}, None, "method.hyperparameters.lora_r"),
+                                         ({}, {"n_trials": 2, "space": {"lora_r": [16, 64]}}, "search.space.lora_r"),
+                                         ({"lora_r": 32, "lora_alpha": 64}, None, "snapshot_id")):
+                r = c.post("/v1/fine_tuning/jobs", json={**job, "method": {"type": "sft", "hyperparameters": hyper},
+                                                         **({"search": search} if search else {})})
+                assert r.status_code == 422 and r.json()["field"] == field, r.text
+            assert "TUNELOOP_VLLM_MAX_LORA_RANK=64" in c.post("/v1/fine_tuning/jobs", json={
+                **job, "method": {"type": "sft", "hyperparameters": {"lora_r": 64}}}).json()["detail"]
     finally:
         stop_service(svc, signal.SIGTERM)

@@ -32,6 +32,7 @@ from service.core.routing import BASE_NAME, Router, Target
 from service.core.serving import Serving, fresh_name, routable_lora_rank
 from service.settings import Settings
 from service.storage import migrate
+from service.storage.artifacts import ArtifactStore
 from service.storage.db import make_engine, make_readonly_sessionmaker, make_sessionmaker, make_sqlite_writer
 from service.storage.models import Adapter, Deployment
 from service.vllm.pool import VLLMPool, VLLMRequestError
@@ -55,6 +56,7 @@ class AppContext:
     gateway: Gateway
     feedback: FeedbackService
     datasets: DatasetService
+    artifacts: ArtifactStore
     jobs: JobService
     evaluations: EvaluationService
     serving: Serving
@@ -88,13 +90,14 @@ class AppContext:
         completions = CompletionLog(sessions, readonly, sqlite_writer=make_sqlite_writer(settings.database))
         answer_choices: dict[str, tuple[str, ...]] = {}
         deployments = DeploymentService(sessions, base_path, names, answer_choices)
+        artifacts = ArtifactStore(sessions, settings.data_dir, settings.artifacts_in_database)
 
         supervisor = None
         if settings.vllm_urls:
             pool = VLLMPool(list(settings.vllm_urls))
         else:
             max_rank = settings.vllm_max_lora_rank
-            if (needed := lora_rank_limit(await routable_lora_rank(sessions))) > max_rank:
+            if (needed := lora_rank_limit(await routable_lora_rank(sessions, artifacts))) > max_rank:
                 log.warning("an adapter that serves has a LoRA rank over TUNELOOP_VLLM_MAX_LORA_RANK=%d: the managed "
                             "vLLM starts with --max-lora-rank %d", max_rank, needed)
                 max_rank = needed
@@ -108,12 +111,12 @@ class AppContext:
         gateway = Gateway(pool, router, completions, names, answer_choices, settings.max_metadata_keys,
                           settings.max_metadata_value_chars)
         feedback = FeedbackService(sessions, completions, answer_choices)
-        datasets = DatasetService(sessions, settings.data_dir, token_counter(base_path))
+        datasets = DatasetService(sessions, settings.data_dir, token_counter(base_path), artifacts)
         ctx = cls(settings=settings, engine=engine, sessions=sessions, keys=keys, base_model_path=base_path,
                   base_model_hash=base_hash, router=router, pool=pool, completions=completions,
-                  deployments=deployments, gateway=gateway, feedback=feedback, datasets=datasets,
+                  deployments=deployments, gateway=gateway, feedback=feedback, datasets=datasets, artifacts=artifacts,
                   jobs=JobService(sessions, datasets, supervisor.options.max_lora_rank if supervisor else None), evaluations=EvaluationService(sessions),
-                  serving=(serving := Serving(sessions, pool, router)),
+                  serving=(serving := Serving(sessions, pool, router, artifacts)),
                   experiments=ExperimentService(sessions, serving, router), supervisor=supervisor)
         await deployments.ensure_default()
         swept = await datasets.sweep_abandoned_uploads()
@@ -207,9 +210,10 @@ class AppContext:
         targets = {**self.router.routable(), **{t.served_name: t for t in self.serving.kept()}}
         refused = 0
         for name, target in targets.items():
-            assert target.path is not None
+            assert target.path is not None and target.adapter_id is not None
             try:
-                await self.pool.load_adapter(name, target.path, servers=None if server is None else [server])
+                path = await self.artifacts.local(target.adapter_id, target.path)
+                await self.pool.load_adapter(name, path, servers=None if server is None else [server])
                 self.serving.reloaded(name, ok=True)
             except VLLMRequestError as exc:
                 # No answer: the server is in trouble, and the whole reload is retried. Refused by a server

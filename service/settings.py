@@ -61,6 +61,7 @@ class Settings:
     monitor_interval_seconds: float = 60.0  # drift, fairness, retraining triggers
     experiment_interval_seconds: float = 5.0  # experiment decisions, job gauges
     follow_interval_seconds: float = 1.0  # adopt swaps, experiments and deployments made by other API processes
+    artifact_store: str = "auto"  # database | files | auto (database on PostgreSQL), see artifacts_in_database
     drift_window: int = 500  # completions per drift window (reference and current)
 
     @property
@@ -82,6 +83,16 @@ class Settings:
     def managed_vllm_dtype(self) -> str:
         """The setting if given, else bfloat16 where the CPU has BF16 units and float32 elsewhere."""
         return self.vllm_dtype or cpu_serving_dtype()
+
+    def __post_init__(self) -> None:
+        if self.artifact_store not in ("auto", "database", "files"):
+            raise ValueError(f"TUNELOOP_ARTIFACT_STORE must be auto, database or files, not {self.artifact_store!r}")
+
+    @property
+    def artifacts_in_database(self) -> bool:
+        """Whether adapters, snapshots and reports are also stored in the database, for processes on other
+        machines (service.storage.artifacts). By default only on PostgreSQL: a SQLite file has one machine."""
+        return self.artifact_store == "database" or (self.artifact_store == "auto" and not self.is_sqlite)
 
     @property
     def is_sqlite(self) -> bool:

@@ -21,6 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.settings import Settings
+from service.storage.artifacts import ArtifactStore
 from service.storage.db import make_engine, make_sessionmaker
 from service.storage.models import Job
 
@@ -34,6 +35,7 @@ class WorkerContext:
         self.settings = settings
         self.sessions = sessions
         self.worker_id = worker_id
+        self.artifacts = ArtifactStore(sessions, settings.data_dir, settings.artifacts_in_database)
         self.stopping = asyncio.Event()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from litestar import Request, Response, get, post
@@ -14,7 +13,7 @@ from service.api.openapi import TEXT, operation
 from service.auth import admin_scope, app_scope
 from service.core.datasets import checked_curation, dataset_json, snapshot_job_json, snapshot_json
 from service.core.feedback import feedback_json
-from service.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from service.errors import NotFound, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
 NDJSON_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson"}
 
@@ -115,7 +114,12 @@ async def get_snapshot(request: Request[Any, Any, Any], snapshot_id: str) -> dic
 @get("/v1/snapshots/{snapshot_id:str}/report", guards=[admin_scope],
      operation_class=operation(responses.SnapshotReport, alternatives={"text/html": TEXT}))
 async def snapshot_report(request: Request[Any, Any, Any], snapshot_id: str) -> Response[Any]:
-    snap = await ctx_of(request).datasets.get_snapshot(snapshot_id)
+    datasets = ctx_of(request).datasets
+    snap = await datasets.get_snapshot(snapshot_id)
     if wants_html(request):
-        return LResponse(Path(snap.path, "report.html").read_text(), media_type="text/html")
+        html = await datasets.snapshot_dir(snap) / "report.html"
+        if not html.is_file():
+            raise NotFound(f"snapshot {snap.id}'s files are not on this machine and not in the database "
+                           "(TUNELOOP_ARTIFACT_STORE=database stores them there for processes on other machines)")
+        return LResponse(html.read_text(), media_type="text/html")
     return LResponse({"object": "snapshot.report", "snapshot_id": snap.id, **snap.report})

@@ -40,10 +40,12 @@ async def drift_history(request: Request[Any, Any, Any], deployment: str, limit:
 
 @get("/v1/monitoring/drift/report", guards=[admin_scope], operation_class=operation(alternatives={"text/html": TEXT}))
 async def drift_report(request: Request[Any, Any, Any], deployment: str) -> Response[str]:
-    runs = [r for r in await _runs(request, deployment, "drift", 20) if r.html_path and Path(r.html_path).exists()]
-    if not runs:
-        raise NotFound(f"no drift report for {deployment} yet (it needs traffic; see GET /v1/monitoring/drift)")
-    return Response(Path(runs[0].html_path).read_text(), media_type="text/html")  # type: ignore[arg-type]
+    artifacts = ctx_of(request).artifacts
+    for run in await _runs(request, deployment, "drift", 20):
+        path = run.html_path and Path(await artifacts.local(f"drift-{run.id}", run.html_path))
+        if path and path.exists():
+            return Response(path.read_text(), media_type="text/html")
+    raise NotFound(f"no drift report for {deployment} yet (it needs traffic; see GET /v1/monitoring/drift)")
 
 
 @get("/v1/monitoring/fairness", guards=[admin_scope], operation_class=operation(responses.Page[responses.MonitorRun]))

@@ -155,11 +155,14 @@ async def cancel_evaluation(request: Request[Any, Any, Any], evaluation_id: str)
 @get("/v1/evaluations/{evaluation_id:str}/report", guards=[admin_scope],
      operation_class=operation(responses.EvaluationReport, alternatives={"text/html": TEXT}))
 async def evaluation_report(request: Request[Any, Any, Any], evaluation_id: str) -> Response[Any]:
-    ev = await ctx_of(request).evaluations.get(evaluation_id)
+    ctx = ctx_of(request)
+    ev = await ctx.evaluations.get(evaluation_id)
     if ev.status in ("queued", "running"):
         raise NotFound(f"evaluation {evaluation_id} is {ev.status}; the report exists once it has finished",
                        headers={"Retry-After": "30"})
     html_path = (ev.result or {}).get("html_path")
+    if html_path:
+        html_path = await ctx.artifacts.local(ev.id, html_path)
     if wants_html(request) and html_path and Path(html_path).exists():
         return Response(Path(html_path).read_text(), media_type="text/html")
     return Response(evaluation_report_json(ev))

@@ -33,6 +33,7 @@ from adapters.curation.steps import StepReport
 from monitoring import metrics
 from service.core.feedback import feedback_for_training
 from service.errors import NotFound, Unprocessable
+from service.storage.artifacts import ArtifactStore
 from service.storage.db import refresh_statistics
 from service.storage.models import (
     Dataset,
@@ -109,10 +110,11 @@ def checked_curation(curation: Any) -> CurationConfig:
 
 class DatasetService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], data_dir: Path,
-                 count_tokens: Callable[[str], int]) -> None:
+                 count_tokens: Callable[[str], int], artifacts: ArtifactStore | None = None) -> None:
         self.sessions = sessions
         self.data_dir = data_dir
         self.count_tokens = count_tokens
+        self.artifacts = artifacts or ArtifactStore(sessions, data_dir, store=False)
 
     # -- datasets ---------------------------------------------------------------------------------------
     async def create(self, name: Any, deployment: Any) -> Dataset:
@@ -300,6 +302,7 @@ class DatasetService:
         async with self.sessions() as s, s.begin():
             if await s.get(Snapshot, snap_id) is None:
                 s.add(snap)
+                await self.artifacts.add(s, snap_id, path)
         return snap
 
     def _write(self, snap_id: str, result: CurationResult) -> Path:
@@ -326,6 +329,10 @@ class DatasetService:
         except OSError:  # a concurrent writer won the race with the same content
             shutil.rmtree(tmp, ignore_errors=True)
         return final
+
+    async def snapshot_dir(self, snap: Snapshot) -> Path:
+        """The snapshot's files on this machine (fetched from the artifact store where another made them)."""
+        return Path(await self.artifacts.local(snap.id, snap.path))
 
     async def get_snapshot(self, snap_id: str) -> Snapshot:
         async with self.sessions() as s:

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.evaluation.metrics import is_label_like
 from monitoring import metrics
+from service.storage.artifacts import ArtifactStore
 from service.storage.models import (
     Adapter,
     Completion,
@@ -57,9 +58,10 @@ class TrafficWindows:
     """Windows of a deployment's logged traffic (prompt, answer, attributes, rating), as drift and fairness
     read them."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], window: int) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], window: int, artifacts: ArtifactStore) -> None:
         self.sessions = sessions
         self.window = window
+        self.artifacts = artifacts
 
     async def records(self, deployment: str, *, newest: bool, since: float | None = None,
                       adapter: str | None = None) -> list[dict[str, Any]]:
@@ -90,7 +92,7 @@ class TrafficWindows:
                 return first, "first traffic window after promotion"
             if snap is not None:
                 rows = []
-                with (Path(snap.path) / "train.jsonl").open() as f:
+                with (Path(await self.artifacts.local(snap.id, snap.path)) / "train.jsonl").open() as f:
                     for line in f:
                         r = json.loads(line)
                         rows.append({"prompt": last_user(r.get("prompt")), "output": r.get("completion") or
@@ -173,7 +175,7 @@ async def run_drift_job(ctx: WorkerContext, job: Job) -> None:
         await _finish(ctx, job.id, status=status, metrics=result)
         await _add_events(ctx, job.id, [{"type": status, "message": message, **result}])
 
-    windows = TrafficWindows(ctx.sessions, ctx.settings.drift_window)
+    windows = TrafficWindows(ctx.sessions, ctx.settings.drift_window, ctx.artifacts)
     async with ctx.sessions() as s:
         dep = await s.get(Deployment, job.deployment)
     if dep is None:
@@ -223,6 +225,9 @@ async def run_drift_job(ctx: WorkerContext, job: Job) -> None:
     run = MonitorRun(deployment=dep.name, kind="drift", data=result, html_path=html_path)
     async with ctx.sessions() as s, s.begin():
         s.add(run)
+        if html_path:
+            await s.flush()  # the run's id names its report
+            await ctx.artifacts.add(s, f"drift-{run.id}", Path(html_path))
     drifted = [f["feature"] for f in result["features"] if f["drifted"]]
     await finish("succeeded", {**sizes, "monitor_run_id": run.id, "share": result["share"], "drifted": drifted},
                  f"drift share {result['share']:.2f}; drifted: {', '.join(drifted) or 'none'}")

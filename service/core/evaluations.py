@@ -165,7 +165,7 @@ async def run_evaluation(ctx: WorkerContext, job: Job) -> None:
     assert adapter is not None and dep is not None
     config = dep.config or {}
     max_rows = int(config.get("eval_max_rows", 500))
-    rows = _read_jsonl(Path(snap.path) / "validation.jsonl", max_rows) if snap else []
+    rows = _read_jsonl(Path(await ctx.artifacts.local(snap.id, snap.path)) / "validation.jsonl", max_rows) if snap else []
     if config.get("eval_dataset_id"):
         extra = await _dataset_rows(ctx.sessions, config["eval_dataset_id"])
         rows = extra if len(extra) <= config.get("eval_dataset_max_rows", 10**9) else \
@@ -188,8 +188,8 @@ async def run_evaluation(ctx: WorkerContext, job: Job) -> None:
     backend = BackendConfig(kind=config.get("eval_backend", ctx.settings.eval_backend),  # type: ignore[arg-type]
                             vllm_base_url=(ctx.settings.vllm_urls or (None,))[0])
     base = adapter.base_model
-    candidate = ModelRef(base, adapter.path, f"candidate v{adapter.version}")
-    reference = ModelRef(base, ref_adapter.path if ref_adapter else None,
+    candidate = ModelRef(base, await ctx.artifacts.local(adapter.id, adapter.path), f"candidate v{adapter.version}")
+    reference = ModelRef(base, await ctx.artifacts.local(ref_adapter.id, ref_adapter.path) if ref_adapter else None,
                          f"production v{ref_adapter.version}" if ref_adapter else "base")
     beater = asyncio.create_task(beat())
     started = time.time()
@@ -218,6 +218,8 @@ async def run_evaluation(ctx: WorkerContext, job: Job) -> None:
     outcome = result.gates
     passed = bool(outcome and outcome.passed)
     payload["html_path"] = str(html_path)
+    async with ctx.sessions() as s, s.begin():  # before the result that names it
+        await ctx.artifacts.add(s, ev.id, html_path)
     payload["seconds"] = time.time() - started
     await _close(ctx, job, ev, "passed" if passed else "failed", payload, list(outcome.reasons) if outcome else [])
     if not passed:

@@ -79,7 +79,7 @@ async def _resolve_hyperparameters(ctx: WorkerContext, job: Job, snap: Snapshot,
         return dict(job.hyperparameters)
     from adapters.training.config import auto_hyperparameters
 
-    train = Path(snap.path) / "train.jsonl"
+    train = Path(await ctx.artifacts.local(snap.id, snap.path)) / "train.jsonl"
     n, chars = 0, 0
     with train.open() as f:
         for line in f:
@@ -120,7 +120,7 @@ async def curate(ctx: WorkerContext, job: Job, base_path: str) -> Snapshot | Non
     from service.worker import heartbeat
 
     sources = SnapshotSources.from_json(job.spec["sources"])
-    datasets = DatasetService(ctx.sessions, ctx.settings.data_dir, token_counter(base_path))
+    datasets = DatasetService(ctx.sessions, ctx.settings.data_dir, token_counter(base_path), ctx.artifacts)
     stop = threading.Event()
     progress: deque[dict[str, Any]] = deque()  # appended by the curation thread, drained by the watcher
     cancelled_by_user = False
@@ -220,12 +220,13 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
             await s.execute(update(Job).where(Job.id == job.id).values(hyperparameters=hp))
     jdir = _job_dir(ctx, job)
     jdir.mkdir(parents=True, exist_ok=True)
-    validation = Path(snap.path) / "validation.jsonl"
+    snap_dir = Path(await ctx.artifacts.local(snap.id, snap.path))
+    validation = snap_dir / "validation.jsonl"
     has_val = validation.exists() and validation.stat().st_size > 0
     if not has_val:
         hp["early_stopping_patience"] = 0
     spec = {"method": job.spec.get("method", "sft"), "base_model_path": base_path,
-            "train_path": str(Path(snap.path) / "train.jsonl"),
+            "train_path": str(snap_dir / "train.jsonl"),
             "validation_path": str(validation) if has_val else None,
             "output_dir": str(jdir / "output"), "hyperparameters": hp, "search": job.spec.get("search"),
             "init_adapter_path": parent_path, "replay_cache_dir": str(ctx.settings.data_dir / "replay_cache")}
@@ -308,14 +309,15 @@ async def _parent_adapter_path(ctx: WorkerContext, job: Job, parent_id: str, bas
     async with ctx.sessions() as s:
         parent = await s.get(Adapter, parent_id)
     problem = None
-    if parent is None or not (Path(parent.path) / "adapter_config.json").is_file():
+    path = await ctx.artifacts.local(parent.id, parent.path) if parent is not None else None
+    if path is None or not (Path(path) / "adapter_config.json").is_file():
         problem = f"the parent adapter {parent_id} or its files are gone"
     elif parent.base_model_hash != await asyncio.to_thread(model_hash, Path(base_path)):
         problem = f"the parent adapter {parent_id} was trained on another base model ({parent.base_model})"
     if problem:
         await _finish(ctx, job.id, status="failed", error={"message": problem, "code": "parent_adapter"})
         return None
-    return parent.path
+    return path
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
@@ -341,6 +343,7 @@ async def register_adapter(ctx: WorkerContext, job: Job, snap: Snapshot, base_pa
                       hyperparameters=result.get("hyperparameters") or {}, metrics=_clean(result.get("metrics") or {}))
     async with ctx.sessions() as s, s.begin():
         s.add(adapter)
+        await ctx.artifacts.add(s, adapter.id, dest)
     return adapter
 
 

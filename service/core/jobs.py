@@ -150,11 +150,11 @@ class JobService:
         mtype, hyper, search = checked["method"], checked["hyperparameters"], checked["search"]
         parent_id = body.get("parent_adapter_id")
         if parent_id is not None:
-            parent = await self._parent(parent_id, deployment)
+            parent_path = await self._parent_path(parent_id, deployment)
             try:
                 if isinstance(hyper, dict):
                     explicit = (body.get("method") or {}).get("hyperparameters", "auto")
-                    hyper = inherit_lora_shape(hyper, parent.path, explicit=explicit)
+                    hyper = inherit_lora_shape(hyper, parent_path, explicit=explicit)
                     hyper = Hyperparameters.from_dict(hyper).to_dict()
             except (ValueError, TypeError) as exc:
                 raise Unprocessable(str(exc), field=_field_of(exc, "method.hyperparameters")) from exc
@@ -203,8 +203,8 @@ class JobService:
                     f"adapter: restart the service with TUNELOOP_VLLM_MAX_LORA_RANK={lora_rank_limit(rank)} first",
                     field=field)
 
-    async def _parent(self, adapter_id: Any, deployment: str) -> Adapter:
-        """The adapter a job continues from: one of this deployment's, with its files on disk."""
+    async def _parent_path(self, adapter_id: Any, deployment: str) -> str:
+        """The files of the adapter a job continues from: one of this deployment's, with its files on disk."""
         async with self.sessions() as s:
             parent = await s.get(Adapter, adapter_id) if isinstance(adapter_id, str) else None
         if parent is None:
@@ -212,9 +212,10 @@ class JobService:
         if parent.deployment != deployment:
             raise Unprocessable(f"adapter {adapter_id} belongs to deployment {parent.deployment!r}, not {deployment!r}",
                                 field="parent_adapter_id")
-        if not (Path(parent.path) / "adapter_config.json").is_file():
+        path = await self.datasets.artifacts.local(parent.id, parent.path)
+        if not (Path(path) / "adapter_config.json").is_file():
             raise Unprocessable(f"adapter {adapter_id} has no files at {parent.path}", field="parent_adapter_id")
-        return parent
+        return path
 
     async def get(self, job_id: str, kind: str = "fine_tune") -> Job:
         async with self.sessions() as s:

@@ -34,6 +34,7 @@ from adapters.training.config import parent_lora_shape
 from monitoring import metrics
 from service.core.routing import BASE_NAME, Router, Target
 from service.errors import Conflict, NotFound, Unavailable
+from service.storage.artifacts import ArtifactStore
 from service.storage.models import Adapter, Deployment, DeploymentEvent, Evaluation, Experiment
 from service.vllm.pool import VLLMPool, VLLMRequestError
 
@@ -52,7 +53,7 @@ def history_json(e: DeploymentEvent) -> dict[str, Any]:
             "reason": e.reason, "created_at": e.created_at}
 
 
-async def routable_lora_rank(sessions: async_sessionmaker[AsyncSession]) -> int:
+async def routable_lora_rank(sessions: async_sessionmaker[AsyncSession], artifacts: ArtifactStore) -> int:
     """The largest LoRA rank among the adapters routable at start-up (every deployment's production and the
     variants of running experiments; 0 when none). The managed vLLM starts with at least that
     `--max-lora-rank`: with less, their reload fails, and a server that cannot reload them takes no traffic."""
@@ -61,19 +62,21 @@ async def routable_lora_rank(sessions: async_sessionmaker[AsyncSession]) -> int:
                                    .where(Deployment.production_adapter_id.is_not(None)))).scalars())
         for variants in (await s.execute(select(Experiment.variants).where(Experiment.status == "running"))).scalars():
             ids.update(v["adapter_id"] for v in variants or [] if v.get("adapter_id"))
-        paths = list((await s.execute(select(Adapter.path).where(Adapter.id.in_(ids)))).scalars()) if ids else []
+        recorded = (await s.execute(select(Adapter.id, Adapter.path).where(Adapter.id.in_(ids)))).all() if ids else []
     ranks = []
-    for path in paths:
+    for adapter_id, path in recorded:
         try:
-            ranks.append(parent_lora_shape(path)["lora_r"])
+            ranks.append(parent_lora_shape(await artifacts.local(adapter_id, path))["lora_r"])
         except (OSError, ValueError, KeyError, TypeError):  # its files are gone: loading it fails either way
             continue
     return max(ranks, default=0)
 
 
 class Serving:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], pool: VLLMPool, router: Router) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], pool: VLLMPool, router: Router,
+                 artifacts: ArtifactStore) -> None:
         self.sessions = sessions
+        self.artifacts = artifacts
         self.pool = pool
         self.router = router
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -94,10 +97,11 @@ class Serving:
         """Load an adapter on every vLLM server under a fresh name and probe it there."""
         if not self.pool.ready:
             raise Unavailable("vLLM is not ready; the adapter can't be loaded now")
-        target = Target(fresh_name(deployment, adapter.id), adapter.id, adapter.path)
+        target = Target(fresh_name(deployment, adapter.id), adapter.id,
+                        await self.artifacts.local(adapter.id, adapter.path))
         try:
             with metrics.SWAP_PHASE_SECONDS.labels(deployment, "load").time():
-                await self.pool.load_adapter(target.served_name, adapter.path)
+                await self.pool.load_adapter(target.served_name, target.path)
             try:
                 with metrics.SWAP_PHASE_SECONDS.labels(deployment, "probe").time():
                     await self.pool.probe(target.served_name)

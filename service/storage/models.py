@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -264,3 +265,14 @@ class MonitorRun(Base):
     created_at: Mapped[float] = mapped_column(Float, default=now)
     __table_args__ = (Index("ix_monitor_runs_dep_kind", "deployment", "kind", "created_at"),
                       Index("uq_monitor_runs_follows", "deployment", "kind", "follows", unique=True))
+
+
+class ArtifactChunk(Base):
+    """A piece of one file of an artifact: the files a record points at (an adapter's PEFT directory, a snapshot's
+    splits, an HTML report), kept in the database for processes on other machines (`service.storage.artifacts`)."""
+
+    __tablename__ = "artifact_chunks"
+    artifact_id: Mapped[str] = mapped_column(String(80), primary_key=True)  # the record's id
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # path inside the directory; "" = a lone file
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

@@ -6,6 +6,7 @@ a later failure is logged again."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from service.core.experiments import ExperimentService
 from service.core.routing import BASE_NAME, Router, Target
 from service.core.serving import Serving
+from service.storage.artifacts import ArtifactStore
 from service.storage.models import Adapter, Deployment, Experiment
 
 
@@ -75,7 +77,7 @@ async def test_an_experiment_that_cannot_load_here_is_logged_once_routed_once_it
 
 
 async def test_a_production_that_cannot_load_here_is_logged_once_adopted_once_it_loads_and_logged_again_later(
-        sessions: Any, caplog: pytest.LogCaptureFixture) -> None:
+        sessions: Any, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     async with sessions() as s, s.begin():
         s.add(Deployment(name="d", base_model="m", production_adapter_id=None))
         s.add(Adapter(id="adp-1", deployment="d", version=1, path="/elsewhere/adp-1", base_model="m",
@@ -86,7 +88,8 @@ async def test_a_production_that_cannot_load_here_is_logged_once_adopted_once_it
 
     router = Router()
     router.set_production("d", Target(BASE_NAME, None))
-    serving = Serving(sessions, SimpleNamespace(ready=True, unload_adapter=unload_adapter), router)  # type: ignore[arg-type]
+    serving = Serving(sessions, SimpleNamespace(ready=True, unload_adapter=unload_adapter), router,  # type: ignore[arg-type]
+                      ArtifactStore(sessions, tmp_path, store=False))
     flaky = FlakyServing()
     serving.load = flaky.staged_or_load  # type: ignore[method-assign]
 

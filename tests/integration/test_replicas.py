@@ -4,6 +4,12 @@ through both leave one consistent history, and exactly one of them makes the mon
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import PG_URL, Service, _reset_pg, start_service, stop_service
+from examples.banking77.prepare import read_rows, to_chat
+from tests.conftest import PG_URL, ROOT, Service, _reset_pg, start_service, stop_service
 from tests.conftest_vllm import register_random_lora_at
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -163,3 +170,64 @@ def test_an_experiment_through_one_process_is_routed_by_both_and_one_process_dec
     leader, other = (a, b) if _leader(a) == 1 else (b, a)
     stop_service(leader)
     _until("the other process did not take over the decisions", lambda: _leader(other) == 1)
+
+
+def test_what_a_worker_on_another_machine_makes_reaches_both_processes_through_the_database(
+        replicas, base_model_dir, banking77_dir, tmp_path) -> None:
+    """A worker with its own data directory curates, trains and evaluates; on PostgreSQL it stores the snapshot, the
+    adapter and the report with their records, by default. Its directory is deleted before anything else reads it,
+    as if it were on another machine: both API processes serve the adapter, and the reports still open."""
+    a, b = replicas
+    worker_dir = tmp_path / "worker-machine"
+    worker_dir.mkdir()
+    with (tmp_path / "worker.log").open("ab") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker", "--data-dir", str(worker_dir), "--database-url", PG_URL,
+             "--base-model", base_model_dir], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "TUNELOOP_HEARTBEAT_SECONDS": "1"})
+    try:
+        rows = read_rows(banking77_dir / "train.csv")
+        random.Random(2).shuffle(rows)
+        intents = sorted({label for _, label in rows})[:4]
+        sample = [to_chat(text, label) for text, label in rows if label in intents][:40]
+        with a.client() as c:
+            # A gate no adapter passes: a passed one is staged by both processes at once, and here (one machine)
+            # they would load it from the worker's directory while it still exists.
+            assert c.patch(f"/v1/deployments/{DEP}", json={"config": {
+                "eval_max_rows": 6, "retention_rows": 4, "gates": {"min_task_delta": 2.0}}}).status_code == 200
+            ds = c.post("/v1/datasets", json={"name": "elsewhere", "deployment": DEP}).json()
+            assert c.post(f"/v1/datasets/{ds['id']}/records", content=b"".join(json.dumps(r).encode() + b"\n"
+                                                                              for r in sample),
+                          headers={"content-type": "application/x-ndjson"}).status_code == 201
+            job = c.post("/v1/fine_tuning/jobs", json={
+                "deployment": DEP, "datasets": [ds["id"]], "curation": {"split": {"validation_fraction": 0.15}},
+                "method": {"type": "sft", "hyperparameters": {
+                    "n_epochs": 1, "max_steps": 2, "batch_size": 4, "lora_r": 8, "lora_alpha": 16,
+                    "target_modules": ["q_proj", "v_proj"], "max_seq_len": 64}}}).json()
+            _until("the worker did not finish the job", lambda: c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+                   ["status"] in ("succeeded", "failed", "cancelled"), timeout=900)
+            job = c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+            assert job["status"] == "succeeded", job
+            aid = job["adapter_id"]
+            _until("the worker did not finish the evaluation", lambda: (evs := c.get(
+                f"/v1/adapters/{aid}/evaluations").json()["data"]) and evs[0]["status"] == "failed",
+                   timeout=900)
+            evaluation = c.get(f"/v1/adapters/{aid}/evaluations").json()["data"][0]
+    finally:
+        worker.terminate()
+        worker.wait(60)
+    shutil.rmtree(worker_dir)
+
+    with b.client() as c:
+        snapshot = c.get(f"/v1/snapshots/{job['snapshot_id']}/report", headers={"accept": "text/html"})
+        assert snapshot.status_code == 200 and snapshot.headers["content-type"].startswith("text/html"), snapshot.text
+        report = c.get(f"/v1/evaluations/{evaluation['id']}/report", headers={"accept": "text/html"})
+        assert report.headers["content-type"].startswith("text/html") and "<img" in report.text
+        r = c.post(f"/v1/deployments/{DEP}/promote", json={"adapter_id": aid, "force": True})
+        assert r.status_code == 200, r.text
+    served = _served_by(b)
+    assert served.headers.get("x-tuneloop-adapter", "").startswith(f"{DEP}--{aid}--g"), served.text
+    _until("A does not serve the adapter B promoted",
+           lambda: _served_by(a).headers["x-tuneloop-adapter"].startswith(f"{DEP}--{aid}--g"))
+    for svc in (a, b):  # each process fetched its own copy
+        assert [p.name for p in (svc.data_dir / "artifacts" / aid).glob("*/adapter_config.json")] == ["adapter_config.json"]

@@ -74,3 +74,12 @@ def test_a_failed_bf16_check_falls_back_to_fp32(monkeypatch: pytest.MonkeyPatch)
         assert not cpu.prefers_bf16(avx512_bf16)
     finally:
         cpu.measured_bf16_speedup.cache_clear()
+
+
+def test_artifacts_go_into_the_database_by_default_only_on_postgresql() -> None:
+    assert not Settings().artifacts_in_database
+    assert Settings(database_url="postgresql+asyncpg://h/db").artifacts_in_database
+    assert not Settings(database_url="postgresql+asyncpg://h/db", artifact_store="files").artifacts_in_database
+    assert Settings(artifact_store="database").artifacts_in_database
+    with pytest.raises(ValueError, match="TUNELOOP_ARTIFACT_STORE"):
+        Settings(artifact_store="s3")

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from adapters.base_model import model_hash, prepare_base_model, token_counter
 from monitoring import metrics
 from service.auth import KeyStore
+from service.core.adapters import AdapterArchives
 from service.core.completion_log import CompletionLog
 from service.core.datasets import DatasetService
 from service.core.deployments import DeploymentService
@@ -57,6 +58,7 @@ class AppContext:
     feedback: FeedbackService
     datasets: DatasetService
     artifacts: ArtifactStore
+    archives: AdapterArchives
     jobs: JobService
     evaluations: EvaluationService
     serving: Serving
@@ -108,6 +110,7 @@ class AppContext:
                 cpu_threads=settings.managed_vllm_cpu_threads,
                 log_path=str(settings.data_dir / "logs" / "vllm.log")))
             pool = VLLMPool.from_supervisor(supervisor)
+        max_lora_rank = supervisor.options.max_lora_rank if supervisor else None  # unknown for other servers
         gateway = Gateway(pool, router, completions, names, answer_choices, settings.max_metadata_keys,
                           settings.max_metadata_value_chars)
         feedback = FeedbackService(sessions, completions, answer_choices)
@@ -115,7 +118,8 @@ class AppContext:
         ctx = cls(settings=settings, engine=engine, sessions=sessions, keys=keys, base_model_path=base_path,
                   base_model_hash=base_hash, router=router, pool=pool, completions=completions,
                   deployments=deployments, gateway=gateway, feedback=feedback, datasets=datasets, artifacts=artifacts,
-                  jobs=JobService(sessions, datasets, supervisor.options.max_lora_rank if supervisor else None), evaluations=EvaluationService(sessions),
+                  archives=AdapterArchives(sessions, artifacts, settings.data_dir, base_path, base_hash, max_lora_rank),
+                  jobs=JobService(sessions, datasets, max_lora_rank), evaluations=EvaluationService(sessions),
                   serving=(serving := Serving(sessions, pool, router, artifacts)),
                   experiments=ExperimentService(sessions, serving, router), supervisor=supervisor)
         await deployments.ensure_default()

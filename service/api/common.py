@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from litestar import Request
 
 from service.context import AppContext
-from service.errors import BadRequest, Unprocessable, UnsupportedMediaType
+from service.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
 MAX_ROW_ID = 2**63 - 1  # SQLite's and PostgreSQL's largest integer key
 
@@ -24,8 +25,6 @@ async def json_body(request: Request[Any, Any, Any], max_bytes: int | None = Non
         raise UnsupportedMediaType(f"expected application/json, got {ctype}")
     raw = await request.body()
     if max_bytes is not None and len(raw) > max_bytes:
-        from service.errors import PayloadTooLarge
-
         raise PayloadTooLarge(f"request body exceeds {max_bytes} bytes")
     try:
         body = json.loads(raw or b"null")
@@ -35,6 +34,23 @@ async def json_body(request: Request[Any, Any, Any], max_bytes: int | None = Non
     if (at := nul_at(body)) is not None:
         raise Unprocessable(NUL_MESSAGE, field=at or None)
     return body
+
+
+def limited_body(request: Request[Any, Any, Any], limit: int) -> AsyncIterator[bytes]:
+    """The streamed body, refused with 413 as soon as it passes `limit` bytes (or declares more up front)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the upload is larger than the limit of {limit} bytes")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                raise PayloadTooLarge(f"the upload is larger than the limit of {limit} bytes")
+            yield chunk
+
+    return chunks()
 
 
 NUL_MESSAGE = "text must not contain the NUL character (U+0000): PostgreSQL cannot store it"

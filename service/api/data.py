@@ -8,12 +8,12 @@ from litestar import Request, Response, get, post
 from litestar.response import Response as LResponse
 
 from service.api import bodies, responses
-from service.api.common import ctx_of, json_body, json_object, row_cursor, wants_html
+from service.api.common import ctx_of, json_body, json_object, limited_body, row_cursor, wants_html
 from service.api.openapi import TEXT, operation
 from service.auth import admin_scope, app_scope
 from service.core.datasets import checked_curation, dataset_json, snapshot_job_json, snapshot_json
 from service.core.feedback import feedback_json
-from service.errors import NotFound, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from service.errors import NotFound, Unprocessable, UnsupportedMediaType
 
 NDJSON_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson"}
 
@@ -65,21 +65,9 @@ async def upload_records(request: Request[Any, Any, Any], dataset_id: str, on_er
     charset = request.headers.get("content-type", "").lower().partition("charset=")[2].strip()
     if charset and charset not in ("utf-8", "utf8"):
         raise UnsupportedMediaType(f"records must be UTF-8, got charset={charset}")
-    limit = ctx.settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the upload is larger than the limit of {limit} bytes")
+    body = limited_body(request, ctx.settings.max_upload_bytes)
     await ctx.datasets.get(dataset_id)  # 404 before reading the body
-
-    async def chunks() -> Any:
-        seen = 0
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > limit:
-                raise PayloadTooLarge(f"the upload is larger than the limit of {limit} bytes")
-            yield chunk
-
-    result = await ctx.datasets.upload(dataset_id, chunks(), on_error)
+    result = await ctx.datasets.upload(dataset_id, body, on_error)
     return result.to_json()
 
 

@@ -19,6 +19,7 @@ from litestar.openapi.spec.response import OpenAPIResponse
 from service.api.responses import Problem
 
 TEXT = {"type": "string"}
+BINARY = {"type": "string", "format": "binary"}
 
 
 def _inline(node: Any, defs: dict[str, Any]) -> Any:
@@ -70,8 +71,8 @@ def operation(response: Any = None, body: Any = None, *, also: tuple[int, ...] =
     content = {"application/json": json_schema(response)} if response is not None else {}
     content.update(alternatives or {})
     success = OpenAPIResponse(description="success", content=_content(content) if content else None)
-    request_body = None if body is None else RequestBody(content=_content({body_media_type: json_schema(body)}),
-                                                          required=True)
+    schema = body if isinstance(body, dict) else json_schema(body)  # a dict: the schema itself (BINARY)
+    request_body = None if body is None else RequestBody(content=_content({body_media_type: schema}), required=True)
 
     @dataclass
     class Documented(Operation):

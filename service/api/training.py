@@ -9,19 +9,20 @@ from pathlib import Path
 from typing import Any
 
 from litestar import Request, Response, get, post
-from litestar.response import Stream
+from litestar.background_tasks import BackgroundTask
+from litestar.response import File, Stream
 from sqlalchemy import select
 
 from service.api import bodies, responses
-from service.api.common import ctx_of, json_body, json_object, row_cursor, wants_html
-from service.api.openapi import TEXT, operation
+from service.api.common import ctx_of, json_body, json_object, limited_body, row_cursor, wants_html
+from service.api.openapi import BINARY, TEXT, operation
 from service.auth import admin_scope
 from service.core.datasets import snapshot_job_json
 from service.core.drift import drift_job_json
-from service.core.evaluations import evaluation_json, evaluation_report_json
+from service.core.evaluations import evaluation_json, evaluation_report_json, queue_evaluation
 from service.core.jobs import TERMINAL, event_json, job_json
 from service.core.serving import history_json
-from service.errors import NotFound, Unprocessable
+from service.errors import NotFound, Unprocessable, UnsupportedMediaType
 from service.storage.models import Adapter
 
 
@@ -117,6 +118,35 @@ async def list_adapters(request: Request[Any, Any, Any], deployment: str | None 
         q = q.where(Adapter.deployment == deployment)
     async with ctx_of(request).sessions() as s:
         return {"object": "list", "data": [adapter_json(a) for a in (await s.execute(q)).scalars()]}
+
+
+TAR_TYPES = {"application/x-tar", "application/tar", "application/gzip", "application/x-gzip",
+             "application/octet-stream"}
+
+
+@post("/v1/adapters", guards=[admin_scope], status_code=201,
+      operation_class=operation(responses.Adapter, BINARY, body_media_type="application/x-tar"))
+async def import_adapter(request: Request[Any, Any, Any], deployment: str) -> dict[str, Any]:
+    """Register a LoRA adapter trained elsewhere (a tar of its PEFT folder) as a candidate of `deployment`,
+    checked against the base model, and queue its evaluation."""
+    ctx = ctx_of(request)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in TAR_TYPES:
+        raise UnsupportedMediaType(f"upload the adapter as application/x-tar (gzip allowed), got {ctype or 'none'}")
+    adapter = await ctx.archives.import_archive(deployment, limited_body(request, ctx.settings.max_upload_bytes),
+                                                ctx.settings.max_upload_bytes)
+    await queue_evaluation(ctx.sessions, adapter)
+    async with ctx.sessions() as s:
+        return adapter_json(await s.get(Adapter, adapter.id))  # type: ignore[arg-type]
+
+
+@get("/v1/adapters/{adapter_id:str}/archive", guards=[admin_scope],
+     operation_class=operation(alternatives={"application/x-tar": BINARY}))
+async def export_adapter(request: Request[Any, Any, Any], adapter_id: str) -> File:
+    """The adapter's files as a tar under `<adapter id>/`: a PEFT folder any PEFT or vLLM loads."""
+    archive = await ctx_of(request).archives.export(adapter_id)
+    return File(archive, filename=f"{adapter_id}.tar", media_type="application/x-tar",
+                background=BackgroundTask(archive.unlink, missing_ok=True))
 
 
 @get("/v1/adapters/{adapter_id:str}", guards=[admin_scope], operation_class=operation(responses.Adapter))

@@ -14,19 +14,18 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
 import time
-import uuid
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import update
 
 from adapters.base_model import model_hash, prepare_base_model
+from service.core.adapters import register_adapter_dir
 from service.process import parent_death_signal
 from service.storage.models import Adapter, Job, JobEvent, Snapshot
 
@@ -326,25 +325,12 @@ def _clean(d: dict[str, Any]) -> dict[str, Any]:
 
 async def register_adapter(ctx: WorkerContext, job: Job, snap: Snapshot, base_path: str, src: Path,
                            result: dict[str, Any]) -> Adapter:
-    """Copy the PEFT dir to `<data>/adapters/<deployment>/<version>/` and record its lineage."""
-    async with ctx.sessions() as s:
-        version = int((await s.execute(select(func.coalesce(func.max(Adapter.version), 0))
-                                       .where(Adapter.deployment == job.deployment))).scalar_one()) + 1
-    dest = (ctx.settings.data_dir / "adapters" / job.deployment / str(version)).resolve()
-    tmp = dest.with_name(f".{version}.{uuid.uuid4().hex[:6]}")
-    shutil.copytree(src, tmp)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, dest)
-    adapter = Adapter(id="adp-" + uuid.uuid4().hex[:16], deployment=job.deployment, version=version, path=str(dest),
-                      status="candidate", method=job.spec.get("method", "sft"), base_model=base_path,
-                      base_model_hash=await asyncio.to_thread(model_hash, Path(base_path)), job_id=job.id,
-                      snapshot_id=snap.id, feedback_range=snap.feedback_range,
-                      parent_adapter_id=job.spec.get("parent_adapter_id"),
-                      hyperparameters=result.get("hyperparameters") or {}, metrics=_clean(result.get("metrics") or {}))
-    async with ctx.sessions() as s, s.begin():
-        s.add(adapter)
-        await ctx.artifacts.add(s, adapter.id, dest)
-    return adapter
+    """Record the trained PEFT dir (copied under the data directory) with its lineage."""
+    return await register_adapter_dir(
+        ctx.sessions, ctx.artifacts, ctx.settings.data_dir, job.deployment, src, method=job.spec.get("method", "sft"),
+        base_model=base_path, base_model_hash=await asyncio.to_thread(model_hash, Path(base_path)), job_id=job.id,
+        snapshot_id=snap.id, feedback_range=snap.feedback_range, parent_adapter_id=job.spec.get("parent_adapter_id"),
+        hyperparameters=result.get("hyperparameters") or {}, metrics=_clean(result.get("metrics") or {}))
 
 
 async def enqueue_evaluation(ctx: WorkerContext, adapter: Adapter, job: Job | None) -> str | None:

@@ -27,7 +27,7 @@ from service.core.datasets import DatasetService, checked_curation
 from service.core.experiments import checked_auto_deploy
 from service.errors import Conflict, NotFound, Unprocessable
 from service.storage.models import Adapter, Deployment, Job, JobEvent, Snapshot
-from service.vllm.supervisor import lora_rank_limit
+from service.vllm.supervisor import rank_refusal
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 JOB_FIELDS = frozenset({"deployment", "snapshot_id", "datasets", "include_feedback", "method", "search", "suffix",
@@ -191,17 +191,11 @@ class JobService:
         return job
 
     def _check_servable_rank(self, hyper: dict[str, Any] | str, search: dict[str, Any] | None) -> None:
-        limit = self.max_lora_rank
-        if limit is None:
-            return
         ranks = [("method.hyperparameters.lora_r", hyper["lora_r"])] if isinstance(hyper, dict) else []
         ranks += [("search.space.lora_r", r) for r in (search or {}).get("space", {}).get("lora_r", [])]
         for field, rank in ranks:
-            if isinstance(rank, int) and rank > limit:
-                raise Unprocessable(
-                    f"lora_r {rank} is over the managed vLLM's --max-lora-rank {limit}, so it could not serve the "
-                    f"adapter: restart the service with TUNELOOP_VLLM_MAX_LORA_RANK={lora_rank_limit(rank)} first",
-                    field=field)
+            if isinstance(rank, int) and (problem := rank_refusal(rank, self.max_lora_rank)):
+                raise Unprocessable(problem, field=field)
 
     async def _parent_path(self, adapter_id: Any, deployment: str) -> str:
         """The files of the adapter a job continues from: one of this deployment's, with its files on disk."""

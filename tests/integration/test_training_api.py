@@ -102,7 +102,7 @@ def test_train_evaluate_promote_and_serve(service, snapshot_id) -> None:
         adapter = c.get(f"/v1/adapters/{job['adapter_id']}").json()
         assert adapter["snapshot_id"] == snapshot_id and adapter["job_id"] == job["id"]
         assert adapter["version"] >= 1 and len(adapter["base_model_hash"]) == 64
-        assert adapter["path"].endswith(f"/adapters/trainer/{adapter['version']}")
+        assert adapter["path"].endswith(f"/adapters/trainer/{adapter['id']}")
         assert any(a["id"] == adapter["id"] for a in c.get("/v1/adapters", params={"deployment": "trainer"}).json()["data"])
 
         # the evaluation is queued automatically and run by the worker

@@ -71,8 +71,10 @@ def operation(response: Any = None, body: Any = None, *, also: tuple[int, ...] =
     content = {"application/json": json_schema(response)} if response is not None else {}
     content.update(alternatives or {})
     success = OpenAPIResponse(description="success", content=_content(content) if content else None)
-    schema = body if isinstance(body, dict) else json_schema(body)  # a dict: the schema itself (BINARY)
-    request_body = None if body is None else RequestBody(content=_content({body_media_type: schema}), required=True)
+    request_body = None
+    if body is not None:  # a type, or a dict that is the schema itself (BINARY)
+        schema = body if isinstance(body, dict) else json_schema(body)
+        request_body = RequestBody(content=_content({body_media_type: schema}), required=True)
 
     @dataclass
     class Documented(Operation):

@@ -59,6 +59,9 @@ MONITOR_LEADER = Gauge("tuneloop_monitor_leader", "1 in the one API process (of 
 VLLM_RESTARTS = Counter("tuneloop_vllm_restarts_total", "Restarts of the managed vLLM server.", registry=REGISTRY)
 ADAPTERS_LOADED = Gauge("tuneloop_adapters_loaded", "Adapters loaded in vLLM and routable.",
                         ["deployment"], registry=REGISTRY)
+ADAPTERS_DELETED = Counter("tuneloop_adapters_deleted_total",
+                           "Adapters deleted, through the API (api) or by a deployment's keep_adapters policy.",
+                           ["deployment", "kind"], registry=REGISTRY)
 
 # --- feedback ------------------------------------------------------------------------------------------
 FEEDBACK = Counter("tuneloop_feedback_total", "Feedback items stored.",

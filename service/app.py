@@ -28,7 +28,7 @@ ROUTES = [
     data.snapshot_report,
     training.create_job, training.list_jobs, training.get_job, training.cancel_job, training.job_events,
     training.job_checkpoints, training.list_adapters, training.get_adapter, training.import_adapter,
-    training.export_adapter, training.request_evaluation,
+    training.export_adapter, training.delete_adapter, training.request_evaluation,
     training.adapter_evaluations, training.get_evaluation, training.cancel_evaluation, training.evaluation_report,
     training.promote, training.rollback, training.history,
     experiments.create_experiment, experiments.list_experiments, experiments.get_experiment,

@@ -60,6 +60,10 @@ class Conflict(ServiceError):
     status, title = 409, "Conflict"
 
 
+class Gone(ServiceError):
+    status, title = 410, "Gone"
+
+
 class PayloadTooLarge(ServiceError):
     status, title = 413, "Payload Too Large"
 

@@ -62,6 +62,7 @@ class Settings:
     experiment_interval_seconds: float = 5.0  # experiment decisions, job gauges
     follow_interval_seconds: float = 1.0  # adopt swaps, experiments and deployments made by other API processes
     artifact_store: str = "auto"  # database | files | auto (database on PostgreSQL), see artifacts_in_database
+    adapter_delete_grace_seconds: float = 900.0  # a deleted adapter's files stay this long on each machine
     drift_window: int = 500  # completions per drift window (reference and current)
 
     @property

@@ -111,12 +111,26 @@ async def run_worker(settings: Settings) -> None:
     lanes = [kinds for kinds in (tuple(k for k in lane if k in table) for lane in LANES) if kinds]
     log.info("worker %s started (lanes: %s)", wid, "; ".join(", ".join(k) for k in lanes))
     try:
-        if lanes:
-            await asyncio.gather(*(_lane(ctx, table, kinds) for kinds in lanes))
-        else:  # no job kinds can run here (training extras missing): stay up, idle, until stopped
-            await ctx.stopping.wait()
+        await asyncio.gather(*(_lane(ctx, table, kinds) for kinds in lanes), _sweep_deleted(ctx))
     finally:
         await engine.dispose()
+
+
+async def _sweep_deleted(ctx: WorkerContext) -> None:
+    """Remove this machine's files of deleted adapters (a worker on a machine of its own has no API process to
+    do it), every `monitor_interval_seconds` until the worker stops."""
+    from service.core.adapter_deletion import DeletedFiles
+
+    files = DeletedFiles(ctx.sessions, ctx.artifacts, ctx.settings.data_dir, ctx.settings.adapter_delete_grace_seconds)
+    while not ctx.stopping.is_set():
+        try:
+            await files.sweep()
+        except Exception:
+            log.exception("removing the files of deleted adapters failed; retried at the next pass")
+        try:
+            await asyncio.wait_for(ctx.stopping.wait(), timeout=ctx.settings.monitor_interval_seconds)
+        except TimeoutError:
+            pass
 
 
 async def _lane(ctx: WorkerContext, table: dict[str, Handler], kinds: tuple[str, ...]) -> None:

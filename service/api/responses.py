@@ -505,6 +505,8 @@ class Adapter(_Out, kw_only=True):
     evaluation_id: str | None
     parent_adapter_id: str | None
     created_at: Timestamp
+    deleted_at: Timestamp | None
+    deleted_reason: str | None
 
 
 class EvaluationSummary(_Out, kw_only=True):

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from litestar import Request, Response, get, post
+from litestar import Request, Response, delete, get, post
 from litestar.background_tasks import BackgroundTask
 from litestar.response import File, Stream
 from sqlalchemy import select
@@ -17,6 +17,7 @@ from service.api import bodies, responses
 from service.api.common import ctx_of, json_body, json_object, limited_body, row_cursor, wants_html
 from service.api.openapi import BINARY, TEXT, operation
 from service.auth import admin_scope
+from service.core import adapter_deletion
 from service.core.datasets import snapshot_job_json
 from service.core.drift import drift_job_json
 from service.core.evaluations import evaluation_json, evaluation_report_json, queue_evaluation
@@ -31,7 +32,8 @@ def adapter_json(a: Adapter) -> dict[str, Any]:
             "method": a.method, "path": a.path, "base_model": a.base_model, "base_model_hash": a.base_model_hash,
             "job_id": a.job_id, "snapshot_id": a.snapshot_id, "feedback_range": a.feedback_range,
             "hyperparameters": a.hyperparameters, "metrics": a.metrics, "evaluation_id": a.evaluation_id,
-            "parent_adapter_id": a.parent_adapter_id, "created_at": int(a.created_at)}
+            "parent_adapter_id": a.parent_adapter_id, "created_at": int(a.created_at),
+            "deleted_at": int(a.deleted_at) if a.deleted_at is not None else None, "deleted_reason": a.deleted_reason}
 
 
 # --- jobs -------------------------------------------------------------------------------------------------
@@ -156,6 +158,16 @@ async def get_adapter(request: Request[Any, Any, Any], adapter_id: str) -> dict[
     if a is None:
         raise NotFound(f"adapter {adapter_id!r} does not exist")
     return adapter_json(a)
+
+
+@delete("/v1/adapters/{adapter_id:str}", guards=[admin_scope], status_code=200,
+        operation_class=operation(responses.Adapter))
+async def delete_adapter(request: Request[Any, Any, Any], adapter_id: str) -> dict[str, Any]:
+    """Delete an adapter that nothing uses (409 saying what does): its record stays with status "deleted", its
+    files go from the database now and from each machine after `TUNELOOP_ADAPTER_DELETE_GRACE_SECONDS`."""
+    ctx = ctx_of(request)
+    return adapter_json(await adapter_deletion.delete_adapter(ctx.sessions, ctx.artifacts, adapter_id,
+                                                              "deleted via API"))
 
 
 @post("/v1/adapters/{adapter_id:str}/evaluations", guards=[admin_scope], status_code=201,

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.archive import ArchiveError, check_fits, pack, unpack
-from service.errors import NotFound, Unprocessable
+from service.errors import Gone, NotFound, Unprocessable
 from service.storage.artifacts import ArtifactStore
 from service.storage.models import Adapter, Deployment
 from service.vllm.supervisor import rank_refusal
@@ -70,6 +70,8 @@ class AdapterArchives:
             adapter = await s.get(Adapter, adapter_id)
         if adapter is None:
             raise NotFound(f"adapter {adapter_id!r} does not exist")
+        if adapter.status == "deleted":
+            raise Gone(f"adapter {adapter_id} was deleted; its files are gone")
         path = Path(await self.artifacts.local(adapter.id, adapter.path))
         if not path.is_dir():
             raise NotFound(f"adapter {adapter_id}'s files are not on this machine and not in the database")

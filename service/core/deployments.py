@@ -38,6 +38,8 @@ class DeploymentConfig(msgspec.Struct, kw_only=True):
     eval_backend: Literal["hf_merged", "vllm"] | None = None
     answer_choices: Annotated[list[str], msgspec.Meta(min_length=2, max_length=2000)] | None = None
     triggers: Triggers | None = None
+    keep_adapters: Annotated[int, msgspec.Meta(ge=1, description=(
+        "keep the newest N adapters (by version); older ones are deleted unless in use"))] | None = None
 
 
 def deployment_json(d: Deployment) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.core.adapter_deletion import hold
 from service.core.jobs import request_cancel
 from service.errors import Conflict, NotFound
 from service.storage.models import (
@@ -59,6 +60,7 @@ def evaluation_report_json(e: Evaluation) -> dict[str, Any]:
 async def queue_evaluation(sessions: async_sessionmaker[AsyncSession], adapter: Adapter,
                            source_job: Job | None = None, extra: dict[str, Any] | None = None) -> str:
     async with sessions() as s, s.begin():
+        await hold(s, adapter.id, "adapter_id")  # a concurrent delete waits, then refuses
         dep = await s.get(Deployment, adapter.deployment)
         reference = (dep.production_adapter_id if dep else None) or "base"
         if reference == adapter.id:

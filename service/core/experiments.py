@@ -32,6 +32,7 @@ from monitoring.experiments import (
     summarize,
     thompson_weights,
 )
+from service.core.adapter_deletion import hold
 from service.core.routing import BASE_NAME, ExperimentRoute, Router, Target, Variant
 from service.core.serving import Serving
 from service.errors import Conflict, NotFound, Unprocessable, convert_or_422, fields_under
@@ -118,7 +119,7 @@ async def _resolve_variants(s: AsyncSession, deployment: Deployment, raw: Any) -
         is_control = ref == "production"
         adapter_id = deployment.production_adapter_id if ref == "production" else ref
         if adapter_id is not None:
-            a = await s.get(Adapter, adapter_id)
+            a = await hold(s, adapter_id, f"variants[{i}].adapter_id")  # a concurrent delete waits, then refuses
             if a is None or a.deployment != deployment.name:
                 raise NotFound(f"adapter {adapter_id!r} does not exist for {deployment.name}",
                                field=f"variants[{i}].adapter_id")

@@ -23,6 +23,7 @@ from adapters.training.config import (
     check_search_keeps_shape,
     inherit_lora_shape,
 )
+from service.core.adapter_deletion import hold
 from service.core.datasets import DatasetService, checked_curation
 from service.core.experiments import checked_auto_deploy
 from service.errors import Conflict, NotFound, Unprocessable
@@ -184,6 +185,8 @@ class JobService:
         job = Job(id="ftjob-" + uuid.uuid4().hex[:20], kind="fine_tune", deployment=deployment, status="queued",
                   spec=spec, hyperparameters=hyper if isinstance(hyper, dict) else {}, snapshot_id=snapshot_id)
         async with self.sessions() as s, s.begin():
+            if parent_id is not None:
+                await hold(s, parent_id, "parent_adapter_id")  # a concurrent delete waits, then refuses
             s.add(job)
             s.add(JobEvent(job_id=job.id, type="created", data={"snapshot_id": snapshot_id, "sources": sources},
                            message=f"{mtype} job queued on "
@@ -203,6 +206,8 @@ class JobService:
             parent = await s.get(Adapter, adapter_id) if isinstance(adapter_id, str) else None
         if parent is None:
             raise NotFound(f"adapter {adapter_id!r} does not exist", field="parent_adapter_id")
+        if parent.status == "deleted":
+            raise Conflict(f"adapter {adapter_id} was deleted", field="parent_adapter_id")
         if parent.deployment != deployment:
             raise Unprocessable(f"adapter {adapter_id} belongs to deployment {parent.deployment!r}, not {deployment!r}",
                                 field="parent_adapter_id")

@@ -1,8 +1,10 @@
 """The periodic monitor of the API process: experiment decisions, job gauges, drift, fairness, triggers.
 
-Fast tick (`experiment_interval_seconds`): experiment decisions, job-state gauges, the newest drift runs.
+Fast tick (`experiment_interval_seconds`): experiment decisions, job-state gauges, the newest drift runs, and
+removing this machine's files of deleted adapters (`service.core.adapter_deletion`).
 Slow tick (`monitor_interval_seconds`), per deployment: queue a drift job (the worker runs it, see
-`service.core.drift`), fairness over recent traffic and feedback (fairlearn), then the retraining triggers.
+`service.core.drift`), fairness over recent traffic and feedback (fairlearn), the retraining triggers, then
+the `keep_adapters` policy.
 Every run is stored (`monitor_runs`) and exported to Prometheus.
 
 Where several API processes share the database, decisions (experiments, drift, fairness, triggers) are made
@@ -21,6 +23,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from monitoring import metrics
+from service.core.adapter_deletion import DeletedFiles, keep_newest
 from service.core.drift import MIN_ROWS, TrafficWindows, export_latest_drift, queue_drift_job
 from service.core.replicas import LeaderLock
 from service.storage.models import Completion, Deployment, Evaluation, Feedback, Job, MonitorRun
@@ -35,6 +38,8 @@ class Monitor:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.window = ctx.settings.drift_window
+        self.deleted_files = DeletedFiles(ctx.sessions, ctx.artifacts, ctx.settings.data_dir,
+                                          ctx.settings.adapter_delete_grace_seconds)
 
     async def run(self) -> None:
         self.leader = LeaderLock(self.ctx.engine)
@@ -49,6 +54,7 @@ class Monitor:
                 await self._safe(self.ctx.serving.restore_standby())
                 await self._safe(self.job_gauges())
                 await self._safe(export_latest_drift(self.ctx.sessions))
+                await self._safe(self.deleted_files.sweep(self.ctx.serving.loaded_adapter_ids))
                 if leader and time.monotonic() - last_slow >= self.ctx.settings.monitor_interval_seconds:
                     last_slow = time.monotonic()
                     await self._safe(self.run_all())
@@ -116,12 +122,14 @@ class Monitor:
 
     async def run_all(self) -> None:
         async with self.ctx.sessions() as s:
-            names = list((await s.execute(select(Deployment.name))).scalars())
-        for name in names:
+            deployments = list((await s.execute(select(Deployment.name, Deployment.config))).all())
+        for name, config in deployments:
             if await self._new_traffic(name):
                 await self._safe(queue_drift_job(self.ctx.sessions, name))
             await self._safe(self.fairness(name))
             await self._safe(self.triggers(name))
+            if keep := (config or {}).get("keep_adapters"):
+                await self._safe(keep_newest(self.ctx.sessions, self.ctx.artifacts, name, int(keep)))
 
     async def _new_traffic(self, deployment: str) -> bool:
         """Drift is worth recomputing once a window's minimum of completions arrived since the last drift job."""

@@ -72,6 +72,15 @@ async def routable_lora_rank(sessions: async_sessionmaker[AsyncSession], artifac
     return max(ranks, default=0)
 
 
+async def production_event(s: AsyncSession, dep: Deployment) -> DeploymentEvent | None:
+    """The event that made the current production adapter serve; its previous adapter is the rollback target."""
+    if dep.production_adapter_id is None:
+        return None
+    return (await s.execute(select(DeploymentEvent).where(
+        DeploymentEvent.deployment == dep.name, DeploymentEvent.adapter_id == dep.production_adapter_id)
+        .order_by(DeploymentEvent.id.desc()).limit(1))).scalar_one_or_none()
+
+
 class Serving:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], pool: VLLMPool, router: Router,
                  artifacts: ArtifactStore) -> None:
@@ -86,6 +95,7 @@ class Serving:
         self._unadoptable: set[str | None] = set()  # productions another process committed that failed to load
         self._standby_restored: set[tuple[str, str]] = set()  # (deployment, production) pairs restore looked at
         self._unloading: set[asyncio.Task[None]] = set()
+        self._draining: dict[str, Target] = {}  # served name → a target retire() is draining and will unload
         self.refused: set[str] = set()  # served names vLLM refused at a reload: routed (their requests get 503)
 
     async def close(self) -> None:
@@ -174,7 +184,7 @@ class Serving:
                 if dep.name in self.standby or key in self._standby_restored:
                     continue
                 self._standby_restored.add(key)
-                event = await self._production_event(s, dep)
+                event = await production_event(s, dep)
                 previous = await s.get(Adapter, event.previous_adapter_id) if event and event.previous_adapter_id \
                     else None
                 if previous is not None:
@@ -195,6 +205,11 @@ class Serving:
     def kept(self) -> list[Target]:
         """Adapters loaded but not routable: staged ahead of a promote, or on standby for a rollback."""
         return [*self.staged.values(), *self.standby.values()]
+
+    def loaded_adapter_ids(self) -> set[str]:
+        """Adapters this process has loaded in vLLM: routable, staged, on standby, or draining before their unload."""
+        targets = [*self.router.routable().values(), *self.kept(), *self._draining.values()]
+        return {t.adapter_id for t in targets if t.adapter_id is not None}
 
     def _in_use(self, served_name: str) -> bool:
         return served_name in self.router.routable() or any(t.served_name == served_name for t in self.kept())
@@ -218,7 +233,9 @@ class Serving:
                 log.exception("unloading %s failed", target.served_name)
             self._gauge()
 
+        self._draining[target.served_name] = target
         task = asyncio.create_task(drain_and_unload())
+        task.add_done_callback(lambda _: self._draining.pop(target.served_name, None))
         self._unloading.add(task)
         task.add_done_callback(self._unloading.discard)
 
@@ -260,6 +277,8 @@ class Serving:
                 if dep is None:
                     raise NotFound(f"deployment {deployment!r} does not exist")
                 adapter = await self._adapter(s, deployment, adapter_id) if adapter_id is not None else None
+            if adapter is not None and adapter.status == "deleted":
+                raise Conflict(f"adapter {adapter.id} was deleted", field="adapter_id")
             if adapter is not None and adapter.status == "rejected" and not force:
                 raise Conflict(f"adapter {adapter.id} failed its evaluation gates; promote it with "
                                '"force": true to override (recorded)', field="adapter_id")
@@ -283,8 +302,10 @@ class Serving:
                                    "(another API process promoted); look at its history and retry")
                 if previous:
                     await s.execute(update(Adapter).where(Adapter.id == previous).values(status="retired"))
-                if adapter is not None:
-                    await s.execute(update(Adapter).where(Adapter.id == adapter.id).values(status="production"))
+                if adapter is not None and (await s.execute(update(Adapter).where(
+                        Adapter.id == adapter.id, Adapter.status != "deleted").values(status="production"))).rowcount != 1:
+                    self.retire(new)  # the raise rolls the whole transaction back
+                    raise Conflict(f"adapter {adapter.id} was deleted while this promote loaded it", field="adapter_id")
                 event = DeploymentEvent(deployment=deployment, type=event_type, adapter_id=new.adapter_id,
                                         previous_adapter_id=previous, forced=bool(force and adapter is not None
                                                                                   and adapter.status == "rejected"),
@@ -336,7 +357,7 @@ class Serving:
                     current = self.router.production.get(deployment)
                     if dep is None or current is None or current.adapter_id == dep.production_adapter_id:
                         continue  # a swap in this process came first
-                    event = await self._production_event(s, dep)
+                    event = await production_event(s, dep)
                     adapter = await s.get(Adapter, dep.production_adapter_id) if dep.production_adapter_id \
                         else None
                 try:
@@ -353,22 +374,13 @@ class Serving:
                 log.info("%s: followed %s → %s (%s)", deployment, current.served_name, new.served_name,
                          event.type if event else "database")
 
-    @staticmethod
-    async def _production_event(s: AsyncSession, dep: Deployment) -> DeploymentEvent | None:
-        """The event that made the current production adapter serve; its previous adapter is the rollback target."""
-        if dep.production_adapter_id is None:
-            return None
-        return (await s.execute(select(DeploymentEvent).where(
-            DeploymentEvent.deployment == dep.name, DeploymentEvent.adapter_id == dep.production_adapter_id)
-            .order_by(DeploymentEvent.id.desc()).limit(1))).scalar_one_or_none()
-
     async def rollback(self, deployment: str, reason: str = "manual rollback") -> DeploymentEvent:
         """Serve the previous production adapter (or the base model) again."""
         async with self.sessions() as s:
             dep = await s.get(Deployment, deployment)
             if dep is None:
                 raise NotFound(f"deployment {deployment!r} does not exist")
-            last = await self._production_event(s, dep)
+            last = await production_event(s, dep)
         if last is None:
             raise Conflict(f"{deployment} has no previous production to roll back to")
         target = last.previous_adapter_id

@@ -17,7 +17,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.storage.models import ArtifactChunk
@@ -52,13 +52,22 @@ class ArtifactStore:
                         break
                     seq += 1
 
+    async def remove(self, s: AsyncSession, artifact_id: str) -> None:
+        """Drop the stored files in `s`'s transaction (whatever the setting: an earlier one may have stored them).
+        Copies already fetched stay until their machine removes `cached(artifact_id)`."""
+        await s.execute(delete(ArtifactChunk).where(ArtifactChunk.artifact_id == artifact_id))
+
+    def cached(self, artifact_id: str) -> Path:
+        """Where `local` fetches the artifact to on this machine."""
+        return self.cache / artifact_id
+
     async def local(self, artifact_id: str, recorded: str) -> str:
         """A path on this machine that holds the artifact: the recorded one where it exists, else the store's
         copy, `<data_dir>/artifacts/<id>/<the recorded name>` (fetched the first time). The recorded path when
         neither exists, so its reader fails as it did before."""
         if os.path.exists(recorded):
             return recorded
-        root = self.cache / artifact_id
+        root = self.cached(artifact_id)
         if not root.exists() and not await self._fetch(artifact_id, root, Path(recorded).name):
             return recorded
         return str(root / Path(recorded).name)

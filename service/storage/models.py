@@ -210,6 +210,9 @@ class Adapter(Base):
     evaluation_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     parent_adapter_id: Mapped[str | None] = mapped_column(String(40), nullable=True)  # continued from (lineage)
     created_at: Mapped[float] = mapped_column(Float, default=now)
+    # status "deleted": the record stays (lineage, events, evaluations name it), its files go after a grace period
+    deleted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    deleted_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
     __table_args__ = (UniqueConstraint("deployment", "version", name="uq_adapter_version"),)
 
 

@@ -28,10 +28,9 @@ from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from monitoring import metrics
-from service.core.serving import production_event
 from service.errors import Conflict, NotFound
 from service.storage.artifacts import ArtifactStore
-from service.storage.models import Adapter, Deployment, Evaluation, Experiment, Job
+from service.storage.models import Adapter, Deployment, DeploymentEvent, Evaluation, Experiment, Job
 
 log = logging.getLogger("tuneloop.adapters")
 ACTIVE = ("queued", "running")
@@ -52,9 +51,12 @@ async def in_use(s: AsyncSession, adapter: Adapter) -> str | None:
     dep = await s.get(Deployment, adapter.deployment)
     if dep is not None and dep.production_adapter_id == adapter.id:
         return f"it serves production of {dep.name}; promote another adapter first"
-    event = await production_event(s, dep) if dep is not None else None
-    if event is not None and event.previous_adapter_id == adapter.id:
-        return f"it is the rollback target of {dep.name}; promote another adapter twice (or roll back) first"
+    # The adapter the last swap replaced: the rollback target, kept loaded on standby by every API process
+    # (also after a promote of the base model, which offers no rollback but keeps the standby).
+    last = (await s.execute(select(DeploymentEvent.previous_adapter_id).where(
+        DeploymentEvent.deployment == adapter.deployment).order_by(DeploymentEvent.id.desc()).limit(1))).scalar()
+    if last == adapter.id:
+        return f"it is the rollback target of {adapter.deployment}; promote another adapter first"
     for exp_id, variants in (await s.execute(select(Experiment.id, Experiment.variants).where(
             Experiment.deployment == adapter.deployment, Experiment.status.in_(("running", "pending"))))).all():
         if any(v.get("adapter_id") == adapter.id for v in variants or []):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import update
 
 from adapters.base_model import model_hash, prepare_base_model
+from service.core import checkpoints
 from service.core.adapters import register_adapter_dir
 from service.process import parent_death_signal
 from service.storage.models import Adapter, Job, JobEvent, Snapshot
@@ -67,6 +68,7 @@ async def _add_events(ctx: WorkerContext, job_id: str, events: list[dict[str, An
 async def _finish(ctx: WorkerContext, job_id: str, **values: Any) -> None:
     async with ctx.sessions() as s, s.begin():
         await s.execute(update(Job).where(Job.id == job_id).values(finished_at=time.time(), **values))
+        await checkpoints.forget(s, job_id)
 
 
 def _job_dir(ctx: WorkerContext, job: Job) -> Path:
@@ -231,6 +233,8 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
             "init_adapter_path": parent_path, "replay_cache_dir": str(ctx.settings.data_dir / "replay_cache")}
     spec_path = jdir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
+    if job.attempts > 1 and await checkpoints.fetch(ctx, job, jdir / "output"):
+        log.info("job %s: fetched its stored checkpoint (its last worker was on another machine)", job.id)
     resumed = any((jdir / "output" / "checkpoints").glob("step-*")) if (jdir / "output").exists() else False
     await _add_events(ctx, job.id, [{"type": "started", "message":
                                      f"attempt {job.attempts} on worker {ctx.worker_id}"
@@ -278,6 +282,8 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
             error = ev.get("message")
         elif t == "cancelled":
             saw_cancelled = True
+        elif t == "checkpoint" and checkpoints.stores(ctx, job):
+            await checkpoints.store(ctx, job, jdir / "output", ev)
         if time.monotonic() - flushed > _EVENT_FLUSH_SECONDS or t in ("checkpoint", "error", "done", "cancelled"):
             await _add_events(ctx, job.id, pending)
             pending, flushed = [], time.monotonic()

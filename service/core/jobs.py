@@ -23,6 +23,7 @@ from adapters.training.config import (
     check_search_keeps_shape,
     inherit_lora_shape,
 )
+from service.core import checkpoints
 from service.core.adapter_deletion import hold
 from service.core.datasets import DatasetService, checked_curation
 from service.core.experiments import checked_auto_deploy
@@ -125,7 +126,9 @@ async def request_cancel(s: AsyncSession, job_id: str) -> bool:
     (training within a step, an evaluation between batches) and marks cancelled (False)."""
     cancelled = (await s.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
                                  .values(status="cancelled", finished_at=time.time(), cancel_requested=True)))
-    if cancelled.rowcount != 1:
+    if cancelled.rowcount == 1:
+        await checkpoints.forget(s, job_id)  # stored when a worker that ran it before died
+    else:
         await s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))
     s.add(JobEvent(job_id=job_id, type="cancel_requested", message="cancellation requested"))
     return cancelled.rowcount == 1

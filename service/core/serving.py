@@ -72,15 +72,6 @@ async def routable_lora_rank(sessions: async_sessionmaker[AsyncSession], artifac
     return max(ranks, default=0)
 
 
-async def production_event(s: AsyncSession, dep: Deployment) -> DeploymentEvent | None:
-    """The event that made the current production adapter serve; its previous adapter is the rollback target."""
-    if dep.production_adapter_id is None:
-        return None
-    return (await s.execute(select(DeploymentEvent).where(
-        DeploymentEvent.deployment == dep.name, DeploymentEvent.adapter_id == dep.production_adapter_id)
-        .order_by(DeploymentEvent.id.desc()).limit(1))).scalar_one_or_none()
-
-
 class Serving:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], pool: VLLMPool, router: Router,
                  artifacts: ArtifactStore) -> None:
@@ -184,7 +175,7 @@ class Serving:
                 if dep.name in self.standby or key in self._standby_restored:
                     continue
                 self._standby_restored.add(key)
-                event = await production_event(s, dep)
+                event = await self._production_event(s, dep)
                 previous = await s.get(Adapter, event.previous_adapter_id) if event and event.previous_adapter_id \
                     else None
                 if previous is not None:
@@ -357,7 +348,7 @@ class Serving:
                     current = self.router.production.get(deployment)
                     if dep is None or current is None or current.adapter_id == dep.production_adapter_id:
                         continue  # a swap in this process came first
-                    event = await production_event(s, dep)
+                    event = await self._production_event(s, dep)
                     adapter = await s.get(Adapter, dep.production_adapter_id) if dep.production_adapter_id \
                         else None
                 try:
@@ -374,13 +365,22 @@ class Serving:
                 log.info("%s: followed %s → %s (%s)", deployment, current.served_name, new.served_name,
                          event.type if event else "database")
 
+    @staticmethod
+    async def _production_event(s: AsyncSession, dep: Deployment) -> DeploymentEvent | None:
+        """The event that made the current production adapter serve; its previous adapter is the rollback target."""
+        if dep.production_adapter_id is None:
+            return None
+        return (await s.execute(select(DeploymentEvent).where(
+            DeploymentEvent.deployment == dep.name, DeploymentEvent.adapter_id == dep.production_adapter_id)
+            .order_by(DeploymentEvent.id.desc()).limit(1))).scalar_one_or_none()
+
     async def rollback(self, deployment: str, reason: str = "manual rollback") -> DeploymentEvent:
         """Serve the previous production adapter (or the base model) again."""
         async with self.sessions() as s:
             dep = await s.get(Deployment, deployment)
             if dep is None:
                 raise NotFound(f"deployment {deployment!r} does not exist")
-            last = await production_event(s, dep)
+            last = await self._production_event(s, dep)
         if last is None:
             raise Conflict(f"{deployment} has no previous production to roll back to")
         target = last.previous_adapter_id

@@ -52,7 +52,8 @@ class ArtifactStore:
                         break
                     seq += 1
 
-    async def remove(self, s: AsyncSession, artifact_id: str) -> None:
+    @staticmethod
+    async def remove(s: AsyncSession, artifact_id: str) -> None:
         """Drop the stored files in `s`'s transaction (whatever the setting: an earlier one may have stored them).
         Copies already fetched stay until their machine removes `cached(artifact_id)`."""
         await s.execute(delete(ArtifactChunk).where(ArtifactChunk.artifact_id == artifact_id))

@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select, update
 
 from service.core.adapter_deletion import DeletedFiles, delete_adapter, keep_newest
@@ -81,6 +82,14 @@ async def test_keep_adapters_deletes_the_old_ones_nothing_uses(sessions: Any, tm
         deleted = (await s.execute(select(func.count()).select_from(Adapter).where(
             Adapter.deleted_reason == "keep_adapters: 1"))).scalar()
     assert kept == {a[0].id, a[1].id, a[7].id} and deleted == 5
+
+    # a promote of the base model keeps the adapter it replaced on standby: that one stays, the one before goes
+    async with sessions() as s, s.begin():
+        await s.execute(update(Deployment).where(Deployment.name == dep).values(production_adapter_id=None))
+        s.add(DeploymentEvent(deployment=dep, type="promote", adapter_id=None, previous_adapter_id=a[1].id))
+    with pytest.raises(Conflict, match="rollback target"):
+        await delete_adapter(sessions, store, a[1].id, "test")
+    assert (await delete_adapter(sessions, store, a[0].id, "test")).status == "deleted"
 
 
 async def test_a_delete_racing_a_new_experiment_leaves_exactly_one_of_them(sessions: Any, tmp_path: Path) -> None:

@@ -1,0 +1,75 @@
+"""A training job's newest checkpoint, kept in the artifact store so that any machine's worker resumes it.
+
+A job whose worker died goes back to the queue (heartbeat timeout) and resumes from its last checkpoint, which
+the trainer wrote under `<data>/jobs/<job>/output` of the machine that ran it. With the artifact store on (the
+default on PostgreSQL), the worker also stores each checkpoint it is told of in the database, replacing the one
+before (`ckpt-<job id>`: adapter weights, optimizer, scheduler and RNG state), and a worker that takes the job
+up on a machine without the files fetches that one into the same place first. It is dropped when the job ends.
+Search jobs are not stored: their resume needs the whole study and every finished trial, not one checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.storage.artifacts import ArtifactStore
+from service.storage.models import Job, JobEvent
+
+if TYPE_CHECKING:
+    from service.worker import WorkerContext
+
+log = logging.getLogger("tuneloop.jobs")
+
+
+def artifact_id(job_id: str) -> str:
+    return f"ckpt-{job_id}"
+
+
+def stores(ctx: WorkerContext, job: Job) -> bool:
+    return ctx.artifacts.store and not job.spec.get("search")
+
+
+async def store(ctx: WorkerContext, job: Job, output_dir: Path, event: dict[str, Any]) -> None:
+    """Store the checkpoint a `checkpoint` event names, replacing the job's previous one, and note in the
+    event where it goes under the output directory (`stored`). The trainer may prune it meanwhile (it keeps
+    the newest two): then it is skipped, and the next one is stored."""
+    path = Path(str(event.get("path", "")))
+    try:
+        rel = path.relative_to(output_dir)
+        async with ctx.sessions() as s, s.begin():
+            await ArtifactStore.remove(s, artifact_id(job.id))
+            await ctx.artifacts.add(s, artifact_id(job.id), path)
+    except (OSError, ValueError) as exc:
+        log.warning("job %s: checkpoint %s not stored (%s); the next one will be", job.id, path, exc)
+        return
+    event["stored"] = rel.as_posix()
+
+
+async def fetch(ctx: WorkerContext, job: Job, output_dir: Path) -> bool:
+    """On a machine without the job's files: put its stored checkpoint where the trainer resumes from. True
+    when it did."""
+    async with ctx.sessions() as s:
+        events = (await s.execute(select(JobEvent.data).where(JobEvent.job_id == job.id, JobEvent.type == "checkpoint")
+                                  .order_by(JobEvent.id.desc()))).scalars()
+        rel = next((e["stored"] for e in events if isinstance(e, dict) and e.get("stored")), None)
+    if rel is None or (output_dir / rel).exists():
+        return False
+    fetched = Path(await ctx.artifacts.local(artifact_id(job.id), str(output_dir / rel)))
+    if fetched == output_dir / rel or not fetched.is_dir():
+        return False  # not stored (any more)
+    (output_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+    os.replace(fetched, output_dir / rel)  # same data directory: a rename
+    shutil.rmtree(ctx.artifacts.cached(artifact_id(job.id)), ignore_errors=True)
+    return True
+
+
+async def forget(s: AsyncSession, job_id: str) -> None:
+    """Drop the job's stored checkpoint (in `s`'s transaction): the job has ended."""
+    await ArtifactStore.remove(s, artifact_id(job_id))

@@ -1,0 +1,125 @@
+"""Workers on two machines sharing one real PostgreSQL and nothing else: a training job whose worker dies on one
+resumes from its last checkpoint on the other (stored in the database), and once its adapter is deleted the other
+worker removes the files it made there."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from examples.banking77.prepare import read_rows, to_chat
+from service.storage.db import make_engine, make_sessionmaker
+from service.storage.models import ArtifactChunk
+from tests.conftest import PG_URL, ROOT, _reset_pg, start_service, stop_service
+
+pytestmark = [pytest.mark.slow]
+DEP = "elsewhere"
+
+
+def _worker(data_dir: Path, log: Path, base_model_dir: str, **env: str) -> subprocess.Popen[bytes]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker", "--data-dir", str(data_dir), "--database-url", PG_URL,
+             "--base-model", base_model_dir],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "TUNELOOP_HEARTBEAT_SECONDS": "1", "TUNELOOP_HEARTBEAT_TIMEOUT_SECONDS": "8", **env})
+
+
+def _until(what: str, check: Callable[[], object], timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.3)
+
+
+def _stored_artifacts() -> set[str]:
+    async def query() -> set[str]:
+        engine = make_engine(PG_URL)
+        try:
+            async with make_sessionmaker(engine)() as s:
+                return set((await s.execute(select(ArtifactChunk.artifact_id).distinct())).scalars())
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(query())
+
+
+def test_a_job_resumes_on_another_machine_and_its_deleted_adapter_leaves_that_machine(
+        base_model_dir, banking77_dir, vllm_supervisor, tmp_path) -> None:
+    _reset_pg()
+    svc = start_service(tmp_path / "api", base_model_dir, [vllm_supervisor.base_url], database_url=PG_URL,
+                        env={"TUNELOOP_START_WORKER": "false"})
+    first = _worker(tmp_path / "machine-a", tmp_path / "worker-a.log", base_model_dir)
+    second = None
+    try:
+        rows = read_rows(banking77_dir / "train.csv")
+        random.Random(3).shuffle(rows)
+        intents = sorted({label for _, label in rows})[:4]
+        sample = [to_chat(text, label) for text, label in rows if label in intents][:48]
+        with svc.client() as c:
+            # a gate no adapter passes, so that nothing stages (loads) the adapter before it is deleted
+            assert c.post("/v1/deployments", json={"name": DEP, "config": {
+                "eval_max_rows": 6, "retention_rows": 4, "gates": {"min_task_delta": 2.0}}}).status_code == 201
+            ds = c.post("/v1/datasets", json={"name": "resume", "deployment": DEP}).json()
+            assert c.post(f"/v1/datasets/{ds['id']}/records", content=b"".join(
+                json.dumps(r).encode() + b"\n" for r in sample),
+                headers={"content-type": "application/x-ndjson"}).status_code == 201
+            job = c.post("/v1/fine_tuning/jobs", json={
+                "deployment": DEP, "datasets": [ds["id"]], "curation": {"split": {"validation_fraction": 0.15}},
+                "method": {"type": "sft", "hyperparameters": {
+                    "n_epochs": 3, "max_steps": 12, "batch_size": 4, "lora_r": 8, "lora_alpha": 16,
+                    "target_modules": ["q_proj", "v_proj"], "max_seq_len": 64}}}).json()
+
+            def events() -> list[dict]:
+                return c.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+
+            _until("machine A stored no checkpoint", lambda: any(
+                e["type"] == "checkpoint" and e["data"].get("stored") for e in events()))
+            first.send_signal(signal.SIGKILL)  # its trainer dies with it (PDEATHSIG)
+            first.wait(30)
+            shutil.rmtree(tmp_path / "machine-a")  # another machine: nothing of A's files is reachable
+            stored = max(e["data"]["step"] for e in events() if e["type"] == "checkpoint" and e["data"].get("stored"))
+            assert f"ckpt-{job['id']}" in _stored_artifacts()
+
+            second = _worker(tmp_path / "machine-b", tmp_path / "worker-b.log", base_model_dir,
+                             TUNELOOP_ADAPTER_DELETE_GRACE_SECONDS="0", TUNELOOP_MONITOR_INTERVAL_SECONDS="1")
+            _until("machine B did not finish the job", lambda: c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+                   ["status"] in ("succeeded", "failed", "cancelled"))
+            job = c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+            assert job["status"] == "succeeded" and job["attempts"] == 2, job
+            starts = [e for e in events() if e["type"] == "started"]
+            assert len(starts) == 2 and "resuming from checkpoint" in starts[1]["message"], starts
+            after = [e["data"]["step"] for e in events() if e["type"] == "step" and e["id"] > starts[1]["id"]]
+            assert min(after) == stored + 1, (stored, after)  # from A's last stored checkpoint, not from step 0
+            assert f"ckpt-{job['id']}" not in _stored_artifacts()  # dropped once the job ended
+
+            aid = job["adapter_id"]
+            adapter_dir = Path(c.get(f"/v1/adapters/{aid}").json()["path"])
+            assert adapter_dir.is_relative_to(tmp_path / "machine-b") and adapter_dir.is_dir()
+            _until("machine B did not finish the evaluation", lambda: (evs := c.get(
+                f"/v1/adapters/{aid}/evaluations").json()["data"]) and evs[0]["status"] == "failed")
+            r = c.delete(f"/v1/adapters/{aid}")
+            assert r.status_code == 200 and r.json()["status"] == "deleted", r.text
+            assert aid not in _stored_artifacts()
+            job_dir = tmp_path / "machine-b" / "jobs" / job["id"]
+            _until("machine B kept the deleted adapter's files",
+                   lambda: not adapter_dir.exists() and not job_dir.exists(), timeout=60)
+    finally:
+        for worker in (first, second):
+            if worker is not None and worker.poll() is None:
+                worker.terminate()
+                worker.wait(60)
+        stop_service(svc)

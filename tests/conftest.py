@@ -7,6 +7,7 @@ session-scoped `service` (a real `tuneloop serve` subprocess) points at it with 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -166,6 +167,26 @@ def start_service(data_dir: Path, base_model: str, vllm_urls: list[str] | None, 
             stop_service(svc)
             raise TimeoutError(f"service not ready in {timeout} s:\n{svc.log_text()[-4000:]}")
         time.sleep(0.5)
+
+
+def start_worker(data_dir: Path, log: Path, base_model: str, database_url: str, **env: str) -> subprocess.Popen[bytes]:
+    """A `tuneloop worker` process with its own data directory (as on a machine of its own)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker", "--data-dir", str(data_dir), "--database-url", database_url,
+             "--base-model", base_model], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "TUNELOOP_HEARTBEAT_SECONDS": "1", **env})
+
+
+def banking77_sample(banking77_dir: Path, seed: int, n: int, intents: int = 4) -> list[dict[str, Any]]:
+    """`n` chat rows of the first `intents` Banking77 intents, in a seeded order: a tiny real training set."""
+    from examples.banking77.prepare import read_rows, to_chat
+
+    rows = read_rows(banking77_dir / "train.csv")
+    random.Random(seed).shuffle(rows)
+    names = sorted({label for _, label in rows})[:intents]
+    return [to_chat(text, label) for text, label in rows if label in names][:n]
 
 
 def stop_service(svc: Service, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:

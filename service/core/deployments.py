@@ -86,6 +86,8 @@ class DeploymentService:
         self.names.add(dep.name)
         for phase in ("load", "probe", "commit"):  # series at zero before the first swap, so rate() counts it
             metrics.SWAP_PHASE_SECONDS.labels(dep.name, phase)
+        for kind in ("api", "keep_adapters"):
+            metrics.ADAPTERS_DELETED.labels(dep.name, kind)
         choices = (dep.config or {}).get("answer_choices")
         if choices:
             self.answer_choices[dep.name] = tuple(choices)

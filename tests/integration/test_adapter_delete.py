@@ -100,9 +100,10 @@ def test_in_use_adapters_stay_and_a_deleted_one_is_unloaded_before_its_files_go(
         listed = {a["id"]: a["status"] for a in c.get("/v1/adapters", params={"deployment": dep}).json()["data"]}
         assert listed == {first: "retired", second: "production", staged: "deleted", idle: "deleted"}
         assert c.delete("/v1/adapters/adp-nosuch").status_code == 404
-        metric = next(ln for ln in c.get("/metrics").text.splitlines()
-                      if ln.startswith("tuneloop_adapters_deleted_total") and f'deployment="{dep}"' in ln)
-        assert 'kind="api"' in metric and metric.endswith(" 2.0"), metric
+        deleted = {ln.split('kind="')[1].split('"')[0]: float(ln.rsplit(" ", 1)[1])
+                   for ln in c.get("/metrics").text.splitlines()
+                   if ln.startswith("tuneloop_adapters_deleted_total") and f'deployment="{dep}"' in ln}
+        assert deleted == {"api": 2.0, "keep_adapters": 0.0}, deleted
 
 
 def test_a_delete_racing_a_promote_never_leaves_a_deleted_adapter_serving(svc, base_model_dir) -> None:

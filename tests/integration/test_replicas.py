@@ -5,11 +5,7 @@ through both leave one consistent history, and exactly one of them makes the mon
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,8 +14,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from examples.banking77.prepare import read_rows, to_chat
-from tests.conftest import PG_URL, ROOT, Service, _reset_pg, start_service, stop_service
+from tests.conftest import (
+    PG_URL,
+    Service,
+    _reset_pg,
+    banking77_sample,
+    start_service,
+    start_worker,
+    stop_service,
+)
 from tests.conftest_vllm import register_random_lora_at
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -179,17 +182,9 @@ def test_what_a_worker_on_another_machine_makes_reaches_both_processes_through_t
     as if it were on another machine: both API processes serve the adapter, and the reports still open."""
     a, b = replicas
     worker_dir = tmp_path / "worker-machine"
-    worker_dir.mkdir()
-    with (tmp_path / "worker.log").open("ab") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker", "--data-dir", str(worker_dir), "--database-url", PG_URL,
-             "--base-model", base_model_dir], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "TUNELOOP_HEARTBEAT_SECONDS": "1"})
+    worker = start_worker(worker_dir, tmp_path / "worker.log", base_model_dir, PG_URL)
     try:
-        rows = read_rows(banking77_dir / "train.csv")
-        random.Random(2).shuffle(rows)
-        intents = sorted({label for _, label in rows})[:4]
-        sample = [to_chat(text, label) for text, label in rows if label in intents][:40]
+        sample = banking77_sample(banking77_dir, seed=2, n=40)
         with a.client() as c:
             # A gate no adapter passes: a passed one is staged by both processes at once, and here (one machine)
             # they would load it from the worker's directory while it still exists.

@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,23 +15,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from examples.banking77.prepare import read_rows, to_chat
 from service.storage.db import make_engine, make_sessionmaker
 from service.storage.models import ArtifactChunk
-from tests.conftest import PG_URL, ROOT, _reset_pg, start_service, stop_service
+from tests.conftest import PG_URL, _reset_pg, banking77_sample, start_service, start_worker, stop_service
 
 pytestmark = [pytest.mark.slow]
 DEP = "elsewhere"
-
-
-def _worker(data_dir: Path, log: Path, base_model_dir: str, **env: str) -> subprocess.Popen[bytes]:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker", "--data-dir", str(data_dir), "--database-url", PG_URL,
-             "--base-model", base_model_dir],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "TUNELOOP_HEARTBEAT_SECONDS": "1", "TUNELOOP_HEARTBEAT_TIMEOUT_SECONDS": "8", **env})
+QUICK_REQUEUE = {"TUNELOOP_HEARTBEAT_TIMEOUT_SECONDS": "8"}  # a job without heartbeat for 8 s goes back to the queue
 
 
 def _until(what: str, check: Callable[[], object], timeout: float = 900) -> None:
@@ -62,13 +48,10 @@ def test_a_job_resumes_on_another_machine_and_its_deleted_adapter_leaves_that_ma
     _reset_pg()
     svc = start_service(tmp_path / "api", base_model_dir, [vllm_supervisor.base_url], database_url=PG_URL,
                         env={"TUNELOOP_START_WORKER": "false"})
-    first = _worker(tmp_path / "machine-a", tmp_path / "worker-a.log", base_model_dir)
+    first = start_worker(tmp_path / "machine-a", tmp_path / "worker-a.log", base_model_dir, PG_URL, **QUICK_REQUEUE)
     second = None
     try:
-        rows = read_rows(banking77_dir / "train.csv")
-        random.Random(3).shuffle(rows)
-        intents = sorted({label for _, label in rows})[:4]
-        sample = [to_chat(text, label) for text, label in rows if label in intents][:48]
+        sample = banking77_sample(banking77_dir, seed=3, n=48)
         with svc.client() as c:
             # a gate no adapter passes, so that nothing stages (loads) the adapter before it is deleted
             assert c.post("/v1/deployments", json={"name": DEP, "config": {
@@ -94,8 +77,9 @@ def test_a_job_resumes_on_another_machine_and_its_deleted_adapter_leaves_that_ma
             stored = max(e["data"]["step"] for e in events() if e["type"] == "checkpoint" and e["data"].get("stored"))
             assert f"ckpt-{job['id']}" in _stored_artifacts()
 
-            second = _worker(tmp_path / "machine-b", tmp_path / "worker-b.log", base_model_dir,
-                             TUNELOOP_ADAPTER_DELETE_GRACE_SECONDS="0", TUNELOOP_MONITOR_INTERVAL_SECONDS="1")
+            second = start_worker(tmp_path / "machine-b", tmp_path / "worker-b.log", base_model_dir, PG_URL,
+                                  TUNELOOP_ADAPTER_DELETE_GRACE_SECONDS="0", TUNELOOP_MONITOR_INTERVAL_SECONDS="1",
+                                  **QUICK_REQUEUE)
             _until("machine B did not finish the job", lambda: c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
                    ["status"] in ("succeeded", "failed", "cancelled"))
             job = c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()

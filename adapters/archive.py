@@ -74,7 +74,7 @@ def unpack(archive: Path, dest: Path, max_bytes: int) -> None:
 
 def check_fits(adapter_dir: Path, base_dir: Path) -> dict[str, Any]:
     """Check that a LoRA adapter adapts this base model: a LoRA config, and every lora_A (r × in) and lora_B
-    (out × r) tensor the shape of the base weight (out × in) it adds to. Returns its LoRA shape (`lora_r` the
+    (out × r) tensor the shape of the base weight (out × in) it adds to, of finite floats. Returns its LoRA shape (`lora_r` the
     largest rank of any module, which is what vLLM's `--max-lora-rank` must admit)."""
     from safetensors import safe_open
 
@@ -115,5 +115,10 @@ def check_fits(adapter_dir: Path, base_dir: Path) -> dict[str, Any]:
     for module, pair in ranks.items():
         if len(pair) != 2 or pair["A"] != pair["B"]:
             raise ArchiveError(f"{module}: lora_A and lora_B must both be there, of one rank; got {pair}", module)
+    with safe_open(str(adapter_dir / WEIGHTS), "pt") as st:  # values too: a NaN serves garbage, it does not fail
+        for key in tensors:
+            t = st.get_tensor(key)
+            if not t.is_floating_point() or not bool(t.isfinite().all()):
+                raise ArchiveError(f"tensor {key} holds values that are not finite floating point numbers", key)
     shape["lora_r"] = max(pair["A"] for pair in ranks.values())
     return shape

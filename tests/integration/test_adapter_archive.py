@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tests.conftest_vllm import make_random_lora, register_random_lora
 
@@ -77,6 +77,11 @@ def test_a_bad_archive_is_a_422_naming_the_fault_and_registers_nothing(service, 
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 1024),
                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(576, 8)}, str(wide))
     rank64 = json.dumps({**json.loads(config), "r": 64}).encode()
+    nan = tmp_path / "nan.safetensors"  # the right shapes, one NaN
+    tensors = load_file(str(good / "adapter_model.safetensors"))
+    poisoned = max(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[poisoned][0, 0] = float("nan")
+    save_file(tensors, str(nan))
     with service.client() as c:
         assert c.post("/v1/deployments", json={"name": "strict"}).status_code == 201
         cases = [
@@ -90,6 +95,7 @@ def test_a_bad_archive_is_a_422_naming_the_fault_and_registers_nothing(service, 
              "body.adapter_model.safetensors"),
             (_tar({"adapter_config.json": config, "adapter_model.safetensors": wide.read_bytes()}),
              "body.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
+            (_tar({"adapter_config.json": config, "adapter_model.safetensors": nan.read_bytes()}), f"body.{poisoned}"),
         ]
         for body, field in cases:
             r = c.post("/v1/adapters", params={"deployment": "strict"}, content=body, headers=TAR)

@@ -265,4 +265,7 @@ async def _auto_deploy(ctx: WorkerContext, source_job_id: str, adapter: Adapter)
         from service.core.experiments import request_auto_experiment
     except ImportError:  # pragma: no cover
         return
-    await request_auto_experiment(ctx.sessions, adapter, spec)
+    try:
+        await request_auto_experiment(ctx.sessions, adapter, spec)
+    except Conflict as exc:  # deleted since its evaluation started
+        log.warning("adapter %s: no experiment started: %s", adapter.id, exc.detail)

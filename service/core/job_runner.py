@@ -342,8 +342,13 @@ async def register_adapter(ctx: WorkerContext, job: Job, snap: Snapshot, base_pa
 async def enqueue_evaluation(ctx: WorkerContext, adapter: Adapter, job: Job | None) -> str | None:
     """Queue the evaluation of a new adapter (run by a worker, never in a request)."""
     from service.core.evaluations import queue_evaluation
+    from service.errors import Conflict
 
-    return await queue_evaluation(ctx.sessions, adapter, source_job=job)
+    try:
+        return await queue_evaluation(ctx.sessions, adapter, source_job=job)
+    except Conflict as exc:  # deleted in the moment since it was registered (keep_adapters, or by hand)
+        log.warning("adapter %s: no evaluation queued: %s", adapter.id, exc.detail)
+        return None
 
 
 async def run_evaluation_job(ctx: WorkerContext, job: Job) -> None:

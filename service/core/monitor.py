@@ -38,11 +38,12 @@ class Monitor:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.window = ctx.settings.drift_window
-        self.deleted_files = DeletedFiles(ctx.sessions, ctx.artifacts, ctx.settings.data_dir,
-                                          ctx.settings.adapter_delete_grace_seconds)
 
     async def run(self) -> None:
         self.leader = LeaderLock(self.ctx.engine)
+        settings = self.ctx.settings
+        deleted_files = DeletedFiles(self.ctx.sessions, self.ctx.artifacts, settings.data_dir,
+                                     settings.adapter_delete_grace_seconds)
         last_slow = time.monotonic()
         try:
             while True:
@@ -54,7 +55,7 @@ class Monitor:
                 await self._safe(self.ctx.serving.restore_standby())
                 await self._safe(self.job_gauges())
                 await self._safe(export_latest_drift(self.ctx.sessions))
-                await self._safe(self.deleted_files.sweep(self.ctx.serving.loaded_adapter_ids))
+                await self._safe(deleted_files.sweep(self.ctx.serving.loaded_adapter_ids))
                 if leader and time.monotonic() - last_slow >= self.ctx.settings.monitor_interval_seconds:
                     last_slow = time.monotonic()
                     await self._safe(self.run_all())

@@ -2,9 +2,10 @@
 
 A job whose worker died goes back to the queue (heartbeat timeout) and resumes from its last checkpoint, which
 the trainer wrote under `<data>/jobs/<job>/output` of the machine that ran it. With the artifact store on (the
-default on PostgreSQL), the worker also stores each checkpoint it is told of in the database, replacing the one
-before (`ckpt-<job id>`: adapter weights, optimizer, scheduler and RNG state), and a worker that takes the job
-up on a machine without the files fetches that one into the same place first. It is dropped when the job ends.
+default on PostgreSQL), the worker also stores the checkpoints it is told of in the database (at most one a
+minute, `Storer`), each replacing the one before (`ckpt-<job id>`: adapter weights, optimizer, scheduler and RNG
+state), and a worker that takes the job up on a machine without the files fetches that one into the same place
+first. It is dropped when the job ends.
 Search jobs are not stored: their resume needs the whole study and every finished trial, not one checkpoint.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +34,26 @@ def artifact_id(job_id: str) -> str:
     return f"ckpt-{job_id}"
 
 
-def stores(ctx: WorkerContext, job: Job) -> bool:
-    return ctx.artifacts.store and not job.spec.get("search")
+class Storer:
+    """Stores a job's checkpoints as the trainer reports them, but not more often than every
+    `MIN_INTERVAL_SECONDS` nor for more than 1/20 of the time: storing competes with training for the same CPU
+    (every checkpoint of a short job cost it 9 % here, `benchmarks/checkpoint_store.py`), and a resume elsewhere
+    repeats at most about that much training."""
+
+    MIN_INTERVAL_SECONDS = 60.0
+
+    def __init__(self, ctx: WorkerContext, job: Job, output_dir: Path) -> None:
+        self.ctx, self.job, self.output_dir = ctx, job, output_dir
+        self.on = ctx.artifacts.store and not job.spec.get("search")
+        self.next_at = 0.0  # the first checkpoint is always stored
+
+    async def offer(self, event: dict[str, Any]) -> None:
+        if not self.on or time.monotonic() < self.next_at:
+            return
+        started = time.monotonic()
+        await store(self.ctx, self.job, self.output_dir, event)
+        took = time.monotonic() - started
+        self.next_at = time.monotonic() + max(self.MIN_INTERVAL_SECONDS, 20 * took)
 
 
 async def store(ctx: WorkerContext, job: Job, output_dir: Path, event: dict[str, Any]) -> None:

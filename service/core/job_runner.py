@@ -266,6 +266,7 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
             await asyncio.sleep(1.0)
 
     watcher = asyncio.create_task(watch())
+    storer = checkpoints.Storer(ctx, job, jdir / "output")
     assert proc.stdout is not None
     async for raw in proc.stdout:
         try:
@@ -282,8 +283,8 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
             error = ev.get("message")
         elif t == "cancelled":
             saw_cancelled = True
-        elif t == "checkpoint" and checkpoints.stores(ctx, job):
-            await checkpoints.store(ctx, job, jdir / "output", ev)
+        elif t == "checkpoint":
+            await storer.offer(ev)
         if time.monotonic() - flushed > _EVENT_FLUSH_SECONDS or t in ("checkpoint", "error", "done", "cancelled"):
             await _add_events(ctx, job.id, pending)
             pending, flushed = [], time.monotonic()

@@ -106,7 +106,7 @@ async def job_checkpoints(request: Request[Any, Any, Any], job_id: str) -> dict[
     events = [e for e in await ctx.jobs.events(job.id, None, 10_000) if e.type == "checkpoint"]
     data = [{"object": "fine_tuning.job.checkpoint", "id": f"{job.id}:{e.data.get('step')}", "step_number":
              e.data.get("step"), "path": e.data.get("path"), "metrics": {k: v for k, v in e.data.items()
-                                                                         if k not in ("type", "step", "path")},
+                                                                         if k not in ("type", "step", "path", "stored")},
              "exists": bool(e.data.get("path")) and Path(str(e.data.get("path"))).exists(),
              "created_at": int(e.created_at)} for e in events]
     return {"object": "list", "data": data}

@@ -134,12 +134,13 @@ class DeletedFiles:
         for adapter_id, path, job_id in rows:
             if adapter_id in self.swept or adapter_id in held:
                 continue
-            candidates = [(Path(path), self.data_dir / "adapters"), (self.artifacts.cached(adapter_id), None)]
+            candidates = [(Path(path), self.data_dir / "adapters"),  # (a path, the folder it must be inside)
+                          (self.artifacts.cached(adapter_id), self.data_dir / "artifacts")]
             if job_id:
-                candidates.append((self.data_dir / "jobs" / job_id, None))
+                candidates.append((self.data_dir / "jobs" / job_id, self.data_dir / "jobs"))
             for p, root in candidates:
                 p = p.resolve()
-                if p.exists() and p.is_relative_to(root or self.data_dir) and p != (root or self.data_dir):
+                if p.exists() and p.is_relative_to(root) and p != root:
                     await asyncio.to_thread(shutil.rmtree, p, True)
                     removed.append(p)
             self.swept.add(adapter_id)

@@ -62,6 +62,9 @@ ADAPTERS_LOADED = Gauge("tuneloop_adapters_loaded", "Adapters loaded in vLLM and
 ADAPTERS_DELETED = Counter("tuneloop_adapters_deleted_total",
                            "Adapters deleted, through the API (api) or by a deployment's keep_adapters policy.",
                            ["deployment", "kind"], registry=REGISTRY)
+SNAPSHOTS_DELETED = Counter("tuneloop_snapshots_deleted_total",
+                            "Snapshots deleted, through the API (api) or by a deployment's keep_snapshots policy.",
+                            ["deployment", "kind"], registry=REGISTRY)
 
 # --- feedback ------------------------------------------------------------------------------------------
 FEEDBACK = Counter("tuneloop_feedback_total", "Feedback items stored.",

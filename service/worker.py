@@ -117,16 +117,16 @@ async def run_worker(settings: Settings) -> None:
 
 
 async def _sweep_deleted(ctx: WorkerContext) -> None:
-    """Remove this machine's files of deleted adapters (a worker on a machine of its own has no API process to
+    """Remove this machine's files of deleted adapters and snapshots (a worker on a machine of its own has no API process to
     do it), every `monitor_interval_seconds` until the worker stops."""
-    from service.core.adapter_deletion import DeletedFiles
+    from service.core.deleted_files import DeletedFiles
 
     files = DeletedFiles(ctx.sessions, ctx.artifacts, ctx.settings.data_dir, ctx.settings.adapter_delete_grace_seconds)
     while not ctx.stopping.is_set():
         try:
             await files.sweep()
         except Exception:
-            log.exception("removing the files of deleted adapters failed; retried at the next pass")
+            log.exception("removing the files of deleted adapters and snapshots failed; retried at the next pass")
         try:
             await asyncio.wait_for(ctx.stopping.wait(), timeout=ctx.settings.monitor_interval_seconds)
         except TimeoutError:

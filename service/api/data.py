@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Request, Response, get, post
+from litestar import Request, Response, delete, get, post
 from litestar.response import Response as LResponse
 
 from service.api import bodies, responses
 from service.api.common import ctx_of, json_body, json_object, limited_body, row_cursor, wants_html
 from service.api.openapi import TEXT, operation
 from service.auth import admin_scope, app_scope
+from service.core import snapshot_deletion
 from service.core.datasets import checked_curation, dataset_json, snapshot_job_json, snapshot_json
 from service.core.feedback import feedback_json
-from service.errors import NotFound, Unprocessable, UnsupportedMediaType
+from service.errors import Gone, NotFound, Unprocessable, UnsupportedMediaType
 
 NDJSON_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson"}
 
@@ -99,12 +100,24 @@ async def get_snapshot(request: Request[Any, Any, Any], snapshot_id: str) -> dic
     return snapshot_json(await ctx_of(request).datasets.get_snapshot(snapshot_id))
 
 
+@delete("/v1/snapshots/{snapshot_id:str}", guards=[admin_scope], status_code=200,
+        operation_class=operation(responses.Snapshot))
+async def delete_snapshot(request: Request[Any, Any, Any], snapshot_id: str) -> dict[str, Any]:
+    """Delete a snapshot that no job or adapter uses (409 saying which does): its record and JSON report stay,
+    its files go from the database now and from each machine after `TUNELOOP_ADAPTER_DELETE_GRACE_SECONDS`."""
+    ctx = ctx_of(request)
+    return snapshot_json(await snapshot_deletion.delete_snapshot(ctx.sessions, ctx.artifacts, snapshot_id,
+                                                                 "deleted via API"))
+
+
 @get("/v1/snapshots/{snapshot_id:str}/report", guards=[admin_scope],
      operation_class=operation(responses.SnapshotReport, alternatives={"text/html": TEXT}))
 async def snapshot_report(request: Request[Any, Any, Any], snapshot_id: str) -> Response[Any]:
     datasets = ctx_of(request).datasets
     snap = await datasets.get_snapshot(snapshot_id)
     if wants_html(request):
+        if snap.deleted_at is not None:
+            raise Gone(f"snapshot {snap.id} was deleted; its files are gone (the JSON report stays)")
         html = await datasets.snapshot_dir(snap) / "report.html"
         if not html.is_file():
             raise NotFound(f"snapshot {snap.id}'s files are not on this machine and not in the database "

@@ -252,6 +252,8 @@ class Snapshot(_Out, kw_only=True):
     curation: Annotated[CurationConfig, msgspec.Meta(description="the whole config it was curated with, defaults filled")]
     feedback_range: FeedbackRange | None
     created_at: Timestamp
+    deleted_at: Timestamp | None
+    deleted_reason: str | None
 
 
 class LengthStats(msgspec.Struct, kw_only=True):

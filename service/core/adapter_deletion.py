@@ -11,18 +11,14 @@ staged adapter's files vanished), so files never go from under a loaded adapter:
   looks, so of a delete and a promote (or experiment, …) racing on two API processes exactly one succeeds.
 - Nothing loads a deleted adapter again; a process that had it loaded unloads it within a monitor pass
   (staged) or its drain timeout (an experiment's variant that just stopped). The database's copy of the files
-  goes with the delete; each process removes its machine's copies (`DeletedFiles`) only
+  goes with the delete; each process removes its machine's copies (`service.core.deleted_files`) only
   `adapter_delete_grace_seconds` later, and an API process never while it still has the adapter loaded.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import shutil
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -108,43 +104,4 @@ async def keep_newest(sessions: async_sessionmaker[AsyncSession], artifacts: Art
             continue  # in use: kept, and looked at again next pass
         deleted.append(adapter_id)
     return deleted
-
-
-class DeletedFiles:
-    """Removes this machine's files of deleted adapters once their grace period is over: the directory
-    training or an import wrote (under `<data>/adapters`), the artifact store's fetched copy, and the training
-    job's directory (its checkpoints, with optimizer state, are the largest part). Paths outside the data
-    directory are never touched. Each process runs it; what it removed it does not look at again."""
-
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], artifacts: ArtifactStore, data_dir: Path,
-                 grace_seconds: float) -> None:
-        self.sessions = sessions
-        self.artifacts = artifacts
-        self.data_dir = data_dir.resolve()
-        self.grace_seconds = grace_seconds
-        self.swept: set[str] = set()
-
-    async def sweep(self, loaded: Callable[[], set[str]] = set) -> list[Path]:
-        """Remove what may go; `loaded` gives the adapter ids this process still has loaded (kept for now)."""
-        async with self.sessions() as s:
-            rows = (await s.execute(select(Adapter.id, Adapter.path, Adapter.job_id).where(
-                Adapter.status == "deleted", Adapter.deleted_at <= time.time() - self.grace_seconds))).all()
-        held = loaded()
-        removed = []
-        for adapter_id, path, job_id in rows:
-            if adapter_id in self.swept or adapter_id in held:
-                continue
-            candidates = [(Path(path), self.data_dir / "adapters"),  # (a path, the folder it must be inside)
-                          (self.artifacts.cached(adapter_id), self.data_dir / "artifacts")]
-            if job_id:
-                candidates.append((self.data_dir / "jobs" / job_id, self.data_dir / "jobs"))
-            for p, root in candidates:
-                p = p.resolve()
-                if p.exists() and p.is_relative_to(root) and p != root:
-                    await asyncio.to_thread(shutil.rmtree, p, True)
-                    removed.append(p)
-            self.swept.add(adapter_id)
-        if removed:
-            log.info("removed the files of deleted adapters: %s", ", ".join(map(str, removed)))
-        return removed
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from adapters.curation.report import quality_report, quality_report_html
 from adapters.curation.rows import Row, RowError, parse_row
 from adapters.curation.steps import StepReport
 from monitoring import metrics
+from service.core import snapshot_deletion
 from service.core.feedback import feedback_for_training
 from service.errors import NotFound, Unprocessable
 from service.storage.artifacts import ArtifactStore
@@ -46,6 +49,7 @@ from service.storage.models import (
     Snapshot,
 )
 
+log = logging.getLogger("tuneloop.datasets")
 BATCH = 1000
 MAX_REPORTED_ERRORS = 1000
 
@@ -74,7 +78,8 @@ def dataset_json(d: Dataset, records: int | None = None) -> dict[str, Any]:
 def snapshot_json(s: Snapshot) -> dict[str, Any]:
     return {"object": "snapshot", "id": s.id, "dataset_id": s.dataset_id, "deployment": s.deployment,
             "counts": s.counts, "curation": s.curation, "feedback_range": s.feedback_range,
-            "created_at": int(s.created_at)}
+            "created_at": int(s.created_at), "deleted_at": int(s.deleted_at) if s.deleted_at else None,
+            "deleted_reason": s.deleted_reason}
 
 
 @dataclass(frozen=True)
@@ -273,8 +278,11 @@ class DatasetService:
         return job
 
     async def build_snapshot(self, sources: SnapshotSources,
-                             on_step: Callable[[StepReport, int], None] | None = None) -> Snapshot:
-        """Curate the sources into a content-addressed snapshot (worker side; `on_step` reports progress)."""
+                             on_step: Callable[[StepReport, int], None] | None = None,
+                             job_id: str | None = None) -> Snapshot:
+        """Curate the sources into a content-addressed snapshot (worker side; `on_step` reports progress) and
+        record it on job `job_id` in the same transaction, so that no delete comes between. The same content
+        curated again is the same snapshot; a deleted one is restored."""
         config = CurationConfig.from_dict(sources.curation)
         rows: list[Row] = []
         for ds in sources.dataset_ids:
@@ -290,19 +298,26 @@ class DatasetService:
         snap_id = "snap-" + result.content_hash()[:32]
         async with self.sessions() as s:
             existing = await s.get(Snapshot, snap_id)
-        if existing is not None:
-            return existing
-        path = await asyncio.to_thread(self._write, snap_id, result)
-        report = quality_report(result)
-        counts = {"input": result.input_count, "train": len(result.train), "validation": len(result.validation)}
-        ids = sources.dataset_ids
-        snap = Snapshot(id=snap_id, dataset_id=ids[0] if len(ids) == 1 else None,
-                        deployment=sources.deployment, path=str(path), counts=counts, curation=config.to_dict(),
-                        report=_jsonable(report), feedback_range=feedback_range)
+        path = None if existing else await asyncio.to_thread(self._write, snap_id, result)  # new: before the lock
         async with self.sessions() as s, s.begin():
-            if await s.get(Snapshot, snap_id) is None:
+            snap = await snapshot_deletion.locked(s, snap_id)
+            if snap is None:
+                counts = {"input": result.input_count, "train": len(result.train),
+                          "validation": len(result.validation)}
+                ids = sources.dataset_ids
+                snap = Snapshot(id=snap_id, dataset_id=ids[0] if len(ids) == 1 else None,
+                                deployment=sources.deployment, path=str(path), counts=counts,
+                                curation=config.to_dict(), report=_jsonable(quality_report(result)),
+                                feedback_range=feedback_range)
                 s.add(snap)
+                await self.artifacts.add(s, snap_id, Path(snap.path))
+            elif snap.deleted_at is not None:  # restored, under the row lock the deleted-files sweep takes
+                path = await asyncio.to_thread(self._write, snap_id, result)
+                snap.path, snap.created_at, snap.deleted_at, snap.deleted_reason = str(path), time.time(), None, None
                 await self.artifacts.add(s, snap_id, path)
+                log.info("snapshot %s curated again: restored", snap_id)
+            if job_id is not None:
+                await s.execute(update(Job).where(Job.id == job_id).values(snapshot_id=snap_id))
         return snap
 
     def _write(self, snap_id: str, result: CurationResult) -> Path:

@@ -40,6 +40,8 @@ class DeploymentConfig(msgspec.Struct, kw_only=True):
     triggers: Triggers | None = None
     keep_adapters: Annotated[int, msgspec.Meta(ge=1, description=(
         "keep the newest N adapters (by version); older ones are deleted unless in use"))] | None = None
+    keep_snapshots: Annotated[int, msgspec.Meta(ge=1, description=(
+        "keep the newest N snapshots; older ones are deleted unless a job or an adapter uses them"))] | None = None
 
 
 def deployment_json(d: Deployment) -> dict[str, Any]:
@@ -88,6 +90,8 @@ class DeploymentService:
             metrics.SWAP_PHASE_SECONDS.labels(dep.name, phase)
         for kind in ("api", "keep_adapters"):
             metrics.ADAPTERS_DELETED.labels(dep.name, kind)
+        for kind in ("api", "keep_snapshots"):
+            metrics.SNAPSHOTS_DELETED.labels(dep.name, kind)
         choices = (dep.config or {}).get("answer_choices")
         if choices:
             self.answer_choices[dep.name] = tuple(choices)

@@ -153,7 +153,7 @@ async def curate(ctx: WorkerContext, job: Job, base_path: str) -> Snapshot | Non
     await _add_events(ctx, job.id, [{"type": "curation", "message": f"curating {' + '.join(parts)}"}])
     watcher = asyncio.create_task(watch())
     try:
-        snap = await datasets.build_snapshot(sources, on_step)
+        snap = await datasets.build_snapshot(sources, on_step, job_id=job.id)
     except _Cancelled:
         snap = None
     except Exception as exc:  # the job fails with the reason; the worker carries on
@@ -169,8 +169,6 @@ async def curate(ctx: WorkerContext, job: Job, base_path: str) -> Snapshot | Non
     if snap is None:  # a cancel that came after the last step keeps the finished snapshot
         await _stop_or_requeue(ctx, job.id, cancelled_by_user)
         return None
-    async with ctx.sessions() as s, s.begin():
-        await s.execute(update(Job).where(Job.id == job.id).values(snapshot_id=snap.id))
     await _add_events(ctx, job.id, [{"type": "snapshot", "snapshot_id": snap.id, "counts": snap.counts,
                                      "message": f"snapshot {snap.id}: {snap.counts}"}])
     return snap

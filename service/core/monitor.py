@@ -1,10 +1,10 @@
 """The periodic monitor of the API process: experiment decisions, job gauges, drift, fairness, triggers.
 
 Fast tick (`experiment_interval_seconds`): experiment decisions, job-state gauges, the newest drift runs, and
-removing this machine's files of deleted adapters (`service.core.adapter_deletion`).
+removing this machine's files of deleted adapters and snapshots (`service.core.deleted_files`).
 Slow tick (`monitor_interval_seconds`), per deployment: queue a drift job (the worker runs it, see
 `service.core.drift`), fairness over recent traffic and feedback (fairlearn), the retraining triggers, then
-the `keep_adapters` policy.
+the `keep_adapters` and `keep_snapshots` policies.
 Every run is stored (`monitor_runs`) and exported to Prometheus.
 
 Where several API processes share the database, decisions (experiments, drift, fairness, triggers) are made
@@ -23,7 +23,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from monitoring import metrics
-from service.core.adapter_deletion import DeletedFiles, keep_newest
+from service.core import adapter_deletion, snapshot_deletion
+from service.core.deleted_files import DeletedFiles
 from service.core.drift import MIN_ROWS, TrafficWindows, export_latest_drift, queue_drift_job
 from service.core.replicas import LeaderLock
 from service.storage.models import Completion, Deployment, Evaluation, Feedback, Job, MonitorRun
@@ -130,7 +131,10 @@ class Monitor:
             await self._safe(self.fairness(name))
             await self._safe(self.triggers(name))
             if keep := (config or {}).get("keep_adapters"):
-                await self._safe(keep_newest(self.ctx.sessions, self.ctx.artifacts, name, int(keep)))
+                await self._safe(adapter_deletion.keep_newest(self.ctx.sessions, self.ctx.artifacts, name, int(keep)))
+            if keep := (config or {}).get("keep_snapshots"):  # after keep_adapters, which frees snapshots
+                await self._safe(snapshot_deletion.keep_newest(self.ctx.sessions, self.ctx.artifacts, name,
+                                                               int(keep)))
 
     async def _new_traffic(self, deployment: str) -> bool:
         """Drift is worth recomputing once a window's minimum of completions arrived since the last drift job."""

@@ -153,6 +153,10 @@ class Snapshot(Base):
     report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     feedback_range: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
+    # set when deleted (its files go; the record stays, jobs and adapters name it); a new curation with the
+    # same content clears it again
+    deleted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    deleted_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class Job(Base):

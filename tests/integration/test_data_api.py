@@ -156,6 +156,48 @@ def test_snapshot_curates_and_reports(service, banking_rows) -> None:
         assert r.status_code == 422 and r.json()["field"] == "datasets"  # nothing to curate: no job at all
 
 
+
+def test_a_snapshot_nothing_uses_can_be_deleted_and_curated_again(service, banking_rows) -> None:
+    with service.client() as c:
+        ds = c.post("/v1/datasets", json={"name": "deleting", "deployment": "default"}).json()
+        c.post(f"/v1/datasets/{ds['id']}/records", content=_ndjson(banking_rows[:60]),
+               headers={"content-type": "application/x-ndjson"})
+        body = {"curation": {"seed": 21, "label_balance": {"enabled": False}}}
+        snap = make_snapshot(c, ds["id"], body)
+        assert snap["deleted_at"] is None
+        assert c.delete("/v1/snapshots/snap-nope").status_code == 404
+
+        job = c.post("/v1/fine_tuning/jobs", json={"deployment": "default", "snapshot_id": snap["id"],
+                                                   "method": {"type": "sft", "hyperparameters": {"max_steps": 1}}})
+        assert job.status_code == 201, job.text
+        r = c.delete(f"/v1/snapshots/{snap['id']}")  # queued or running: in use either way
+        assert r.status_code == 409 and r.json()["field"] == "snapshot_id", r.text
+        assert job.json()["id"] in r.json()["detail"]
+        c.post(f"/v1/fine_tuning/jobs/{job.json()['id']}/cancel")
+        deadline = time.monotonic() + 300
+        while c.get(f"/v1/fine_tuning/jobs/{job.json()['id']}").json()["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+
+        r = c.delete(f"/v1/snapshots/{snap['id']}")
+        assert r.status_code == 200, r.text
+        deleted = r.json()
+        assert deleted["deleted_at"] >= int(time.time()) - 60 and deleted["deleted_reason"] == "deleted via API"
+        assert c.delete(f"/v1/snapshots/{snap['id']}").json() == deleted  # idempotent
+        assert c.get(f"/v1/snapshots/{snap['id']}").json()["deleted_at"] == deleted["deleted_at"]
+        assert c.get(f"/v1/snapshots/{snap['id']}/report").json()["steps"]  # the JSON report stays
+        html = c.get(f"/v1/snapshots/{snap['id']}/report", headers={"accept": "text/html"})
+        assert html.status_code == 410 and html.headers["content-type"].startswith("application/problem+json")
+        r = c.post("/v1/fine_tuning/jobs", json={"deployment": "default", "snapshot_id": snap["id"]})
+        assert r.status_code == 409 and r.json()["field"] == "snapshot_id" and "deleted" in r.json()["detail"]
+        metrics = c.get("/metrics").text
+        assert 'tuneloop_snapshots_deleted_total{deployment="default",kind="api"} 1.0' in metrics
+
+        again = make_snapshot(c, ds["id"], body)  # the same content curated again: the same snapshot, restored
+        assert again["id"] == snap["id"] and again["deleted_at"] is None
+        html = c.get(f"/v1/snapshots/{snap['id']}/report", headers={"accept": "text/html"})
+        assert html.status_code == 200 and "<html" in html.text.lower()
+
 def _wait_snapshot_job(c, job_id: str, timeout: float = 600) -> dict:
     deadline = time.monotonic() + timeout
     while (job := c.get(f"/v1/snapshot_jobs/{job_id}").json())["status"] in ("queued", "running"):

@@ -64,6 +64,7 @@ class Settings:
     artifact_store: str = "auto"  # database | files | auto (database on PostgreSQL), see artifacts_in_database
     adapter_delete_grace_seconds: float = 900.0  # a deleted adapter's files stay this long on each machine
     drift_window: int = 500  # completions per drift window (reference and current)
+    drift_reports_kept: int = 20  # per deployment, the newest drift runs whose HTML report stays (each is MBs)
 
     @property
     def database(self) -> str:
@@ -88,6 +89,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.artifact_store not in ("auto", "database", "files"):
             raise ValueError(f"TUNELOOP_ARTIFACT_STORE must be auto, database or files, not {self.artifact_store!r}")
+        if self.drift_reports_kept < 1:
+            raise ValueError("TUNELOOP_DRIFT_REPORTS_KEPT must be at least 1 (the newest report is the one served)")
 
     @property
     def artifacts_in_database(self) -> bool:

@@ -22,7 +22,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.evaluation.metrics import is_label_like
@@ -231,6 +231,22 @@ async def run_drift_job(ctx: WorkerContext, job: Job) -> None:
     drifted = [f["feature"] for f in result["features"] if f["drifted"]]
     await finish("succeeded", {**sizes, "monitor_run_id": run.id, "share": result["share"], "drifted": drifted},
                  f"drift share {result['share']:.2f}; drifted: {', '.join(drifted) or 'none'}")
+
+
+async def prune_drift_reports(sessions: async_sessionmaker[AsyncSession], deployment: str, keep: int) -> list[int]:
+    """Drop the HTML reports of all but the newest `keep` drift runs of `deployment` (run by the monitor's leader):
+    evidently writes several MB per run, and a busy deployment gets a run per monitor pass. The runs' numbers stay
+    (`GET /v1/monitoring/drift`); the database's copy goes now, each machine's files with its `DeletedFiles` sweep.
+    Returns the ids of the runs pruned."""
+    async with sessions() as s, s.begin():
+        ids = list((await s.execute(select(MonitorRun.id).where(
+            MonitorRun.deployment == deployment, MonitorRun.kind == "drift", MonitorRun.html_path.is_not(None))
+            .order_by(MonitorRun.id.desc()).offset(keep))).scalars())
+        for run_id in ids:
+            await ArtifactStore.remove(s, f"drift-{run_id}")
+        if ids:
+            await s.execute(update(MonitorRun).where(MonitorRun.id.in_(ids)).values(html_path=None))
+    return ids
 
 
 # --- Prometheus (API process) --------------------------------------------------------------------------------

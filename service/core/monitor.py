@@ -4,7 +4,7 @@ Fast tick (`experiment_interval_seconds`): experiment decisions, job-state gauge
 removing this machine's files of deleted adapters and snapshots (`service.core.deleted_files`).
 Slow tick (`monitor_interval_seconds`), per deployment: queue a drift job (the worker runs it, see
 `service.core.drift`), fairness over recent traffic and feedback (fairlearn), the retraining triggers, then
-the `keep_adapters` and `keep_snapshots` policies.
+the `keep_adapters` and `keep_snapshots` policies and the pruning of old drift reports.
 Every run is stored (`monitor_runs`) and exported to Prometheus.
 
 Where several API processes share the database, decisions (experiments, drift, fairness, triggers) are made
@@ -25,7 +25,13 @@ from sqlalchemy.exc import IntegrityError
 from monitoring import metrics
 from service.core import adapter_deletion, snapshot_deletion
 from service.core.deleted_files import DeletedFiles
-from service.core.drift import MIN_ROWS, TrafficWindows, export_latest_drift, queue_drift_job
+from service.core.drift import (
+    MIN_ROWS,
+    TrafficWindows,
+    export_latest_drift,
+    prune_drift_reports,
+    queue_drift_job,
+)
 from service.core.replicas import LeaderLock
 from service.storage.models import Completion, Deployment, Evaluation, Feedback, Job, MonitorRun
 
@@ -135,6 +141,7 @@ class Monitor:
             if keep := (config or {}).get("keep_snapshots"):  # after keep_adapters, which frees snapshots
                 await self._safe(snapshot_deletion.keep_newest(self.ctx.sessions, self.ctx.artifacts, name,
                                                                int(keep)))
+            await self._safe(prune_drift_reports(self.ctx.sessions, name, self.ctx.settings.drift_reports_kept))
 
     async def _new_traffic(self, deployment: str) -> bool:
         """Drift is worth recomputing once a window's minimum of completions arrived since the last drift job."""

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
-from service.core.adapter_deletion import DeletedFiles, delete_adapter, keep_newest
+from service.core.adapter_deletion import delete_adapter, keep_newest
 from service.core.adapters import register_adapter_dir
+from service.core.deleted_files import DeletedFiles
 from service.core.experiments import insert_experiment
 from service.errors import Conflict
 from service.storage.artifacts import ArtifactStore

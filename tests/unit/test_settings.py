@@ -83,3 +83,5 @@ def test_artifacts_go_into_the_database_by_default_only_on_postgresql() -> None:
     assert Settings(artifact_store="database").artifacts_in_database
     with pytest.raises(ValueError, match="TUNELOOP_ARTIFACT_STORE"):
         Settings(artifact_store="s3")
+    with pytest.raises(ValueError, match="TUNELOOP_DRIFT_REPORTS_KEPT"):
+        Settings(drift_reports_kept=0)

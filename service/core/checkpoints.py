@@ -6,19 +6,26 @@ default on PostgreSQL), the worker also stores the checkpoints it is told of in 
 minute, `Storer`), each replacing the one before (`ckpt-<job id>`: adapter weights, optimizer, scheduler and RNG
 state), and a worker that takes the job up on a machine without the files fetches that one into the same place
 first. It is dropped when the job ends.
-Search jobs are not stored: their resume needs the whole study and every finished trial, not one checkpoint.
+
+A hyperparameter search resumes from its Optuna study (the trials it finished) and the best trial's adapter, not
+from a trainer's checkpoint: the worker stores those (`store_search`, under the same id) as each trial starts,
+when the trials before it are final in the study, so a resume elsewhere repeats at most the trial in progress.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
+import sqlite3
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.storage.artifacts import ArtifactStore
@@ -28,6 +35,7 @@ if TYPE_CHECKING:
     from service.worker import WorkerContext
 
 log = logging.getLogger("tuneloop.jobs")
+SEARCH_STATE = "search-state"  # what a stored search state is named in the job's checkpoint events
 
 
 def artifact_id(job_id: str) -> str:
@@ -44,11 +52,20 @@ class Storer:
 
     def __init__(self, ctx: WorkerContext, job: Job, output_dir: Path) -> None:
         self.ctx, self.job, self.output_dir = ctx, job, output_dir
-        self.on = ctx.artifacts.store and not job.spec.get("search")
+        self.on = ctx.artifacts.store
+        self.search = bool(job.spec.get("search"))
         self.next_at = 0.0  # the first checkpoint is always stored
 
     async def offer(self, event: dict[str, Any]) -> None:
-        if not self.on or time.monotonic() < self.next_at:
+        """A trainer's event: a `checkpoint` (stored, throttled), or in a search the start of a trial after
+        the first (the search state stored)."""
+        if not self.on:
+            return
+        if self.search:
+            if event.get("type") == "trial" and event.get("state") == "running" and event.get("number"):
+                await store_search(self.ctx, self.job, self.output_dir, event)
+            return
+        if event.get("type") != "checkpoint" or time.monotonic() < self.next_at:
             return
         started = time.monotonic()
         await store(self.ctx, self.job, self.output_dir, event)
@@ -72,6 +89,48 @@ async def store(ctx: WorkerContext, job: Job, output_dir: Path, event: dict[str,
     event["stored"] = rel.as_posix()
 
 
+def _copy_search_state(output_dir: Path, into: Path) -> None:
+    """The study (a consistent copy, though the trainer may be writing to it) and the best complete trial's
+    adapter, which is all the search's end needs of the trials it finished."""
+    import optuna
+    from optuna.storages import RDBStorage
+    from optuna.trial import TrialState
+
+    from adapters.training.common import ADAPTER_DIR
+
+    src, dst = sqlite3.connect(output_dir / "search.db"), sqlite3.connect(into / "search.db")
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+    storage = RDBStorage(f"sqlite:///{into / 'search.db'}")
+    try:
+        study = optuna.load_study(study_name="search", storage=storage)
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    finally:
+        storage.engine.dispose()
+    if complete:
+        best = min(complete, key=lambda t: t.value)
+        rel = Path("trials") / f"trial-{best.number}" / ADAPTER_DIR
+        shutil.copytree(output_dir / rel, into / rel)
+
+
+async def store_search(ctx: WorkerContext, job: Job, output_dir: Path, event: dict[str, Any]) -> None:
+    """Store a search's state as trial `event["number"]` starts, replacing the previous one; note it in the
+    event (`stored`)."""
+    try:
+        with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
+            await asyncio.to_thread(_copy_search_state, output_dir, Path(tmp))
+            async with ctx.sessions() as s, s.begin():
+                await ArtifactStore.remove(s, artifact_id(job.id))
+                await ctx.artifacts.add(s, artifact_id(job.id), Path(tmp))
+    except (OSError, sqlite3.Error, SQLAlchemyError, KeyError) as exc:  # the search goes on; the next trial stores it
+        log.warning("job %s: search state not stored at trial %s (%s)", job.id, event.get("number"), exc)
+        return
+    event["stored"] = SEARCH_STATE
+
+
 async def fetch(ctx: WorkerContext, job: Job, output_dir: Path) -> bool:
     """On a machine without the job's files: put its stored checkpoint where the trainer resumes from. True
     when it did."""
@@ -79,13 +138,24 @@ async def fetch(ctx: WorkerContext, job: Job, output_dir: Path) -> bool:
         events = (await s.execute(select(JobEvent.data).where(JobEvent.job_id == job.id, JobEvent.type == "checkpoint")
                                   .order_by(JobEvent.id.desc()))).scalars()
         rel = next((e["stored"] for e in events if isinstance(e, dict) and e.get("stored")), None)
-    if rel is None or (output_dir / rel).exists():
+    here = output_dir / ("search.db" if rel == SEARCH_STATE else rel)
+    if rel is None or here.exists():
         return False
     fetched = Path(await ctx.artifacts.local(artifact_id(job.id), str(output_dir / rel)))
     if fetched == output_dir / rel or not fetched.is_dir():
         return False  # not stored (any more)
-    (output_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-    os.replace(fetched, output_dir / rel)  # same data directory: a rename
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if rel == SEARCH_STATE:  # its study and trial folders go where the search keeps them
+        for part in fetched.iterdir():
+            if part.name == "trials":
+                for trial in part.iterdir():
+                    (output_dir / "trials").mkdir(exist_ok=True)
+                    os.replace(trial, output_dir / "trials" / trial.name)
+            else:
+                os.replace(part, output_dir / part.name)
+    else:
+        (output_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(fetched, output_dir / rel)  # same data directory: a rename
     shutil.rmtree(ctx.artifacts.cached(artifact_id(job.id)), ignore_errors=True)
     return True
 

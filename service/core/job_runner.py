@@ -233,7 +233,8 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
     spec_path.write_text(json.dumps(spec, indent=1))
     if job.attempts > 1 and await checkpoints.fetch(ctx, job, jdir / "output"):
         log.info("job %s: fetched its stored checkpoint (its last worker was on another machine)", job.id)
-    resumed = any((jdir / "output" / "checkpoints").glob("step-*")) if (jdir / "output").exists() else False
+    resumed = (any((jdir / "output" / "checkpoints").glob("step-*")) or (jdir / "output" / "search.db").exists()
+               if (jdir / "output").exists() else False)
     await _add_events(ctx, job.id, [{"type": "started", "message":
                                      f"attempt {job.attempts} on worker {ctx.worker_id}"
                                      + (" (resuming from checkpoint)" if resumed else "")}])
@@ -281,9 +282,10 @@ async def run_fine_tune_job(ctx: WorkerContext, job: Job) -> None:
             error = ev.get("message")
         elif t == "cancelled":
             saw_cancelled = True
-        elif t == "checkpoint":
+        elif t in ("checkpoint", "trial"):
             await storer.offer(ev)
-        if time.monotonic() - flushed > _EVENT_FLUSH_SECONDS or t in ("checkpoint", "error", "done", "cancelled"):
+        if time.monotonic() - flushed > _EVENT_FLUSH_SECONDS or t in ("checkpoint", "trial", "error", "done",
+                                                                      "cancelled"):
             await _add_events(ctx, job.id, pending)
             pending, flushed = [], time.monotonic()
     code = await proc.wait()

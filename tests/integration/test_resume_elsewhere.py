@@ -107,3 +107,61 @@ def test_a_job_resumes_on_another_machine_and_its_deleted_adapter_leaves_that_ma
                 worker.terminate()
                 worker.wait(60)
         stop_service(svc)
+
+
+def test_a_search_resumes_on_another_machine_without_repeating_its_finished_trials(
+        base_model_dir, banking77_dir, vllm_supervisor, tmp_path) -> None:
+    _reset_pg()
+    svc = start_service(tmp_path / "api", base_model_dir, [vllm_supervisor.base_url], database_url=PG_URL,
+                        env={"TUNELOOP_START_WORKER": "false"})
+    first = start_worker(tmp_path / "machine-a", tmp_path / "worker-a.log", base_model_dir, PG_URL, **QUICK_REQUEUE)
+    second = None
+    try:
+        sample = banking77_sample(banking77_dir, seed=5, n=40)
+        with svc.client() as c:
+            assert c.post("/v1/deployments", json={"name": DEP, "config": {
+                "eval_max_rows": 6, "retention_rows": 4, "gates": {"min_task_delta": 2.0}}}).status_code == 201
+            ds = c.post("/v1/datasets", json={"name": "search", "deployment": DEP}).json()
+            c.post(f"/v1/datasets/{ds['id']}/records", content=b"".join(json.dumps(r).encode() + b"\n" for r in sample),
+                   headers={"content-type": "application/x-ndjson"})
+            job = c.post("/v1/fine_tuning/jobs", json={
+                "deployment": DEP, "datasets": [ds["id"]], "curation": {"split": {"validation_fraction": 0.2}},
+                "search": {"n_trials": 3, "space": {"learning_rate": [1e-4, 1e-3]}},
+                "method": {"type": "sft", "hyperparameters": {
+                    "max_steps": 4, "batch_size": 4, "lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+                    "max_seq_len": 64}}}).json()
+
+            def events() -> list[dict]:
+                return c.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+
+            _until("machine A stored no search state", lambda: any(
+                e["type"] == "trial" and e["data"].get("stored") for e in events()))
+            first.send_signal(signal.SIGKILL)
+            first.wait(30)
+            shutil.rmtree(tmp_path / "machine-a")
+            finished_on_a = {e["data"]["number"] for e in events()
+                             if e["type"] == "trial" and e["data"]["state"] in ("complete", "pruned")}
+            assert 0 in finished_on_a
+
+            second = start_worker(tmp_path / "machine-b", tmp_path / "worker-b.log", base_model_dir, PG_URL,
+                                  **QUICK_REQUEUE)
+            _until("machine B did not finish the search", lambda: c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+                   ["status"] in ("succeeded", "failed", "cancelled"))
+            job = c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+            assert job["status"] == "succeeded" and job["attempts"] == 2, job
+            starts = [e for e in events() if e["type"] == "started"]
+            assert "resuming" in starts[1]["message"], starts
+            on_b = [e["data"]["number"] for e in events()
+                    if e["type"] == "trial" and e["data"]["state"] == "running" and e["id"] > starts[1]["id"]]
+            assert on_b and min(on_b) > max(finished_on_a), (finished_on_a, on_b)  # A's finished trials not repeated
+            trials = {t["number"]: t["state"] for t in job["metrics"]["trials"]}
+            assert all(trials[n] in ("complete", "pruned") for n in finished_on_a), trials
+            # three trials finished in all: A's and B's (the one A was in when it died failed, and was made up)
+            assert sum(state in ("complete", "pruned") for state in trials.values()) == 3, trials
+            assert f"ckpt-{job['id']}" not in _stored_artifacts()
+    finally:
+        for worker in (first, second):
+            if worker is not None and worker.poll() is None:
+                worker.terminate()
+                worker.wait(60)
+        stop_service(svc)

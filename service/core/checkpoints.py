@@ -132,14 +132,13 @@ async def store_search(ctx: WorkerContext, job: Job, output_dir: Path, event: di
 
 
 async def fetch(ctx: WorkerContext, job: Job, output_dir: Path) -> bool:
-    """On a machine without the job's files: put its stored checkpoint where the trainer resumes from. True
-    when it did."""
+    """On a machine without the job's files: put its stored checkpoint (or search state) where the trainer
+    resumes from. True when it did."""
     async with ctx.sessions() as s:
-        events = (await s.execute(select(JobEvent.data).where(JobEvent.job_id == job.id, JobEvent.type == "checkpoint")
-                                  .order_by(JobEvent.id.desc()))).scalars()
+        events = (await s.execute(select(JobEvent.data).where(
+            JobEvent.job_id == job.id, JobEvent.type.in_(("checkpoint", "trial"))).order_by(JobEvent.id.desc()))).scalars()
         rel = next((e["stored"] for e in events if isinstance(e, dict) and e.get("stored")), None)
-    here = output_dir / ("search.db" if rel == SEARCH_STATE else rel)
-    if rel is None or here.exists():
+    if rel is None or (output_dir / ("search.db" if rel == SEARCH_STATE else rel)).exists():
         return False
     fetched = Path(await ctx.artifacts.local(artifact_id(job.id), str(output_dir / rel)))
     if fetched == output_dir / rel or not fetched.is_dir():

@@ -143,15 +143,8 @@ async def fetch(ctx: WorkerContext, job: Job, output_dir: Path) -> bool:
     fetched = Path(await ctx.artifacts.local(artifact_id(job.id), str(output_dir / rel)))
     if fetched == output_dir / rel or not fetched.is_dir():
         return False  # not stored (any more)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if rel == SEARCH_STATE:  # its study and trial folders go where the search keeps them
-        for part in fetched.iterdir():
-            if part.name == "trials":
-                for trial in part.iterdir():
-                    (output_dir / "trials").mkdir(exist_ok=True)
-                    os.replace(trial, output_dir / "trials" / trial.name)
-            else:
-                os.replace(part, output_dir / part.name)
+    if rel == SEARCH_STATE:  # the study and the best trial's folder go where the search keeps them
+        shutil.copytree(fetched, output_dir, dirs_exist_ok=True)
     else:
         (output_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         os.replace(fetched, output_dir / rel)  # same data directory: a rename

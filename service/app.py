@@ -24,6 +24,7 @@ ROUTES = [
     deployments.update_deployment,
     inference.chat_completions, inference.completions, inference.list_models, inference.get_completion,
     data.post_feedback, data.list_feedback, data.create_dataset, data.list_datasets, data.get_dataset,
+    data.delete_dataset,
     data.upload_records, data.create_snapshot, data.get_snapshot_job, data.cancel_snapshot_job, data.get_snapshot,
     data.delete_snapshot, data.snapshot_report,
     training.create_job, training.list_jobs, training.get_job, training.cancel_job, training.job_events,

@@ -11,7 +11,7 @@ from service.api import bodies, responses
 from service.api.common import ctx_of, json_body, json_object, limited_body, row_cursor, wants_html
 from service.api.openapi import TEXT, operation
 from service.auth import admin_scope, app_scope
-from service.core import snapshot_deletion
+from service.core import dataset_deletion, snapshot_deletion
 from service.core.datasets import checked_curation, dataset_json, snapshot_job_json, snapshot_json
 from service.core.feedback import feedback_json
 from service.errors import Gone, NotFound, Unprocessable, UnsupportedMediaType
@@ -54,6 +54,14 @@ async def list_datasets(request: Request[Any, Any, Any], deployment: str | None 
 async def get_dataset(request: Request[Any, Any, Any], dataset_id: str) -> dict[str, Any]:
     svc = ctx_of(request).datasets
     return dataset_json(await svc.get(dataset_id), await svc.record_count(dataset_id))
+
+
+@delete("/v1/datasets/{dataset_id:str}", guards=[admin_scope], status_code=200,
+        operation_class=operation(responses.Dataset))
+async def delete_dataset(request: Request[Any, Any, Any], dataset_id: str) -> dict[str, Any]:
+    """Delete a dataset's records (409 naming the job or deployment that uses it); its record stays, marked
+    deleted. Snapshots curated from it keep their copy of the rows until they are deleted too."""
+    return dataset_json(await dataset_deletion.delete_dataset(ctx_of(request).sessions, dataset_id), 0)
 
 
 @post("/v1/datasets/{dataset_id:str}/records", guards=[app_scope], status_code=201,

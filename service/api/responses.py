@@ -219,6 +219,7 @@ class Dataset(_Out, kw_only=True):
     name: str
     deployment: str
     created_at: Timestamp
+    deleted_at: Timestamp | None
     records: Annotated[int, msgspec.Meta(description="on create and show")] = 0
 
 

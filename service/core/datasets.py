@@ -33,9 +33,9 @@ from adapters.curation.report import quality_report, quality_report_html
 from adapters.curation.rows import Row, RowError, parse_row
 from adapters.curation.steps import StepReport
 from monitoring import metrics
-from service.core import snapshot_deletion
+from service.core import dataset_deletion, snapshot_deletion
 from service.core.feedback import feedback_for_training
-from service.errors import NotFound, Unprocessable
+from service.errors import Conflict, NotFound, Unprocessable
 from service.storage.artifacts import ArtifactStore
 from service.storage.db import refresh_statistics
 from service.storage.models import (
@@ -69,7 +69,7 @@ class UploadResult:
 
 def dataset_json(d: Dataset, records: int | None = None) -> dict[str, Any]:
     out = {"object": "dataset", "id": d.id, "name": d.name, "deployment": d.deployment,
-           "created_at": int(d.created_at)}
+           "created_at": int(d.created_at), "deleted_at": int(d.deleted_at) if d.deleted_at else None}
     if records is not None:
         out["records"] = records
     return out
@@ -157,6 +157,8 @@ class DatasetService:
         if on_error not in ("reject", "skip"):
             raise Unprocessable("on_error must be 'reject' or 'skip'", field="on_error")
         dataset = await self.get(dataset_id)
+        if dataset.deleted_at is not None:
+            raise Conflict(f"dataset {dataset_id} was deleted; create another", field="dataset_id")
         upload_id = "up-" + uuid.uuid4().hex[:20]
         async with self.sessions() as s, s.begin():
             s.add(DatasetUpload(id=upload_id, dataset_id=dataset_id, committed=False))
@@ -192,9 +194,14 @@ class DatasetService:
                 "(use ?on_error=skip to store the valid lines)",
                 field=f"line {result.errors[0]['line']}: {result.errors[0]['field']}", errors=result.errors,
                 extra={"accepted": 0, "duplicates": 0, "rejected": result.rejected})
-        async with self.sessions() as s, s.begin():
-            await s.execute(update(DatasetUpload).where(DatasetUpload.id == upload_id).values(
-                committed=True, accepted=result.accepted, duplicates=result.duplicates, rejected=result.rejected))
+        try:
+            async with self.sessions() as s, s.begin():
+                await dataset_deletion.hold(s, dataset_id, "dataset_id")  # deleted meanwhile: nothing is stored
+                await s.execute(update(DatasetUpload).where(DatasetUpload.id == upload_id).values(
+                    committed=True, accepted=result.accepted, duplicates=result.duplicates, rejected=result.rejected))
+        except Conflict:
+            await self._discard(upload_id)
+            raise
         await self._refresh_statistics()
         for outcome, n in (("accepted", result.accepted), ("duplicate", result.duplicates),
                            ("rejected", result.rejected)):
@@ -257,6 +264,8 @@ class DatasetService:
         records = 0
         for ds in dataset_ids:
             d = await self.get(ds)
+            if d.deleted_at is not None:
+                raise Conflict(f"dataset {ds} was deleted", field="datasets")
             if d.deployment != deployment:
                 raise Unprocessable(f"dataset {ds} belongs to deployment {d.deployment!r}", field="datasets")
             records += await self.record_count(ds)
@@ -273,6 +282,8 @@ class DatasetService:
         job = Job(id="snapjob-" + uuid.uuid4().hex[:20], kind="snapshot", deployment=sources.deployment,
                   status="queued", spec={"sources": sources.to_json()}, hyperparameters={})
         async with self.sessions() as s, s.begin():
+            for ds in sources.dataset_ids:
+                await dataset_deletion.hold(s, ds, "datasets")  # a concurrent delete waits, then refuses
             s.add(job)
             s.add(JobEvent(job_id=job.id, type="created", message="snapshot queued", data=sources.to_json()))
         return job

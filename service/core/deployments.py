@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from adapters.evaluation.choices import validate_choices
 from adapters.evaluation.gates import GateConfig
 from monitoring import metrics
+from service.core import dataset_deletion
 from service.core.jobs import checked_job_body
 from service.errors import Conflict, NotFound, Unprocessable, convert_or_422, fields_under
 from service.storage.models import Deployment
@@ -75,6 +76,15 @@ def checked_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+async def _hold_datasets(s: AsyncSession, config: dict[str, Any]) -> None:
+    """The datasets `config` names, held in `s`'s transaction (a deleted one is a 409 naming its key)."""
+    if isinstance(config.get("eval_dataset_id"), str):
+        await dataset_deletion.hold(s, config["eval_dataset_id"], "config.eval_dataset_id")
+    for ds in ((config.get("triggers") or {}).get("job") or {}).get("datasets") or []:
+        if isinstance(ds, str):
+            await dataset_deletion.hold(s, ds, "config.triggers.job.datasets")
+
+
 class DeploymentService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], base_model: str, names: set[str],
                  answer_choices: dict[str, tuple[str, ...]]) -> None:
@@ -112,6 +122,7 @@ class DeploymentService:
         async with self.sessions() as s, s.begin():
             if await s.get(Deployment, name) is not None:
                 raise Conflict(f"deployment {name!r} already exists", field="name")
+            await _hold_datasets(s, config)
             dep = Deployment(name=name, base_model=self.base_model, config=config)
             s.add(dep)
         self.remember(dep)
@@ -144,5 +155,6 @@ class DeploymentService:
             if dep is None:
                 raise NotFound(f"deployment {name!r} does not exist")
             dep.config = checked_config({**(dep.config or {}), **patch})
+            await _hold_datasets(s, dep.config)
         self.remember(dep)
         return dep

@@ -23,7 +23,7 @@ from adapters.training.config import (
     check_search_keeps_shape,
     inherit_lora_shape,
 )
-from service.core import checkpoints, snapshot_deletion
+from service.core import checkpoints, dataset_deletion, snapshot_deletion
 from service.core.adapter_deletion import hold
 from service.core.datasets import DatasetService, checked_curation
 from service.core.experiments import checked_auto_deploy
@@ -192,6 +192,8 @@ class JobService:
                 await hold(s, parent_id, "parent_adapter_id")  # a concurrent delete waits, then refuses
             if snapshot_id is not None:
                 await snapshot_deletion.hold(s, snapshot_id, "snapshot_id")  # likewise
+            for ds in (sources or {}).get("datasets", []):
+                await dataset_deletion.hold(s, ds, "datasets")  # likewise
             s.add(job)
             s.add(JobEvent(job_id=job.id, type="created", data={"snapshot_id": snapshot_id, "sources": sources},
                            message=f"{mtype} job queued on "

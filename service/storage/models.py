@@ -117,6 +117,7 @@ class Dataset(Base):
     name: Mapped[str] = mapped_column(String(200))
     deployment: Mapped[str] = mapped_column(String(64), ForeignKey("deployments.name"), index=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
+    deleted_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # its records are gone
 
 
 class DatasetUpload(Base):

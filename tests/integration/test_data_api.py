@@ -198,6 +198,33 @@ def test_a_snapshot_nothing_uses_can_be_deleted_and_curated_again(service, banki
         html = c.get(f"/v1/snapshots/{snap['id']}/report", headers={"accept": "text/html"})
         assert html.status_code == 200 and "<html" in html.text.lower()
 
+
+def test_a_dataset_can_be_deleted_once_no_deployment_evaluates_on_it(service, banking_rows) -> None:
+    with service.client() as c:
+        assert c.post("/v1/deployments", json={"name": "dataset-deleting"}).status_code == 201
+        ds = c.post("/v1/datasets", json={"name": "to delete", "deployment": "dataset-deleting"}).json()
+        c.post(f"/v1/datasets/{ds['id']}/records", content=_ndjson(banking_rows[:30]),
+               headers={"content-type": "application/x-ndjson"})
+        assert c.patch("/v1/deployments/dataset-deleting", json={"config": {"eval_dataset_id": ds["id"]}}).is_success
+        r = c.delete(f"/v1/datasets/{ds['id']}")
+        assert r.status_code == 409 and r.json()["field"] == "dataset_id" and "eval_dataset_id" in r.json()["detail"]
+        assert c.get(f"/v1/datasets/{ds['id']}").json()["records"] == 30
+
+        assert c.patch("/v1/deployments/dataset-deleting", json={"config": {"eval_dataset_id": None}}).is_success
+        r = c.delete(f"/v1/datasets/{ds['id']}")
+        assert r.status_code == 200 and r.json()["deleted_at"] >= int(time.time()) - 60, r.text
+        shown = c.get(f"/v1/datasets/{ds['id']}").json()
+        assert shown["records"] == 0 and shown["deleted_at"] == r.json()["deleted_at"]
+        assert c.delete(f"/v1/datasets/{ds['id']}").status_code == 200  # idempotent
+        assert c.delete("/v1/datasets/ds-nope").status_code == 404
+        r = c.post(f"/v1/datasets/{ds['id']}/records", content=_ndjson(banking_rows[:2]),
+                   headers={"content-type": "application/x-ndjson"})
+        assert r.status_code == 409 and r.json()["field"] == "dataset_id", r.text
+        r = c.post(f"/v1/datasets/{ds['id']}/snapshots", json={})
+        assert r.status_code == 409 and r.json()["field"] == "datasets", r.text
+        r = c.patch("/v1/deployments/dataset-deleting", json={"config": {"eval_dataset_id": ds["id"]}})
+        assert r.status_code == 409 and r.json()["field"] == "config.eval_dataset_id", r.text
+
 def _wait_snapshot_job(c, job_id: str, timeout: float = 600) -> dict:
     deadline = time.monotonic() + timeout
     while (job := c.get(f"/v1/snapshot_jobs/{job_id}").json())["status"] in ("queued", "running"):

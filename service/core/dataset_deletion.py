@@ -28,8 +28,7 @@ ACTIVE = ("queued", "running")
 
 async def locked(s: AsyncSession, dataset_id: str) -> Dataset | None:
     """The dataset's row, locked for `s`'s transaction."""
-    return (await s.execute(select(Dataset).where(Dataset.id == dataset_id).with_for_update()
-                            .execution_options(populate_existing=True))).scalar_one_or_none()
+    return await s.get(Dataset, dataset_id, with_for_update=True, populate_existing=True)
 
 
 async def hold(s: AsyncSession, dataset_id: str, field: str) -> Dataset | None:

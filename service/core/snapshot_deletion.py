@@ -32,8 +32,7 @@ ACTIVE = ("queued", "running")
 
 async def locked(s: AsyncSession, snapshot_id: str) -> Snapshot | None:
     """The snapshot's row, locked for `s`'s transaction (a concurrent delete, hold or restore waits)."""
-    return (await s.execute(select(Snapshot).where(Snapshot.id == snapshot_id).with_for_update()
-                            .execution_options(populate_existing=True))).scalar_one_or_none()
+    return await s.get(Snapshot, snapshot_id, with_for_update=True, populate_existing=True)
 
 
 async def hold(s: AsyncSession, snapshot_id: str, field: str) -> Snapshot | None:

@@ -65,6 +65,9 @@ ADAPTERS_DELETED = Counter("tuneloop_adapters_deleted_total",
 SNAPSHOTS_DELETED = Counter("tuneloop_snapshots_deleted_total",
                             "Snapshots deleted, through the API (api) or by a deployment's keep_snapshots policy.",
                             ["deployment", "kind"], registry=REGISTRY)
+COMPLETIONS_PRUNED = Counter("tuneloop_completions_pruned_total",
+                             "Logged completions deleted by the retention (TUNELOOP_COMPLETION_RETENTION_DAYS).",
+                             ["deployment"], registry=REGISTRY)
 
 # --- feedback ------------------------------------------------------------------------------------------
 FEEDBACK = Counter("tuneloop_feedback_total", "Feedback items stored.",

@@ -113,7 +113,7 @@ class AppContext:
         max_lora_rank = supervisor.options.max_lora_rank if supervisor else None  # unknown for other servers
         gateway = Gateway(pool, router, completions, names, answer_choices, settings.max_metadata_keys,
                           settings.max_metadata_value_chars)
-        feedback = FeedbackService(sessions, completions, answer_choices)
+        feedback = FeedbackService(sessions, completions, answer_choices, settings.completion_retention_seconds)
         datasets = DatasetService(sessions, settings.data_dir, token_counter(base_path), artifacts)
         ctx = cls(settings=settings, engine=engine, sessions=sessions, keys=keys, base_model_path=base_path,
                   base_model_hash=base_hash, router=router, pool=pool, completions=completions,

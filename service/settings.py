@@ -65,6 +65,7 @@ class Settings:
     adapter_delete_grace_seconds: float = 900.0  # a deleted adapter's files stay this long on each machine
     drift_window: int = 500  # completions per drift window (reference and current)
     drift_reports_kept: int = 20  # per deployment, the newest drift runs whose HTML report stays (each is MBs)
+    completion_retention_days: float = 30.0  # logged completions older than this are pruned; 0 = kept forever
 
     @property
     def database(self) -> str:
@@ -91,6 +92,13 @@ class Settings:
             raise ValueError(f"TUNELOOP_ARTIFACT_STORE must be auto, database or files, not {self.artifact_store!r}")
         if self.drift_reports_kept < 1:
             raise ValueError("TUNELOOP_DRIFT_REPORTS_KEPT must be at least 1 (the newest report is the one served)")
+        if self.completion_retention_days != 0 and not self.completion_retention_days >= 1:
+            raise ValueError("TUNELOOP_COMPLETION_RETENTION_DAYS must be 0 (keep every completion) or at least 1")
+
+    @property
+    def completion_retention_seconds(self) -> float | None:
+        """How long a logged completion is kept (and open for feedback, less an hour); None = forever."""
+        return self.completion_retention_days * 86400 or None
 
     @property
     def artifacts_in_database(self) -> bool:

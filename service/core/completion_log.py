@@ -39,6 +39,7 @@ class CompletionRef:
     adapter: str
     variant: str | None
     attributes: dict[str, Any]
+    created_at: float  # feedback is accepted for a while only (completion retention)
 
 
 def _compiled_insert(engine: Engine) -> tuple[str, dict[str, Any]]:
@@ -123,7 +124,7 @@ class CompletionLog(GroupCommit[dict[str, Any], None]):
         if not self._commit_inline(row):
             await self.submit(row)
         self._remember(CompletionRef(row["id"], row["deployment"], row["adapter"], row.get("variant"),
-                                     row.get("attributes") or {}))
+                                     row.get("attributes") or {}, row["created_at"]))
 
     async def refs(self, ids: set[str]) -> dict[str, CompletionRef]:
         """The known completions among `ids`: from memory, the rest with one narrow query."""
@@ -132,10 +133,11 @@ class CompletionLog(GroupCommit[dict[str, Any], None]):
         if missing:
             c = Completion
             async with self._readonly() as s:
-                rows = await s.execute(select(c.id, c.deployment, c.adapter, c.variant, c.attributes)
+                rows = await s.execute(select(c.id, c.deployment, c.adapter, c.variant, c.attributes, c.created_at)
                                        .where(c.id.in_(missing)))
             for row in rows.all():
-                ref = CompletionRef(row.id, row.deployment, row.adapter, row.variant, row.attributes or {})
+                ref = CompletionRef(row.id, row.deployment, row.adapter, row.variant, row.attributes or {},
+                                    row.created_at)
                 self._remember(ref)
                 found[ref.id] = ref
         return found

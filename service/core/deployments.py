@@ -102,6 +102,7 @@ class DeploymentService:
             metrics.ADAPTERS_DELETED.labels(dep.name, kind)
         for kind in ("api", "keep_snapshots"):
             metrics.SNAPSHOTS_DELETED.labels(dep.name, kind)
+        metrics.COMPLETIONS_PRUNED.labels(dep.name)
         choices = (dep.config or {}).get("answer_choices")
         if choices:
             self.answer_choices[dep.name] = tuple(choices)

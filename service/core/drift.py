@@ -63,28 +63,35 @@ class TrafficWindows:
         self.window = window
         self.artifacts = artifacts
 
-    async def records(self, deployment: str, *, newest: bool, since: float | None = None,
-                      adapter: str | None = None) -> list[dict[str, Any]]:
+    def _window(self, deployment: str, *, newest: bool, since: float | None = None,
+                adapter: str | None = None) -> Any:
+        """The query of a window's completions (successful ones, oldest or newest first)."""
         q = select(Completion.id, Completion.prompt, Completion.output, Completion.attributes, Completion.adapter) \
             .where(Completion.deployment == deployment, Completion.error.is_(None))
         if since is not None:
             q = q.where(Completion.created_at >= since)
         if adapter is not None:
             q = q.where(Completion.adapter_id == adapter)
-        q = q.order_by(Completion.created_at.desc() if newest else Completion.created_at).limit(self.window)
+        return q.order_by(Completion.created_at.desc() if newest else Completion.created_at).limit(self.window)
+
+    async def records(self, deployment: str, *, newest: bool, since: float | None = None,
+                      adapter: str | None = None) -> list[dict[str, Any]]:
         async with self.sessions() as s:
-            rows = (await s.execute(q)).all()
+            rows = (await s.execute(self._window(deployment, newest=newest, since=since, adapter=adapter))).all()
             ratings = dict((await s.execute(select(Feedback.completion_id, Feedback.rating).where(
                 Feedback.completion_id.in_([r.id for r in rows]), Feedback.rating.is_not(None)))).all())
         return [{"prompt": last_user(r.prompt), "output": r.output, "attributes": r.attributes or {},
                  "rating": ratings.get(r.id)} for r in rows]
 
+    async def _promoted_at(self, s: AsyncSession, dep: Deployment) -> float | None:
+        return (await s.execute(select(func.max(DeploymentEvent.created_at)).where(
+            DeploymentEvent.deployment == dep.name,
+            DeploymentEvent.adapter_id == dep.production_adapter_id))).scalar_one_or_none()
+
     async def reference(self, dep: Deployment) -> tuple[list[dict[str, Any]], str]:
         if dep.production_adapter_id:
             async with self.sessions() as s:
-                promoted = (await s.execute(select(func.max(DeploymentEvent.created_at)).where(
-                    DeploymentEvent.deployment == dep.name,
-                    DeploymentEvent.adapter_id == dep.production_adapter_id))).scalar_one_or_none()
+                promoted = await self._promoted_at(s, dep)
                 adapter = await s.get(Adapter, dep.production_adapter_id)
                 snap = await s.get(Snapshot, adapter.snapshot_id) if adapter and adapter.snapshot_id else None
             first = await self.records(dep.name, newest=False, since=promoted, adapter=dep.production_adapter_id)
@@ -101,6 +108,17 @@ class TrafficWindows:
                             break
                 return rows, "training snapshot of the production adapter"
         return await self.records(dep.name, newest=False), "first traffic window"
+
+    async def reference_ids(self, dep: Deployment) -> list[str]:
+        """The completions the traffic reference is made of, or will be once it fills: completion retention
+        keeps them, so the reference stays the same rows however old they get."""
+        async with self.sessions() as s:
+            if dep.production_adapter_id:
+                q = self._window(dep.name, newest=False, since=await self._promoted_at(s, dep),
+                                 adapter=dep.production_adapter_id)
+            else:
+                q = self._window(dep.name, newest=False)
+            return list((await s.execute(select(q.subquery().c.id))).scalars())
 
     @staticmethod
     def attribute_keys(records: list[dict[str, Any]], max_cardinality: int = 20) -> list[str]:

@@ -327,8 +327,24 @@ class ExperimentService:
         return out
 
     async def summary(self, exp: Experiment) -> dict[str, Any]:
+        if exp.summary is not None:  # frozen: its completions may be pruned
+            return exp.summary
         data = await self.variant_data(exp)
         return summarize(data, _policy(exp))
+
+    async def freeze_finished(self, deployment: str, before: float) -> list[str]:
+        """Store the statistics of the deployment's experiments that finished before `before` (computed from
+        the full completion log), and return every frozen one: completion retention may prune their
+        completions. Feedback on them is closed by then (`FeedbackService`), so the numbers are final."""
+        async with self.sessions() as s:
+            finished = list((await s.execute(select(Experiment).where(
+                Experiment.deployment == deployment, Experiment.finished_at < before))).scalars())
+        for exp in finished:
+            if exp.summary is None:
+                summary = _jsonable(await self.summary(exp))
+                async with self.sessions() as s, s.begin():
+                    await s.execute(update(Experiment).where(Experiment.id == exp.id).values(summary=summary))
+        return [e.id for e in finished]
 
     # -- the decision loop ----------------------------------------------------------------------------
     async def restore(self) -> None:

@@ -8,6 +8,7 @@ header) makes retries safe: the unique `client_id` column guarantees one row per
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +19,11 @@ from adapters.curation.feedback_rows import FeedbackItem
 from monitoring import metrics
 from service.core.completion_log import CompletionLog, CompletionRef
 from service.core.group_commit import GroupCommit
-from service.errors import NotFound, Unprocessable
+from service.errors import Gone, NotFound, Unprocessable
 from service.storage.models import Completion, Feedback
 
 MAX_BATCH = 1000
+FEEDBACK_MARGIN = 3600.0  # seconds between the end of a completion's feedback window and its prune
 MAX_TEXT = 100_000
 FEEDBACK_FIELDS = frozenset({"completion_id", "rating", "correction", "comment", "attributes", "id"})
 
@@ -84,9 +86,12 @@ def feedback_json(f: Feedback) -> dict[str, Any]:
 
 class FeedbackService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], completions: CompletionLog,
-                 answer_choices: dict[str, tuple[str, ...]] | None = None) -> None:
+                 answer_choices: dict[str, tuple[str, ...]] | None = None, retention_seconds: float | None = None) -> None:
         self.sessions = sessions
         self.completions = completions
+        # Feedback on a completion is accepted until an hour before the retention may prune it, so that no
+        # feedback insert races the delete of its completion (service.core.completion_retention).
+        self.retention = retention_seconds
         # Shared with the deployments: a correction must be an answer its deployment can give.
         self.answer_choices = answer_choices if answer_choices is not None else {}
         # Concurrent posts share one transaction and one fsync; each waits for its own commit.
@@ -124,6 +129,19 @@ class FeedbackService:
                                 errors=[{"index": i, "field": f"[{i}].completion_id",
                                          "message": f"unknown completion {parsed[i].completion_id!r}"}
                                         for i in missing])
+        if self.retention is not None:
+            closed_before = time.time() - self.retention + FEEDBACK_MARGIN
+            closed = [i for i, f in enumerate(parsed) if found[f.completion_id].created_at < closed_before]
+            if closed:
+                message = (f"feedback closed: completions are kept {self.retention / 86400:g} days "
+                           "(TUNELOOP_COMPLETION_RETENTION_DAYS) and take feedback until an hour before")
+                if single:
+                    raise Gone(f"completion {parsed[0].completion_id!r}: {message}", field="completion_id")
+                raise Unprocessable(f"{len(closed)} item(s) refer to completions closed for feedback; nothing was "
+                                    "stored", field=f"[{closed[0]}].completion_id",
+                                    errors=[{"index": i, "field": f"[{i}].completion_id",
+                                             "message": f"completion {parsed[i].completion_id!r}: {message}"}
+                                            for i in closed])
         outside = [(i, f) for i, f in enumerate(parsed) if f.correction is not None
                    and (choices := self.answer_choices.get(found[f.completion_id].deployment))
                    and f.correction not in choices]

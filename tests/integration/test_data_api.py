@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 import time
+import uuid
 
 import pytest
 
@@ -68,6 +70,43 @@ def test_feedback_validation_stores_nothing_from_a_bad_batch(service) -> None:
         assert c.post("/v1/feedback", json=[{}] * 1001).status_code == 422
         after = len(c.get("/v1/feedback", params={"limit": 1000}).json()["data"])
     assert after == before
+
+
+def test_old_completions_are_pruned_and_closed_for_feedback(service) -> None:
+    """The default retention (30 days) at work in the running service: the monitor prunes an old completion
+    beyond the deployment's first traffic window (the drift reference); one about to go takes no feedback."""
+    now = time.time()
+    with service.client() as c:
+        assert c.post("/v1/deployments", json={"name": "retained"}).status_code == 201
+        served = c.get(f"/v1/completions/{_completion(c, model='retained')}").json()
+        db = sqlite3.connect(service.data_dir / "tuneloop.db", timeout=30)
+        (row,) = db.execute("SELECT * FROM completions WHERE id = ?", (served["id"],)).fetchall()
+        columns = [d[0] for d in db.execute("SELECT * FROM completions LIMIT 0").description]
+        at = columns.index("created_at")
+
+        def aged(created_at: float) -> str:  # the served completion as if it had come long ago
+            copy = list(row)
+            copy[0], copy[at] = f"chatcmpl-aged-{uuid.uuid4().hex}", created_at
+            db.execute(f"INSERT INTO completions VALUES ({', '.join('?' * len(copy))})", copy)
+            return copy[0]
+
+        first_window = [aged(now - 60 * 86400 + i) for i in range(500)]  # 500: the service's drift window
+        prunable = aged(now - 31 * 86400)
+        closing = aged(now - 30 * 86400 + 1800)  # kept half an hour more, closed for feedback
+        db.commit()
+        db.close()
+        r = c.post("/v1/feedback", json={"completion_id": closing, "rating": 1})
+        assert r.status_code == 410 and r.json()["field"] == "completion_id", r.text
+        assert "TUNELOOP_COMPLETION_RETENTION_DAYS" in r.json()["detail"]
+        deadline = time.monotonic() + 180  # a monitor pass runs every TUNELOOP_MONITOR_INTERVAL_SECONDS (60)
+        while c.get(f"/v1/completions/{prunable}").status_code != 404:
+            assert time.monotonic() < deadline, "the old completion was not pruned"
+            time.sleep(2)
+        kept = (closing, first_window[0], first_window[-1], served["id"])
+        assert all(c.get(f"/v1/completions/{i}").status_code == 200 for i in kept)
+        assert c.post("/v1/feedback", json={"completion_id": prunable, "rating": 1}).status_code == 404
+        scraped = c.get("/metrics").text
+    assert 'tuneloop_completions_pruned_total{deployment="retained"} 1.0' in scraped
 
 
 def test_feedback_pagination(service) -> None:

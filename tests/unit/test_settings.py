@@ -85,3 +85,7 @@ def test_artifacts_go_into_the_database_by_default_only_on_postgresql() -> None:
         Settings(artifact_store="s3")
     with pytest.raises(ValueError, match="TUNELOOP_DRIFT_REPORTS_KEPT"):
         Settings(drift_reports_kept=0)
+    with pytest.raises(ValueError, match="TUNELOOP_COMPLETION_RETENTION_DAYS"):
+        Settings(completion_retention_days=0.5)
+    assert Settings(completion_retention_days=0).completion_retention_seconds is None
+    assert Settings().completion_retention_seconds == 30 * 86400

@@ -1,8 +1,9 @@
 """Completion retention: the completion log keeps `TUNELOOP_COMPLETION_RETENTION_DAYS` of traffic.
 
 Every gateway request leaves a row (its prompt, answer and routing), so without a bound the log grows with
-traffic forever. The monitor's leader deletes older rows in short batches (on SQLite each batch holds the
-write lock the gateway's own commits wait for), except those something still reads:
+traffic forever. The monitor's leader deletes older rows in short batches, each found by a read and deleted in
+its own transaction (on SQLite the gateway's commits wait for the write lock it holds), except those something still
+reads:
 
 - completions with feedback: feedback is training data and names its completion;
 - completions of an experiment that has not finished, or finished less than the retention ago: a finished
@@ -10,52 +11,84 @@ write lock the gateway's own commits wait for), except those something still rea
 - the drift reference (`TrafficWindows.reference_ids`): the first window of the production target's traffic.
 
 Feedback is accepted only while its completion is younger than the retention less an hour
-(`FeedbackService.window`), so a feedback insert never races the delete of its completion.
+(`FeedbackService.retention`), so a feedback insert never races the delete of its completion.
+
+Kept rows are older than the retention forever (a tenth of the traffic may have feedback), so each deployment's
+scan goes on from where the last pass ended instead of reading them all again; it starts over from the oldest
+when the process starts and when the drift reference moves (the old reference's rows become prunable).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
-from sqlalchemy import delete, exists, or_, select
+from sqlalchemy import delete, exists, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from monitoring import metrics
 from service.core.drift import TrafficWindows
 from service.core.experiments import ExperimentService
-from service.storage.models import Completion, Deployment, Feedback
+from service.storage.db import make_readonly_sessionmaker, refresh_statistics
+from service.storage.models import Completion, Deployment, Experiment, Feedback
 
-BATCH = 500
+BATCH = 100  # rows per delete: 4 ms of SQLite's write lock here (benchmarks/completion_retention.py)
 
 
-async def prune_completions(sessions: async_sessionmaker[AsyncSession], windows: TrafficWindows,
-                            experiments: ExperimentService, deployment: str, retention_seconds: float, *,
-                            now: float | None = None, max_batches: int = 100) -> int:
-    """Delete the deployment's completions older than the retention that nothing reads; the number deleted.
+@dataclass
+class _Scan:
+    after: tuple[float, str] | None = None  # the last row deleted: the next pass starts there
+    reference: list[str] = field(default_factory=list)
 
-    At most `max_batches` batches per call: a backlog (a retention just turned on) clears over passes."""
-    cutoff = (now if now is not None else time.time()) - retention_seconds
-    async with sessions() as s:
-        dep = await s.get(Deployment, deployment)
-    if dep is None:
-        return 0
-    frozen = await experiments.freeze_finished(deployment, before=cutoff)
-    keep = await windows.reference_ids(dep)
-    c = Completion
-    no_feedback = ~exists().where(Feedback.completion_id == c.id)
-    prunable = select(c.id).where(
-        c.deployment == deployment, c.created_at < cutoff, no_feedback,
-        or_(c.experiment_id.is_(None), c.experiment_id.in_(frozen)) if frozen else c.experiment_id.is_(None))
-    if keep:
-        prunable = prunable.where(c.id.not_in(keep))
-    deleted = 0
-    for _ in range(max_batches):
-        async with sessions() as s, s.begin():
-            ids = list((await s.execute(prunable.order_by(c.created_at).limit(BATCH))).scalars())
-            if ids:  # the feedback check again, in the deleting statement
-                deleted += (await s.execute(delete(c).where(c.id.in_(ids), no_feedback))).rowcount
-        if len(ids) < BATCH:
-            break
-    if deleted:
-        metrics.COMPLETIONS_PRUNED.labels(deployment).inc(deleted)
-    return deleted
+
+class CompletionRetention:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], windows: TrafficWindows,
+                 experiments: ExperimentService, retention_seconds: float) -> None:
+        self.sessions = sessions
+        self.reads = make_readonly_sessionmaker(sessions.kw["bind"])  # on SQLite a read leaves the write lock free
+        self.windows = windows
+        self.experiments = experiments
+        self.retention = retention_seconds
+        self._scans: dict[str, _Scan] = {}
+        self._analyzed = False
+
+    async def prune(self, deployment: str, *, now: float | None = None, max_batches: int = 100) -> int:
+        """Delete the deployment's completions older than the retention that nothing reads; the number deleted.
+
+        At most `max_batches` batches per call: a backlog (a retention just turned on) clears over passes."""
+        cutoff = (now if now is not None else time.time()) - self.retention
+        async with self.sessions() as s:
+            dep = await s.get(Deployment, deployment)
+            if not self._analyzed:  # PostgreSQL without statistics sorts the whole range for every batch
+                await refresh_statistics(s, Completion.__tablename__)
+                self._analyzed = True
+        if dep is None:
+            return 0
+        scan = self._scans.setdefault(deployment, _Scan())
+        if await self.experiments.freeze_finished(deployment, before=cutoff):  # their rows are behind the scan
+            scan.after = None
+        keep = await self.windows.reference_ids(dep)
+        if keep != scan.reference:
+            scan.after, scan.reference = None, keep
+        c = Completion
+        no_feedback = ~exists().where(Feedback.completion_id == c.id)
+        frozen = select(Experiment.id).where(Experiment.deployment == deployment, Experiment.summary.is_not(None))
+        prunable = select(c.id, c.created_at).where(
+            c.deployment == deployment, c.created_at < cutoff, no_feedback,
+            or_(c.experiment_id.is_(None), c.experiment_id.in_(frozen)))
+        if keep:
+            prunable = prunable.where(c.id.not_in(keep))
+        deleted = 0
+        for _ in range(max_batches):
+            q = prunable if scan.after is None else prunable.where(tuple_(c.created_at, c.id) > scan.after)
+            async with self.reads() as s:
+                rows = (await s.execute(q.order_by(c.created_at, c.id).limit(BATCH))).all()
+            if rows:
+                async with self.sessions() as s, s.begin():  # the feedback check again, in the deleting statement
+                    deleted += (await s.execute(delete(c).where(c.id.in_([r.id for r in rows]), no_feedback))).rowcount
+                scan.after = (rows[-1].created_at, rows[-1].id)
+            if len(rows) < BATCH:
+                break
+        if deleted:
+            metrics.COMPLETIONS_PRUNED.labels(deployment).inc(deleted)
+        return deleted

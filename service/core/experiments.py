@@ -333,17 +333,17 @@ class ExperimentService:
         return summarize(data, _policy(exp))
 
     async def freeze_finished(self, deployment: str, before: float) -> list[str]:
-        """Store the statistics of the deployment's experiments that finished before `before` (computed from
-        the full completion log), and return every frozen one: completion retention may prune their
-        completions. Feedback on them is closed by then (`FeedbackService`), so the numbers are final."""
+        """Store the statistics, computed from the full completion log, of the deployment's experiments that
+        finished before `before`; the ids newly frozen. Completion retention may then prune their completions:
+        feedback on them is closed by then (`FeedbackService`), so the numbers are final."""
         async with self.sessions() as s:
             finished = list((await s.execute(select(Experiment).where(
-                Experiment.deployment == deployment, Experiment.finished_at < before))).scalars())
+                Experiment.deployment == deployment, Experiment.finished_at < before,
+                Experiment.summary.is_(None)))).scalars())
         for exp in finished:
-            if exp.summary is None:
-                summary = _jsonable(await self.summary(exp))
-                async with self.sessions() as s, s.begin():
-                    await s.execute(update(Experiment).where(Experiment.id == exp.id).values(summary=summary))
+            summary = _jsonable(await self.summary(exp))
+            async with self.sessions() as s, s.begin():
+                await s.execute(update(Experiment).where(Experiment.id == exp.id).values(summary=summary))
         return [e.id for e in finished]
 
     # -- the decision loop ----------------------------------------------------------------------------

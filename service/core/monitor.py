@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 
 from monitoring import metrics
 from service.core import adapter_deletion, snapshot_deletion
-from service.core.completion_retention import prune_completions
+from service.core.completion_retention import CompletionRetention
 from service.core.deleted_files import DeletedFiles
 from service.core.drift import (
     MIN_ROWS,
@@ -46,6 +46,9 @@ class Monitor:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.window = ctx.settings.drift_window
+        retention = ctx.settings.completion_retention_seconds
+        self.retention = CompletionRetention(ctx.sessions, TrafficWindows(ctx.sessions, self.window, ctx.artifacts),
+                                             ctx.experiments, retention) if retention else None
 
     async def run(self) -> None:
         self.leader = LeaderLock(self.ctx.engine)
@@ -143,9 +146,8 @@ class Monitor:
                 await self._safe(snapshot_deletion.keep_newest(self.ctx.sessions, self.ctx.artifacts, name,
                                                                int(keep)))
             await self._safe(prune_drift_reports(self.ctx.sessions, name, self.ctx.settings.drift_reports_kept))
-            if retention := self.ctx.settings.completion_retention_seconds:
-                windows = TrafficWindows(self.ctx.sessions, self.window, self.ctx.artifacts)
-                await self._safe(prune_completions(self.ctx.sessions, windows, self.ctx.experiments, name, retention))
+            if self.retention is not None:
+                await self._safe(self.retention.prune(name))
 
     async def _new_traffic(self, deployment: str) -> bool:
         """Drift is worth recomputing once a window's minimum of completions arrived since the last drift job."""

@@ -15,7 +15,7 @@ from sqlalchemy import insert, select
 
 from monitoring import metrics
 from service.core.completion_log import CompletionLog
-from service.core.completion_retention import BATCH, prune_completions
+from service.core.completion_retention import BATCH, CompletionRetention
 from service.core.drift import TrafficWindows
 from service.core.experiments import ExperimentService
 from service.core.feedback import FeedbackService
@@ -84,13 +84,13 @@ async def test_old_completions_go_unless_something_reads_them(sessions: Any, tmp
     windows = TrafficWindows(sessions, WINDOW, ArtifactStore(sessions, tmp_path, store=False))
     counted = pruned_count("app")
 
+    retention = CompletionRetention(sessions, windows, experiments, RETENTION)
     # at most one batch per call: a backlog clears over passes
-    assert await prune_completions(sessions, windows, experiments, "app", RETENTION, max_batches=1) == BATCH
-    assert await prune_completions(sessions, windows, experiments, "app", RETENTION) == BATCH + 7 + 1 + 4
-    assert await prune_completions(sessions, windows, experiments, "app", RETENTION) == 0
-    assert await prune_completions(sessions, windows, experiments, "fresh", RETENTION) == 4
+    assert await retention.prune("app", max_batches=1) == BATCH
+    assert await retention.prune("app") == BATCH + 7 + 1 + 4
+    assert await retention.prune("app") == 0
+    assert await retention.prune("fresh") == 4
     assert pruned_count("app") - counted == 2 * BATCH + 7 + 1 + 4
-
     async with sessions() as s:
         left = set((await s.execute(select(Completion.id))).scalars())
         frozen = await s.get(Experiment, "exp-done")
@@ -109,6 +109,21 @@ async def test_old_completions_go_unless_something_reads_them(sessions: Any, tmp
         dep = await s.get(Deployment, "app")
     assert await windows.reference_ids(dep) == [r["id"] for r in rows["reference"]]
     assert len((await windows.reference(dep))[0]) == WINDOW
+
+    # Later passes go on from where the last one ended, except for rows that became prunable behind it: those of
+    # an experiment finished since, and the old drift reference once production moved on.
+    async with sessions() as s, s.begin():
+        (await s.get(Experiment, "exp-recent")).finished_at = now - 31 * DAY
+    assert await retention.prune("app") == 1
+    async with sessions() as s, s.begin():
+        (await s.get(Deployment, "app")).production_adapter_id = "ad-next"
+        s.add(Adapter(id="ad-next", deployment="app", version=2, path="p", status="production", base_model="m",
+                      base_model_hash="h"))
+        s.add(DeploymentEvent(deployment="app", type="promote", adapter_id="ad-next", created_at=now - DAY))
+    assert await retention.prune("app") == WINDOW
+    async with sessions() as s:
+        left = set((await s.execute(select(Completion.id))).scalars())
+    assert not left & {r["id"] for r in rows["recent_experiment"] + rows["reference"]}
 
 
 @pytest.mark.parametrize("retention", [RETENTION, None])

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from sqlalchemy import func, select
 
 from service.core.monitor import Monitor
+from service.settings import Settings
 from service.storage.models import Completion, Deployment, Feedback, MonitorRun
 
 
@@ -41,7 +42,7 @@ async def _seed(sessions, corrections: int) -> None:
 async def test_concurrent_trigger_passes_create_one_job(sessions, tmp_path: Path) -> None:
     await _seed(sessions, corrections=5)
     jobs = RecordingJobs()
-    monitor = Monitor(SimpleNamespace(sessions=sessions, jobs=jobs, settings=SimpleNamespace(drift_window=100)))
+    monitor = Monitor(SimpleNamespace(sessions=sessions, jobs=jobs, settings=Settings(drift_window=100, completion_retention_days=0)))
 
     first, second = await asyncio.gather(monitor.triggers("trig"), monitor.triggers("trig"))
 
@@ -66,7 +67,7 @@ async def test_two_api_processes_fire_one_trigger(sessions, database_url: str) -
     other_engine = make_engine(database_url)
     try:
         replicas = [(RecordingJobs(), sessions), (RecordingJobs(), make_sessionmaker(other_engine))]
-        monitors = [Monitor(SimpleNamespace(sessions=sm, jobs=jobs, settings=SimpleNamespace(drift_window=100)))
+        monitors = [Monitor(SimpleNamespace(sessions=sm, jobs=jobs, settings=Settings(drift_window=100, completion_retention_days=0)))
                     for jobs, sm in replicas]
         results = await asyncio.gather(*(m.triggers("trig") for m in monitors))
     finally:

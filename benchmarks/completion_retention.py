@@ -21,9 +21,9 @@ from typing import Any
 
 from sqlalchemy import delete, event, exists, insert, text
 
-from service.core.completion_retention import CompletionRetention
 from service.core.drift import TrafficWindows
 from service.core.experiments import ExperimentService
+from service.core.retention import CompletionRetention
 from service.storage.artifacts import ArtifactStore
 from service.storage.db import make_engine, make_sessionmaker
 from service.storage.migrate import upgrade

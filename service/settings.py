@@ -66,6 +66,7 @@ class Settings:
     drift_window: int = 500  # completions per drift window (reference and current)
     drift_reports_kept: int = 20  # per deployment, the newest drift runs whose HTML report stays (each is MBs)
     completion_retention_days: float = 30.0  # logged completions older than this are pruned; 0 = kept forever
+    monitor_history_days: float = 90.0  # fairness runs, drift runs and drift jobs older than this go; 0 = kept
 
     @property
     def database(self) -> str:
@@ -94,11 +95,18 @@ class Settings:
             raise ValueError("TUNELOOP_DRIFT_REPORTS_KEPT must be at least 1 (the newest report is the one served)")
         if self.completion_retention_days != 0 and not self.completion_retention_days >= 1:
             raise ValueError("TUNELOOP_COMPLETION_RETENTION_DAYS must be 0 (keep every completion) or at least 1")
+        if self.monitor_history_days != 0 and not self.monitor_history_days >= 1:
+            raise ValueError("TUNELOOP_MONITOR_HISTORY_DAYS must be 0 (keep the whole history) or at least 1")
 
     @property
     def completion_retention_seconds(self) -> float | None:
         """How long a logged completion is kept (and open for feedback, less an hour); None = forever."""
         return self.completion_retention_days * 86400 or None
+
+    @property
+    def monitor_history_seconds(self) -> float | None:
+        """How long fairness runs, drift runs and drift jobs are kept; None = forever."""
+        return self.monitor_history_days * 86400 or None
 
     @property
     def artifacts_in_database(self) -> bool:

@@ -90,7 +90,7 @@ class FeedbackService:
         self.sessions = sessions
         self.completions = completions
         # Feedback on a completion is accepted until an hour before the retention may prune it, so that no
-        # feedback insert races the delete of its completion (service.core.completion_retention).
+        # feedback insert races the delete of its completion (service.core.retention).
         self.retention = retention_seconds
         # Shared with the deployments: a correction must be an answer its deployment can give.
         self.answer_choices = answer_choices if answer_choices is not None else {}

@@ -24,7 +24,6 @@ from sqlalchemy.exc import IntegrityError
 
 from monitoring import metrics
 from service.core import adapter_deletion, snapshot_deletion
-from service.core.completion_retention import CompletionRetention
 from service.core.deleted_files import DeletedFiles
 from service.core.drift import (
     MIN_ROWS,
@@ -34,6 +33,7 @@ from service.core.drift import (
     queue_drift_job,
 )
 from service.core.replicas import LeaderLock
+from service.core.retention import CompletionRetention, prune_monitor_history
 from service.storage.models import Completion, Deployment, Evaluation, Feedback, Job, MonitorRun
 
 if TYPE_CHECKING:
@@ -148,6 +148,8 @@ class Monitor:
             await self._safe(prune_drift_reports(self.ctx.sessions, name, self.ctx.settings.drift_reports_kept))
             if self.retention is not None:
                 await self._safe(self.retention.prune(name))
+            if history := self.ctx.settings.monitor_history_seconds:
+                await self._safe(prune_monitor_history(self.ctx.sessions, name, time.time() - history))
 
     async def _new_traffic(self, deployment: str) -> bool:
         """Drift is worth recomputing once a window's minimum of completions arrived since the last drift job."""

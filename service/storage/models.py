@@ -245,7 +245,7 @@ class Experiment(Base):
     guardrails: Mapped[list[Any]] = mapped_column(JSON, default=list)
     policy: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     decision: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    # its statistics, frozen when its completions become old enough to prune (service.core.completion_retention)
+    # its statistics, frozen when its completions become old enough to prune (service.core.retention)
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -72,9 +72,10 @@ def test_feedback_validation_stores_nothing_from_a_bad_batch(service) -> None:
     assert after == before
 
 
-def test_old_completions_are_pruned_and_closed_for_feedback(service) -> None:
-    """The default retention (30 days) at work in the running service: the monitor prunes an old completion
-    beyond the deployment's first traffic window (the drift reference); one about to go takes no feedback."""
+def test_old_completions_and_monitor_runs_are_pruned(service) -> None:
+    """The default retentions at work in the running service: the monitor prunes an old completion beyond the
+    deployment's first traffic window (the drift reference), and old fairness runs but the newest; a completion
+    about to go takes no feedback."""
     now = time.time()
     with service.client() as c:
         assert c.post("/v1/deployments", json={"name": "retained"}).status_code == 201
@@ -93,14 +94,20 @@ def test_old_completions_are_pruned_and_closed_for_feedback(service) -> None:
         first_window = [aged(now - 60 * 86400 + i) for i in range(500)]  # 500: the service's drift window
         prunable = aged(now - 31 * 86400)
         closing = aged(now - 30 * 86400 + 1800)  # kept half an hour more, closed for feedback
+        for days in (100, 99):  # fairness runs older than the monitor history (90 days): the newer one stays
+            db.execute("INSERT INTO monitor_runs (deployment, kind, data, created_at) VALUES (?, ?, ?, ?)",
+                       ("retained", "fairness", json.dumps({"attributes": {}, "rows": days}), now - days * 86400))
         db.commit()
         db.close()
         r = c.post("/v1/feedback", json={"completion_id": closing, "rating": 1})
         assert r.status_code == 410 and r.json()["field"] == "completion_id", r.text
         assert "TUNELOOP_COMPLETION_RETENTION_DAYS" in r.json()["detail"]
         deadline = time.monotonic() + 180  # a monitor pass runs every TUNELOOP_MONITOR_INTERVAL_SECONDS (60)
-        while c.get(f"/v1/completions/{prunable}").status_code != 404:
-            assert time.monotonic() < deadline, "the old completion was not pruned"
+        def fairness_rows() -> list[int]:
+            return [r["rows"] for r in c.get("/v1/monitoring/fairness", params={"deployment": "retained"}).json()["data"]]
+
+        while c.get(f"/v1/completions/{prunable}").status_code != 404 or fairness_rows() != [99]:
+            assert time.monotonic() < deadline, "the old completion or fairness run was not pruned"
             time.sleep(2)
         kept = (closing, first_window[0], first_window[-1], served["id"])
         assert all(c.get(f"/v1/completions/{i}").status_code == 200 for i in kept)

@@ -14,6 +14,8 @@ from service.core.monitor import Monitor
 from service.settings import Settings
 from service.storage.models import Completion, Deployment, Feedback, MonitorRun
 
+SETTINGS = Settings(drift_window=100, completion_retention_days=0)  # the monitor without the retention
+
 
 class RecordingJobs:
     """Stands in for the job service: the logic under test is the trigger's decision, not job creation."""
@@ -42,7 +44,7 @@ async def _seed(sessions, corrections: int) -> None:
 async def test_concurrent_trigger_passes_create_one_job(sessions, tmp_path: Path) -> None:
     await _seed(sessions, corrections=5)
     jobs = RecordingJobs()
-    monitor = Monitor(SimpleNamespace(sessions=sessions, jobs=jobs, settings=Settings(drift_window=100, completion_retention_days=0)))
+    monitor = Monitor(SimpleNamespace(sessions=sessions, jobs=jobs, settings=SETTINGS))
 
     first, second = await asyncio.gather(monitor.triggers("trig"), monitor.triggers("trig"))
 
@@ -67,7 +69,7 @@ async def test_two_api_processes_fire_one_trigger(sessions, database_url: str) -
     other_engine = make_engine(database_url)
     try:
         replicas = [(RecordingJobs(), sessions), (RecordingJobs(), make_sessionmaker(other_engine))]
-        monitors = [Monitor(SimpleNamespace(sessions=sm, jobs=jobs, settings=Settings(drift_window=100, completion_retention_days=0)))
+        monitors = [Monitor(SimpleNamespace(sessions=sm, jobs=jobs, settings=SETTINGS))
                     for jobs, sm in replicas]
         results = await asyncio.gather(*(m.triggers("trig") for m in monitors))
     finally:

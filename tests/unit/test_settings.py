@@ -89,3 +89,6 @@ def test_artifacts_go_into_the_database_by_default_only_on_postgresql() -> None:
         Settings(completion_retention_days=0.5)
     assert Settings(completion_retention_days=0).completion_retention_seconds is None
     assert Settings().completion_retention_seconds == 30 * 86400
+    with pytest.raises(ValueError, match="TUNELOOP_MONITOR_HISTORY_DAYS"):
+        Settings(monitor_history_days=-1)
+    assert Settings(monitor_history_days=0).monitor_history_seconds is None

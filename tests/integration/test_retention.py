@@ -1,6 +1,7 @@
-"""Completion retention on real SQLite and PostgreSQL: old completions go in batches, except those with feedback,
+"""Retention by age on real SQLite and PostgreSQL. Completions: old completions go in batches, except those with feedback,
 those of an unfinished experiment and the drift reference; a finished experiment's statistics are frozen first
-and read the same afterwards; feedback closes an hour before its completion may go."""
+and read the same afterwards; feedback closes an hour before its completion may go. Monitor history: old fairness
+runs, drift runs and drift jobs go, the newest of each and the trigger runs stay."""
 
 from __future__ import annotations
 
@@ -15,13 +16,23 @@ from sqlalchemy import insert, select
 
 from monitoring import metrics
 from service.core.completion_log import CompletionLog
-from service.core.completion_retention import BATCH, CompletionRetention
 from service.core.drift import TrafficWindows
 from service.core.experiments import ExperimentService
 from service.core.feedback import FeedbackService
+from service.core.retention import BATCH, CompletionRetention, prune_monitor_history
 from service.errors import Gone, Unprocessable
 from service.storage.artifacts import ArtifactStore
-from service.storage.models import Adapter, Completion, Deployment, DeploymentEvent, Experiment, Feedback
+from service.storage.models import (
+    Adapter,
+    Completion,
+    Deployment,
+    DeploymentEvent,
+    Experiment,
+    Feedback,
+    Job,
+    JobEvent,
+    MonitorRun,
+)
 
 DAY = 86400.0
 RETENTION = 30 * DAY
@@ -156,3 +167,40 @@ async def test_feedback_closes_an_hour_before_the_prune(sessions: Any, retention
     finally:
         await feedback.writer.stop()
         await log.stop()
+
+
+async def test_old_monitor_history_goes_but_the_newest_of_each_kind(sessions: Any) -> None:
+    now = time.time()
+    old = now - 100 * DAY
+    async with sessions() as s, s.begin():
+        s.add_all([Deployment(name=d, base_model="m") for d in ("busy", "quiet")])
+        for dep in ("busy", "quiet"):
+            for i in range(3):
+                s.add(MonitorRun(deployment=dep, kind="fairness", data={"i": i}, created_at=old + i))
+                s.add(MonitorRun(deployment=dep, kind="drift", data={"i": i}, created_at=old + i))
+                s.add(MonitorRun(deployment=dep, kind="trigger", data={}, follows=i, created_at=old + i))
+                s.add(Job(id=f"driftjob-{dep}-{i}", kind="drift", deployment=dep, status="succeeded",
+                          created_at=old + i, finished_at=old + i))
+                s.add(JobEvent(job_id=f"driftjob-{dep}-{i}", type="windows", data={}, created_at=old + i))
+            s.add(MonitorRun(deployment=dep, kind="drift", data={}, html_path="/r.html", created_at=old + 5))
+        s.add(MonitorRun(deployment="busy", kind="fairness", data={"recent": True}, created_at=now - DAY))
+        s.add(Job(id="driftjob-busy-recent", kind="drift", deployment="busy", status="succeeded",
+                  created_at=now - DAY, finished_at=now - DAY))
+        s.add(Job(id="driftjob-busy-running", kind="drift", deployment="busy", status="running", created_at=old))
+        s.add(Job(id="ftjob-old", kind="fine_tune", deployment="busy", status="succeeded", created_at=old,
+                  finished_at=old))
+
+    assert await prune_monitor_history(sessions, "busy", before=now - 90 * DAY, batch=2) == \
+        {"monitor_runs": 6, "drift_jobs": 3}
+    assert await prune_monitor_history(sessions, "quiet", before=now - 90 * DAY) == \
+        {"monitor_runs": 5, "drift_jobs": 2}
+    async with sessions() as s:
+        runs = {(r.deployment, r.kind, r.data.get("i"), r.html_path is not None)
+                for r in (await s.execute(select(MonitorRun))).scalars()}
+        jobs = set((await s.execute(select(Job.id))).scalars())
+        events = set((await s.execute(select(JobEvent.job_id))).scalars())
+    assert runs == {("busy", "fairness", None, False), ("busy", "drift", None, True),  # recent; has its HTML
+                    ("quiet", "fairness", 2, False), ("quiet", "drift", None, True)} | {
+        (d, "trigger", None, False) for d in ("busy", "quiet")} and len(runs) == 6
+    assert jobs == {"driftjob-busy-recent", "driftjob-busy-running", "ftjob-old", "driftjob-quiet-2"}
+    assert events == {"driftjob-quiet-2"}

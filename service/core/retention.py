@@ -1,4 +1,8 @@
-"""Completion retention: the completion log keeps `TUNELOOP_COMPLETION_RETENTION_DAYS` of traffic.
+"""Retention by age: what the service records on every request or monitor pass is not kept forever.
+
+Completions: the completion log keeps `TUNELOOP_COMPLETION_RETENTION_DAYS` of traffic (`CompletionRetention`).
+Monitor history: fairness runs, drift runs and drift jobs older than `TUNELOOP_MONITOR_HISTORY_DAYS` go
+(`prune_monitor_history`).
 
 Every gateway request leaves a row (its prompt, answer and routing), so without a bound the log grows with
 traffic forever. The monitor's leader deletes older rows in short batches, each found by a read and deleted in
@@ -23,14 +27,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, exists, or_, select, tuple_
+from sqlalchemy import delete, exists, func, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from monitoring import metrics
 from service.core.drift import TrafficWindows
 from service.core.experiments import ExperimentService
 from service.storage.db import make_readonly_sessionmaker, refresh_statistics
-from service.storage.models import Completion, Deployment, Experiment, Feedback
+from service.storage.models import Completion, Deployment, Experiment, Feedback, Job, JobEvent, MonitorRun
 
 BATCH = 100  # rows per delete: 4 ms of SQLite's write lock here (benchmarks/completion_retention.py)
 
@@ -92,3 +96,41 @@ class CompletionRetention:
         if deleted:
             metrics.COMPLETIONS_PRUNED.labels(deployment).inc(deleted)
         return deleted
+
+
+async def prune_monitor_history(sessions: async_sessionmaker[AsyncSession], deployment: str, before: float, *,
+                                batch: int = 500, max_batches: int = 20) -> dict[str, int]:
+    """Delete the deployment's monitor history older than `before`; how many of each went.
+
+    A busy deployment gets a fairness run every monitor pass, and a drift job with its events and drift run every
+    pass that saw 30 new completions: thousands of rows a day. What goes: fairness runs but the newest; drift runs
+    whose HTML report was already pruned (the newest keep theirs: `TUNELOOP_DRIFT_REPORTS_KEPT`); finished drift
+    jobs, with their events, but the newest (the monitor measures new traffic from it). Trigger runs stay: they are
+    few, and each names the one it follows. In batches, each its own transaction; a backlog clears over passes."""
+    async with sessions() as s:
+        newest_fairness = (await s.execute(select(func.max(MonitorRun.id)).where(
+            MonitorRun.deployment == deployment, MonitorRun.kind == "fairness"))).scalar_one_or_none()
+        newest_job = (await s.execute(select(func.max(Job.created_at)).where(
+            Job.kind == "drift", Job.deployment == deployment))).scalar_one_or_none()
+    runs = select(MonitorRun.id).where(
+        MonitorRun.deployment == deployment, MonitorRun.created_at < before,
+        or_((MonitorRun.kind == "fairness") & (MonitorRun.id != (newest_fairness or 0)),
+            (MonitorRun.kind == "drift") & MonitorRun.html_path.is_(None))).limit(batch)
+    jobs = select(Job.id).where(Job.kind == "drift", Job.deployment == deployment, Job.finished_at < before,
+                                Job.status.in_(("succeeded", "failed", "cancelled")),
+                                Job.created_at < (newest_job or 0)).limit(batch)
+    deleted = {"monitor_runs": 0, "drift_jobs": 0}
+    for _ in range(max_batches):
+        async with sessions() as s, s.begin():
+            run_ids = list((await s.execute(runs)).scalars())
+            job_ids = list((await s.execute(jobs)).scalars())
+            if run_ids:
+                await s.execute(delete(MonitorRun).where(MonitorRun.id.in_(run_ids)))
+            if job_ids:
+                await s.execute(delete(JobEvent).where(JobEvent.job_id.in_(job_ids)))
+                await s.execute(delete(Job).where(Job.id.in_(job_ids)))
+        deleted["monitor_runs"] += len(run_ids)
+        deleted["drift_jobs"] += len(job_ids)
+        if len(run_ids) < batch and len(job_ids) < batch:
+            break
+    return deleted

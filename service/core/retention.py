@@ -19,7 +19,8 @@ Feedback is accepted only while its completion is younger than the retention les
 
 Kept rows are older than the retention forever (a tenth of the traffic may have feedback), so each deployment's
 scan goes on from where the last pass ended instead of reading them all again; it starts over from the oldest
-when the process starts and when the drift reference moves (the old reference's rows become prunable).
+when the process starts, when an experiment is frozen and when the drift reference moves (their rows become
+prunable behind the scan).
 """
 
 from __future__ import annotations

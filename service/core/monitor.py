@@ -46,6 +46,7 @@ class Monitor:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
         self.window = ctx.settings.drift_window
+        self._fairness_seen: dict[str, int] = {}  # deployment -> newest feedback id of its last fairness run
         retention = ctx.settings.completion_retention_seconds
         self.retention = CompletionRetention(ctx.sessions, TrafficWindows(ctx.sessions, self.window, ctx.artifacts),
                                              ctx.experiments, retention) if retention else None
@@ -162,16 +163,19 @@ class Monitor:
 
     # -- fairness -----------------------------------------------------------------------------------------
     async def fairness(self, deployment: str) -> dict[str, Any] | None:
+        """Fairness over the newest feedback, stored as a run; None when there is too little of it, or none
+        newer than this process's last run (the same rows give the same report: no run, no work)."""
         async with self.ctx.sessions() as s:
-            rows = (await s.execute(select(Completion.output, Completion.attributes, Feedback.rating,
+            rows = (await s.execute(select(Feedback.id, Completion.output, Completion.attributes, Feedback.rating,
                                            Feedback.correction).join(Feedback, Feedback.completion_id == Completion.id)
                                     .where(Completion.deployment == deployment)
                                     .order_by(Feedback.id.desc()).limit(self.window * 4))).all()
-        if len(rows) < MIN_ROWS:
+        if len(rows) < MIN_ROWS or self._fairness_seen.get(deployment) == rows[0].id:
             return None
         # off the event loop, which serves the gateway meanwhile: the first call imports pandas and fairlearn,
         # a few hundred ms that used to stall every request in flight (benchmarks/README.md, gateway_overhead)
-        reports = await asyncio.to_thread(fairness_reports, [tuple(r) for r in rows])
+        reports = await asyncio.to_thread(fairness_reports, [tuple(r)[1:] for r in rows])
+        self._fairness_seen[deployment] = rows[0].id
         if reports is None:
             return None
         for k, rep in reports.items():

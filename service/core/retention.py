@@ -103,11 +103,12 @@ async def prune_monitor_history(sessions: async_sessionmaker[AsyncSession], depl
                                 batch: int = 500, max_batches: int = 20) -> dict[str, int]:
     """Delete the deployment's monitor history older than `before`; how many of each went.
 
-    A busy deployment gets a fairness run every monitor pass, and a drift job with its events and drift run every
-    pass that saw 30 new completions: thousands of rows a day. What goes: fairness runs but the newest; drift runs
-    whose HTML report was already pruned (the newest keep theirs: `TUNELOOP_DRIFT_REPORTS_KEPT`); finished drift
-    jobs, with their events, but the newest (the monitor measures new traffic from it). Trigger runs stay: they are
-    few, and each names the one it follows. In batches, each its own transaction; a backlog clears over passes."""
+    A busy deployment gets a fairness run every monitor pass with new feedback, and a drift job with its events and
+    drift run every pass that saw 30 new completions: thousands of rows a day. What goes: fairness runs but the
+    newest; drift runs whose HTML report was already pruned (the newest keep theirs: `TUNELOOP_DRIFT_REPORTS_KEPT`);
+    finished drift jobs, with their events, but the newest (the monitor measures new traffic from it). Trigger runs
+    stay: they are few, and each names the one it follows. In batches, each its own transaction; a backlog clears
+    over passes."""
     async with sessions() as s:
         newest_fairness = (await s.execute(select(func.max(MonitorRun.id)).where(
             MonitorRun.deployment == deployment, MonitorRun.kind == "fairness"))).scalar_one_or_none()

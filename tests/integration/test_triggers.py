@@ -79,3 +79,28 @@ async def test_two_api_processes_fire_one_trigger(sessions, database_url: str) -
     async with sessions() as s:
         runs = list((await s.execute(select(MonitorRun).where(MonitorRun.kind == "trigger"))).scalars())
     assert len(runs) == 1 and runs[0].follows == 0 and runs[0].data["outcome"] == "job_created"
+
+
+async def test_fairness_runs_only_on_new_feedback(sessions) -> None:
+    """A fairness run per monitor pass was a stored row and a fairlearn computation a minute per deployment even
+    when no feedback came; the same rows give the same report, so now only new feedback makes a run."""
+    async with sessions() as s, s.begin():
+        s.add(Deployment(name="fair", base_model="m"))
+        for i in range(40):
+            s.add(Completion(id=f"f{i}", deployment="fair", adapter="base", kind="chat", prompt="q", prompt_hash="h",
+                             attributes={"segment": "ab"[i % 2]}, output="x", created_at=time.time()))
+        await s.flush()
+        s.add_all([Feedback(completion_id=f"f{i}", deployment="fair", rating=float(i % 3 == 0)) for i in range(39)])
+    monitor = Monitor(SimpleNamespace(sessions=sessions, settings=SETTINGS))
+
+    first = await monitor.fairness("fair")
+    assert first is not None and first["rows"] == 39 and "segment" in first["attributes"]
+    assert await monitor.fairness("fair") is None
+    async with sessions() as s, s.begin():
+        s.add(Feedback(completion_id="f39", deployment="fair", rating=1.0))
+    assert (await monitor.fairness("fair"))["rows"] == 40
+    assert await Monitor(SimpleNamespace(sessions=sessions, settings=SETTINGS)).fairness("fair") is not None  # restart
+    async with sessions() as s:
+        runs = (await s.execute(select(MonitorRun.data).where(MonitorRun.kind == "fairness")
+                                 .order_by(MonitorRun.id))).scalars().all()
+    assert [r["rows"] for r in runs] == [39, 40, 40]

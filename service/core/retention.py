@@ -62,7 +62,7 @@ class CompletionRetention:
 
         At most `max_batches` batches per call: a backlog (a retention just turned on) clears over passes."""
         cutoff = (now if now is not None else time.time()) - self.retention
-        async with self.sessions() as s:
+        async with self.reads() as s:
             dep = await s.get(Deployment, deployment)
             if not self._analyzed:  # PostgreSQL without statistics sorts the whole range for every batch
                 await refresh_statistics(s, Completion.__tablename__)

@@ -26,7 +26,7 @@ ROUTES = [
     data.post_feedback, data.list_feedback, data.create_dataset, data.list_datasets, data.get_dataset,
     data.delete_dataset,
     data.upload_records, data.create_snapshot, data.get_snapshot_job, data.cancel_snapshot_job, data.get_snapshot,
-    data.delete_snapshot, data.snapshot_report,
+    data.delete_snapshot, data.snapshot_report, data.create_erasure_job, data.get_erasure_job, data.cancel_erasure_job,
     training.create_job, training.list_jobs, training.get_job, training.cancel_job, training.job_events,
     training.job_checkpoints, training.list_adapters, training.get_adapter, training.import_adapter,
     training.export_adapter, training.delete_adapter, training.request_evaluation,

@@ -87,16 +87,17 @@ def handlers() -> dict[str, Handler]:
     """Job kinds this worker can run (imported lazily: they pull in torch)."""
     try:
         from service.core.drift import run_drift_job
+        from service.core.erasure import run_erasure_job
         from service.core.job_runner import run_evaluation_job, run_fine_tune_job, run_snapshot_job
     except ImportError:  # training extras not installed: an idle worker
         return {}
     return {"fine_tune": run_fine_tune_job, "evaluation": run_evaluation_job, "snapshot": run_snapshot_job,
-            "drift": run_drift_job}
+            "drift": run_drift_job, "erasure": run_erasure_job}
 
 
-# Each lane runs one job at a time; data work (curation, drift) has its own lane so it never waits behind an
-# hour of training.
-LANES = (("fine_tune", "evaluation"), ("snapshot", "drift"))
+# Each lane runs one job at a time; data work (curation, drift, erasure) has its own lane so it never waits behind
+# an hour of training.
+LANES = (("fine_tune", "evaluation"), ("snapshot", "drift", "erasure"))
 
 
 async def run_worker(settings: Settings) -> None:

@@ -19,6 +19,7 @@ from monitoring.experiments import Guardrail, Policy
 from service.auth import SCOPES
 from service.core.deployments import NAME_RE, DeploymentConfig
 from service.core.experiments import AutoDeploy, Goal
+from service.storage.models import MAX_USER
 
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern)]
@@ -41,7 +42,8 @@ Attributes = Annotated[dict[Annotated[str, msgspec.Meta(max_length=64)], Annotat
 
 class _Inference(msgspec.Struct, kw_only=True):
     model: Annotated[str, msgspec.Meta(description="a deployment name")]
-    user: Annotated[str, msgspec.Meta(description="the unit id experiments assign by")] | None = None
+    user: Annotated[str, msgspec.Meta(max_length=MAX_USER, description=(
+        "the end user: the unit experiments assign by, and whose data `POST /v1/erasure_jobs` erases"))] | None = None
     metadata: Annotated[Attributes, msgspec.Meta(description="group attributes stored with the completion")] | None = None
     stream: bool = False
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
@@ -113,6 +115,12 @@ Upload = Annotated[list[TrainingRow], msgspec.Meta(description="NDJSON: one row 
 class SnapshotCreate(_Body):
     include_feedback: bool = False
     curation: CurationConfig | None = None
+
+
+class ErasureCreate(_Body):
+    deployment: DeploymentName
+    user: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_USER,
+                                      description="the `user` the application sent with its requests")]
 
 
 # --- training ------------------------------------------------------------------------------------------------

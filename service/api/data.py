@@ -1,4 +1,5 @@
-"""Feedback, datasets, uploads and snapshots: thin routes over `service.core.feedback` / `datasets`."""
+"""Feedback, datasets, uploads, snapshots and erasures: thin routes over `service.core.feedback` / `datasets` /
+`erasure`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from service.api.openapi import TEXT, operation
 from service.auth import admin_scope, app_scope
 from service.core import dataset_deletion, snapshot_deletion
 from service.core.datasets import checked_curation, dataset_json, snapshot_job_json, snapshot_json
+from service.core.erasure import erasure_job_json, queue_erasure
 from service.core.feedback import feedback_json
 from service.errors import Gone, NotFound, Unprocessable, UnsupportedMediaType
 
@@ -132,3 +134,22 @@ async def snapshot_report(request: Request[Any, Any, Any], snapshot_id: str) -> 
                            "(TUNELOOP_ARTIFACT_STORE=database stores them there for processes on other machines)")
         return LResponse(html.read_text(), media_type="text/html")
     return LResponse({"object": "snapshot.report", "snapshot_id": snap.id, **snap.report})
+
+
+@post("/v1/erasure_jobs", guards=[admin_scope], status_code=202,
+      operation_class=operation(responses.ErasureJob, bodies.ErasureCreate))
+async def create_erasure_job(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """Queue the erasure of one user's completions and feedback on a deployment; poll `GET /v1/erasure_jobs/{id}`."""
+    body = await json_object(request, bodies.ErasureCreate)
+    return erasure_job_json(await queue_erasure(ctx_of(request).sessions, body.get("deployment"), body.get("user")))
+
+
+@get("/v1/erasure_jobs/{job_id:str}", guards=[admin_scope], operation_class=operation(responses.ErasureJob))
+async def get_erasure_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
+    return erasure_job_json(await ctx_of(request).jobs.get(job_id, kind="erasure"))
+
+
+@post("/v1/erasure_jobs/{job_id:str}/cancel", guards=[admin_scope], status_code=200,
+      operation_class=operation(responses.ErasureJob))
+async def cancel_erasure_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
+    return erasure_job_json(await ctx_of(request).jobs.cancel(job_id, kind="erasure"))

@@ -454,6 +454,23 @@ class DriftJob(_JobTimes, kw_only=True):
     result: Annotated[DriftJobResult | None, msgspec.Meta(description="set when the job has finished")]
 
 
+class ErasureResult(msgspec.Struct, kw_only=True):
+    """What the erasure deleted, and the copies it could not delete."""
+
+    completions: Annotated[int, msgspec.Meta(description="completions deleted")]
+    feedback: Annotated[int, msgspec.Meta(description="feedback items deleted")]
+    snapshots: Annotated[list[str], msgspec.Meta(
+        description="snapshots whose curated rows may hold the user's feedback (DELETE /v1/snapshots/{id})")]
+    adapters: Annotated[list[str], msgspec.Meta(description="adapters trained on the user's feedback")]
+
+
+class ErasureJob(_JobTimes, kw_only=True):
+    object: Literal["erasure.job"]
+    user: str
+    result: Annotated[ErasureResult | None, msgspec.Meta(
+        description="set when the job has finished (when cancelled: what was deleted until then)")]
+
+
 class JobEvent(_Out, kw_only=True):
     object: Literal["fine_tuning.job.event"]
     id: int

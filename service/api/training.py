@@ -20,6 +20,7 @@ from service.auth import admin_scope
 from service.core import adapter_deletion
 from service.core.datasets import snapshot_job_json
 from service.core.drift import drift_job_json
+from service.core.erasure import erasure_job_json
 from service.core.evaluations import evaluation_json, evaluation_report_json, queue_evaluation
 from service.core.jobs import TERMINAL, event_json, job_json
 from service.core.serving import history_json
@@ -64,7 +65,7 @@ async def cancel_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, 
 
 
 @get(["/v1/fine_tuning/jobs/{job_id:str}/events", "/v1/snapshot_jobs/{job_id:str}/events",
-      "/v1/monitoring/drift_jobs/{job_id:str}/events"], guards=[admin_scope],
+      "/v1/monitoring/drift_jobs/{job_id:str}/events", "/v1/erasure_jobs/{job_id:str}/events"], guards=[admin_scope],
      operation_class=operation(responses.Page[responses.JobEvent], alternatives={"text/event-stream": TEXT}))
 async def job_events(request: Request[Any, Any, Any], job_id: str, after: int | None = None, limit: int = 1000,
                      stream: bool = False) -> Response[Any]:
@@ -82,7 +83,8 @@ async def job_events(request: Request[Any, Any, Any], job_id: str, after: int | 
                     yield f"id: {e.id}\nevent: {e.type}\ndata: {json.dumps(event_json(e))}\n\n".encode()
                 current = await ctx.jobs.get(job.id, kind=job.kind)
                 if current.status in TERMINAL and not events:
-                    final = {"snapshot": snapshot_job_json, "drift": drift_job_json}.get(current.kind, job_json)(current)
+                    final = {"snapshot": snapshot_job_json, "drift": drift_job_json,
+                             "erasure": erasure_job_json}.get(current.kind, job_json)(current)
                     yield f"event: end\ndata: {json.dumps(final)}\n\n".encode()
                     return
                 if not events:
@@ -95,7 +97,8 @@ async def job_events(request: Request[Any, Any, Any], job_id: str, after: int | 
 
 
 async def _kind(ctx: Any, job_id: str) -> str:
-    return {"evjob": "evaluation", "snapjob": "snapshot", "driftjob": "drift"}.get(job_id.split("-")[0], "fine_tune")
+    return {"evjob": "evaluation", "snapjob": "snapshot", "driftjob": "drift",
+            "erasejob": "erasure"}.get(job_id.split("-")[0], "fine_tune")
 
 
 @get("/v1/fine_tuning/jobs/{job_id:str}/checkpoints", guards=[admin_scope],

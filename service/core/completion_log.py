@@ -11,7 +11,8 @@ SQLAlchemy's per-statement machinery was a third of that commit's time (0.185 �
 
 It also remembers the last `cache_size` committed completions' routing facts (`CompletionRef`), so that
 feedback on a fresh completion — the common case — is checked without a database read. Completions are
-never updated, so the cache cannot go stale.
+never updated; one deleted (an erasure) while still remembered fails the feedback's foreign key, and `gone`
+then drops it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import sqlite3
 from collections import OrderedDict
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -141,3 +143,12 @@ class CompletionLog(GroupCommit[dict[str, Any], None]):
                 self._remember(ref)
                 found[ref.id] = ref
         return found
+
+    async def gone(self, ids: Collection[str]) -> set[str]:
+        """Those of `ids` no longer in the database (deleted since they were found), forgotten here too."""
+        async with self._readonly() as s:
+            present = set((await s.execute(select(Completion.id).where(Completion.id.in_(list(ids))))).scalars())
+        missing = set(ids) - present
+        for i in missing:
+            self._refs.pop(i, None)
+        return missing

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.curation.feedback_rows import FeedbackItem
@@ -84,6 +86,19 @@ def feedback_json(f: Feedback) -> dict[str, Any]:
             "attributes": f.attributes, "created_at": f.created_at}
 
 
+def _refuse_unknown(parsed: list[FeedbackIn], known: Collection[str], single: bool) -> None:
+    """404 (a batch: 422 naming each item) when feedback names a completion that is not in `known`."""
+    missing = [i for i, f in enumerate(parsed) if f.completion_id not in known]
+    if not missing:
+        return
+    if single:
+        raise NotFound(f"completion {parsed[0].completion_id!r} does not exist", field="completion_id")
+    raise Unprocessable(f"{len(missing)} item(s) refer to unknown completions; nothing was stored",
+                        field=f"[{missing[0]}].completion_id",
+                        errors=[{"index": i, "field": f"[{i}].completion_id",
+                                 "message": f"unknown completion {parsed[i].completion_id!r}"} for i in missing])
+
+
 class FeedbackService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], completions: CompletionLog,
                  answer_choices: dict[str, tuple[str, ...]] | None = None, retention_seconds: float | None = None) -> None:
@@ -120,15 +135,7 @@ class FeedbackService:
             raise Unprocessable(f"{len({e['index'] for e in errors})} invalid feedback item(s); nothing was stored",
                                 field=errors[0]["field"], errors=errors)
         found = await self.completions.refs({f.completion_id for f in parsed})
-        missing = [i for i, f in enumerate(parsed) if f.completion_id not in found]
-        if missing:
-            if single:
-                raise NotFound(f"completion {parsed[0].completion_id!r} does not exist", field="completion_id")
-            raise Unprocessable(f"{len(missing)} item(s) refer to unknown completions; nothing was stored",
-                                field=f"[{missing[0]}].completion_id",
-                                errors=[{"index": i, "field": f"[{i}].completion_id",
-                                         "message": f"unknown completion {parsed[i].completion_id!r}"}
-                                        for i in missing])
+        _refuse_unknown(parsed, found.keys(), single)
         if self.retention is not None:
             closed_before = time.time() - self.retention + FEEDBACK_MARGIN
             closed = [i for i, f in enumerate(parsed) if found[f.completion_id].created_at < closed_before]
@@ -151,7 +158,11 @@ class FeedbackService:
                                   f"{found[f.completion_id].deployment!r}'s answer_choices"} for i, f in outside]
             raise Unprocessable(f"{len(outside)} correction(s) outside the deployment's answer_choices; "
                                 "nothing was stored", field=errors[0]["field"], errors=errors)
-        stored = await self.writer.submit((parsed, found))
+        try:
+            stored = await self.writer.submit((parsed, found))
+        except IntegrityError:  # a completion deleted since it was found (an erasure): its foreign key failed
+            _refuse_unknown(parsed, found.keys() - await self.completions.gone(found.keys()), single)
+            raise
         # Counted after the commit, and only for new rows, so retries and replays never count twice.
         for f, (_, new) in zip(parsed, stored, strict=True):
             if new:

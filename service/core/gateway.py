@@ -20,6 +20,7 @@ from monitoring import metrics
 from service.core.completion_log import CompletionLog
 from service.core.routing import Choice, Router
 from service.errors import BadRequest, NotFound, ServiceError, Unavailable, Unprocessable
+from service.storage.models import MAX_USER
 from service.vllm.pool import TRANSPORT_ERRORS, VLLMPool, VLLMUnavailable
 
 Kind = Literal["chat", "text"]
@@ -68,8 +69,8 @@ class Gateway:
             if not isinstance(prompt, str) or not prompt:
                 raise Unprocessable("`prompt` must be a non-empty string", field="prompt")
         user = body.get("user")
-        if user is not None and not isinstance(user, str):
-            raise Unprocessable("`user` must be a string", field="user")
+        if user is not None and (not isinstance(user, str) or len(user) > MAX_USER):
+            raise Unprocessable(f"`user` must be a string of at most {MAX_USER} characters", field="user")
         metadata = body.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise Unprocessable("`metadata` must be an object of strings", field="metadata")

@@ -32,6 +32,9 @@ def now() -> float:
     return time.time()
 
 
+MAX_USER = 256  # the length of the `user` an application sends with a request
+
+
 class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
@@ -77,7 +80,7 @@ class Completion(Base):
     adapter_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     experiment_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     variant: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    user: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    user: Mapped[str | None] = mapped_column(String(MAX_USER), nullable=True)
     attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     kind: Mapped[str] = mapped_column(String(8))  # chat | text
     prompt: Mapped[Any] = mapped_column(JSON)  # messages list (chat) or prompt string (text)
@@ -94,6 +97,7 @@ class Completion(Base):
         Index("ix_completions_deployment_created", "deployment", "created_at"),
         Index("ix_completions_prompt_hash", "deployment", "prompt_hash"),
         Index("ix_completions_experiment", "experiment_id"),
+        Index("ix_completions_user", "user", "deployment"),  # erasure of one user's data
     )
 
 
@@ -166,7 +170,7 @@ class Job(Base):
 
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))  # fine_tune | evaluation | snapshot | drift
+    kind: Mapped[str] = mapped_column(String(16))  # fine_tune | evaluation | snapshot | drift | erasure
     deployment: Mapped[str] = mapped_column(String(64), index=True)
     status: Mapped[str] = mapped_column(String(16), default="queued")
     spec: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -116,6 +116,40 @@ def test_old_completions_and_monitor_runs_are_pruned(service) -> None:
     assert 'tuneloop_completions_pruned_total{deployment="retained"} 1.0' in scraped
 
 
+def test_one_users_data_is_erased_by_a_job(service) -> None:
+    """`POST /v1/erasure_jobs` through the running service and its worker: the user's completions and feedback go,
+    everyone else's stay; feedback on an erased completion, which the API process still remembers, is a 404."""
+    with service.client() as c:
+        assert c.post("/v1/deployments", json={"name": "erasing"}).status_code == 201
+        theirs = [_completion(c, model="erasing", user="user-to-forget") for _ in range(3)]
+        others = [_completion(c, model="erasing", user="user-to-keep"), _completion(c, model="erasing")]
+        assert c.post("/v1/feedback", json=[{"completion_id": i, "rating": 1} for i in theirs[:2] + others[:1]]
+                      ).status_code == 201
+        for body, status, field in (({"deployment": "erasing"}, 422, "user"),
+                                    ({"deployment": "erasing", "user": ""}, 422, "user"),
+                                    ({"deployment": "erasing", "user": "u", "all": True}, 422, "all"),
+                                    ({"deployment": "nope", "user": "u"}, 404, "deployment")):
+            r = c.post("/v1/erasure_jobs", json=body)
+            assert r.status_code == status and r.json()["field"] == field, r.text
+        r = c.post("/v1/erasure_jobs", json={"deployment": "erasing", "user": "user-to-forget"})
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["object"] == "erasure.job" and job["user"] == "user-to-forget"
+        deadline = time.monotonic() + 120  # the worker polls for jobs every second or so
+        while (job := c.get(f"/v1/erasure_jobs/{job['id']}").json())["status"] != "succeeded":
+            assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+            time.sleep(0.5)
+        assert job["result"] == {"completions": 3, "feedback": 2, "snapshots": [], "adapters": []}
+        assert [e["type"] for e in c.get(f"/v1/erasure_jobs/{job['id']}/events").json()["data"]][-1] == "succeeded"
+        assert all(c.get(f"/v1/completions/{i}").status_code == 404 for i in theirs)
+        assert all(c.get(f"/v1/completions/{i}").status_code == 200 for i in others)
+        r = c.post("/v1/feedback", json={"completion_id": theirs[2], "rating": 1})
+        assert r.status_code == 404 and r.json()["field"] == "completion_id", r.text
+        assert c.post(f"/v1/erasure_jobs/{job['id']}/cancel").status_code == 409  # it has finished
+        feedback = c.get("/v1/feedback", params={"deployment": "erasing"}).json()["data"]
+    assert [f["completion_id"] for f in feedback] == others[:1]
+
+
 def test_feedback_pagination(service) -> None:
     with service.client() as c:
         cid = _completion(c)

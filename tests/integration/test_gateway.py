@@ -83,6 +83,8 @@ def test_unknown_deployment_is_404_problem(oai: OpenAI, service) -> None:
     ({"model": "default", "messages": "hi"}, "messages", 422),
     ({"model": "default", "messages": [{"role": "user", "content": "x"}], "metadata": {"k": 5}}, "metadata.k", 422),
     ({"messages": [{"role": "user", "content": "x"}]}, "model", 422),
+    # longer than completions.user (PostgreSQL would refuse the row after vLLM answered)
+    ({"model": "default", "messages": [{"role": "user", "content": "x"}], "user": "u" * 257}, "user", 422),
 ])
 def test_bad_requests_name_the_field(service, body, field, status) -> None:
     with service.client() as c:

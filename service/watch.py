@@ -1,4 +1,4 @@
-"""`tuneloop jobs watch ID`: follow a fine-tuning, snapshot or drift job's events with a progress bar (tqdm)."""
+"""`tuneloop jobs watch ID`: follow a fine-tuning, snapshot, drift or erasure job's events with a progress bar (tqdm)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import httpx
 from tqdm import tqdm
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-BASES = {"snapjob": "/v1/snapshot_jobs", "driftjob": "/v1/monitoring/drift_jobs"}
+BASES = {"snapjob": "/v1/snapshot_jobs", "driftjob": "/v1/monitoring/drift_jobs", "erasejob": "/v1/erasure_jobs"}
 
 
 def watch_job(url: str, job_id: str, api_key: str, poll_seconds: float = 2.0) -> int:

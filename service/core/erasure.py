@@ -137,8 +137,9 @@ async def run_erasure_job(ctx: WorkerContext, job: Job) -> None:
         if time.monotonic() - last < 1.0:
             return True
         last = time.monotonic()
-        await _add_events(ctx, job.id, [{"type": "progress", **erased.to_dict(), "message":
-                                         f"deleted {erased.completions} completions, {erased.feedback} feedback"}])
+        await _add_events(ctx, job.id, [{"type": "erasing", **erased.to_dict(), "message":
+                                         f"deleted {erased.completions} completions and {erased.feedback} feedback "
+                                         "so far"}])
         cancelled = await heartbeat(ctx.sessions, job.id, ctx.worker_id)
         return not (cancelled or ctx.stopping.is_set())
 

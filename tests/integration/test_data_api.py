@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from examples.banking77.prepare import read_rows, to_chat
+from service.watch import watch_job
 from tests.conftest import make_snapshot
 
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "Where is my card?"}], "max_tokens": 4}
@@ -116,7 +117,7 @@ def test_old_completions_and_monitor_runs_are_pruned(service) -> None:
     assert 'tuneloop_completions_pruned_total{deployment="retained"} 1.0' in scraped
 
 
-def test_one_users_data_is_erased_by_a_job(service) -> None:
+def test_one_users_data_is_erased_by_a_job(service, capsys) -> None:
     """`POST /v1/erasure_jobs` through the running service and its worker: the user's completions and feedback go,
     everyone else's stay; feedback on an erased completion, which the API process still remembers, is a 404."""
     with service.client() as c:
@@ -135,12 +136,11 @@ def test_one_users_data_is_erased_by_a_job(service) -> None:
         assert r.status_code == 202, r.text
         job = r.json()
         assert job["object"] == "erasure.job" and job["user"] == "user-to-forget"
-        deadline = time.monotonic() + 120  # the worker polls for jobs every second or so
-        while (job := c.get(f"/v1/erasure_jobs/{job['id']}").json())["status"] != "succeeded":
-            assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
-            time.sleep(0.5)
+        assert watch_job(service.url, job["id"], service.admin_key, poll_seconds=0.5) == 0  # `tuneloop jobs watch`
+        assert "[succeeded] deleted 3 completions and 2 feedback" in capsys.readouterr().out
+        job = c.get(f"/v1/erasure_jobs/{job['id']}").json()
+        assert job["status"] == "succeeded"
         assert job["result"] == {"completions": 3, "feedback": 2, "snapshots": [], "adapters": []}
-        assert [e["type"] for e in c.get(f"/v1/erasure_jobs/{job['id']}/events").json()["data"]][-1] == "succeeded"
         assert all(c.get(f"/v1/completions/{i}").status_code == 404 for i in theirs)
         assert all(c.get(f"/v1/completions/{i}").status_code == 200 for i in others)
         r = c.post("/v1/feedback", json={"completion_id": theirs[2], "rating": 1})

@@ -125,7 +125,7 @@ async def queue_erasure(sessions: async_sessionmaker[AsyncSession], deployment: 
 
 
 async def run_erasure_job(ctx: WorkerContext, job: Job) -> None:
-    """Erase the user's data: a progress event and a heartbeat (which carries a cancel) every second or so."""
+    """Erase the user's data: an `erasing` event and a heartbeat (which carries a cancel) every second or so."""
     from service.core.job_runner import _add_events, _finish, _stop_or_requeue
     from service.worker import heartbeat
 

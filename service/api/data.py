@@ -144,6 +144,16 @@ async def create_erasure_job(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return erasure_job_json(await queue_erasure(ctx_of(request).sessions, body.get("deployment"), body.get("user")))
 
 
+@get("/v1/erasure_jobs", guards=[admin_scope], operation_class=operation(responses.Page[responses.ErasureJob]))
+async def list_erasure_jobs(request: Request[Any, Any, Any], deployment: str | None = None, after: str | None = None,
+                            limit: int = 20) -> dict[str, Any]:
+    """The erasures done and pending, newest first: the record an application keeps of its deletion requests."""
+    if not 1 <= limit <= 100:
+        raise Unprocessable("limit must be in 1..100", field="limit")
+    jobs = await ctx_of(request).jobs.list(deployment, after, limit + 1, kind="erasure")
+    return {"object": "list", "data": [erasure_job_json(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
+
+
 @get("/v1/erasure_jobs/{job_id:str}", guards=[admin_scope], operation_class=operation(responses.ErasureJob))
 async def get_erasure_job(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
     return erasure_job_json(await ctx_of(request).jobs.get(job_id, kind="erasure"))

@@ -230,12 +230,12 @@ class JobService:
             raise NotFound(f"job {job_id!r} does not exist")
         return job
 
-    async def list(self, deployment: str | None, after: str | None, limit: int) -> list[Job]:
-        q = select(Job).where(Job.kind == "fine_tune").order_by(Job.created_at.desc()).limit(limit)
+    async def list(self, deployment: str | None, after: str | None, limit: int, kind: str = "fine_tune") -> list[Job]:
+        q = select(Job).where(Job.kind == kind).order_by(Job.created_at.desc()).limit(limit)
         if deployment:
             q = q.where(Job.deployment == deployment)
         if after:
-            ref = await self.get(after)
+            ref = await self.get(after, kind)
             q = q.where(Job.created_at < ref.created_at)
         async with self.sessions() as s:
             return list((await s.execute(q)).scalars())

@@ -146,6 +146,8 @@ def test_one_users_data_is_erased_by_a_job(service, capsys) -> None:
         r = c.post("/v1/feedback", json={"completion_id": theirs[2], "rating": 1})
         assert r.status_code == 404 and r.json()["field"] == "completion_id", r.text
         assert c.post(f"/v1/erasure_jobs/{job['id']}/cancel").status_code == 409  # it has finished
+        listed = c.get("/v1/erasure_jobs", params={"deployment": "erasing"}).json()
+        assert [j["id"] for j in listed["data"]] == [job["id"]] and not listed["has_more"]
         feedback = c.get("/v1/feedback", params={"deployment": "erasing"}).json()["data"]
     assert [f["completion_id"] for f in feedback] == others[:1]
 

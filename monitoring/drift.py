@@ -21,6 +21,8 @@ shift would flip "drifted" when traffic grows. We name the method for every colu
   the threshold used is ``max(text_threshold, 0.5 + 3 * that sd)``: small windows do not raise
   alarms on noise, large windows use the configured AUC. Text is subsampled to ``text_max_rows``
   rows per side (seeded) because the classifier dominates the run time (see benchmarks/drift.py).
+  Its vectorizer drops words in more than half of the pooled prompts (``max_df=0.5``, fixed in
+  evidently), so a word added to every current prompt (a new prompt template) is invisible to it.
 """
 
 from __future__ import annotations

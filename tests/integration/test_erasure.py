@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,6 +19,20 @@ from service.core.feedback import FeedbackService
 from service.errors import NotFound, Unprocessable
 from service.storage.models import Adapter, Completion, Deployment, Feedback, Job, Snapshot
 from tests.integration.test_retention import completion
+
+
+@pytest.fixture
+async def feedback(sessions: Any) -> AsyncIterator[FeedbackService]:
+    """Deployment `app`, and a running completion log and feedback service over it, as the API process has them."""
+    async with sessions() as s, s.begin():
+        s.add(Deployment(name="app", base_model="m"))
+    log = CompletionLog(sessions)
+    log.start()
+    service = FeedbackService(sessions, log)
+    service.writer.start()
+    yield service
+    await service.writer.stop()
+    await log.stop()
 
 
 async def _feedback_ids(sessions: Any, rows: list[dict[str, Any]]) -> list[int]:
@@ -108,65 +123,47 @@ async def test_an_erasure_is_queued_once_per_user(sessions: Any) -> None:
     assert await _count(sessions, Job, Job.kind == "erasure") == 2
 
 
-async def test_feedback_on_an_erased_completion_is_refused_even_from_the_cache(sessions: Any) -> None:
-    async with sessions() as s, s.begin():
-        s.add(Deployment(name="app", base_model="m"))
-    log = CompletionLog(sessions)
-    log.start()
-    feedback = FeedbackService(sessions, log)
-    feedback.writer.start()
-    try:
-        erased, kept = completion("app", time.time(), user="frank"), completion("app", time.time(), user="gina")
-        for row in (erased, kept):
-            await log.write(row)  # remembered: feedback on them is checked without a database read
-        await erase_user(sessions, "app", "frank")
-        with pytest.raises(NotFound) as single:
-            await feedback.submit({"completion_id": erased["id"], "rating": 1}, None)
-        assert single.value.field == "completion_id"
-        with pytest.raises(Unprocessable) as batch:
-            await feedback.submit([{"completion_id": kept["id"], "rating": 1},
-                                   {"completion_id": erased["id"], "rating": 0}], None)
-        assert batch.value.field == "[1].completion_id"
-        assert await _count(sessions, Feedback) == 0  # nothing of the batch was stored
-        assert len(await feedback.submit({"completion_id": kept["id"], "rating": 1}, None)) == 1
-    finally:
-        await feedback.writer.stop()
-        await log.stop()
+async def test_feedback_on_an_erased_completion_is_refused_even_from_the_cache(sessions: Any, feedback: Any) -> None:
+    log = feedback.completions
+    erased, kept = completion("app", time.time(), user="frank"), completion("app", time.time(), user="gina")
+    for row in (erased, kept):
+        await log.write(row)  # remembered: feedback on them is checked without a database read
+    await erase_user(sessions, "app", "frank")
+    with pytest.raises(NotFound) as single:
+        await feedback.submit({"completion_id": erased["id"], "rating": 1}, None)
+    assert single.value.field == "completion_id"
+    with pytest.raises(Unprocessable) as batch:
+        await feedback.submit([{"completion_id": kept["id"], "rating": 1},
+                               {"completion_id": erased["id"], "rating": 0}], None)
+    assert batch.value.field == "[1].completion_id"
+    assert await _count(sessions, Feedback) == 0  # nothing of the batch was stored
+    assert len(await feedback.submit({"completion_id": kept["id"], "rating": 1}, None)) == 1
 
 
-async def test_feedback_racing_the_erasure_never_outlives_its_completion(sessions: Any) -> None:
+async def test_feedback_racing_the_erasure_never_outlives_its_completion(sessions: Any, feedback: Any) -> None:
     """Feedback posted on the user's completions while they are erased either lands before its batch (and goes
     with it) or is refused; the erasure itself never fails on a feedback row that arrived under it."""
-    async with sessions() as s, s.begin():
-        s.add(Deployment(name="app", base_model="m"))
-    log = CompletionLog(sessions)
-    log.start()
-    feedback = FeedbackService(sessions, log)
-    feedback.writer.start()
+    log = feedback.completions
     rows = [completion("app", time.time() - i, user="hana") for i in range(200)]
-    try:
-        for row in rows:
-            await log.write(row)
-        outcomes = {"stored": 0, "refused": 0}
+    for row in rows:
+        await log.write(row)
+    outcomes = {"stored": 0, "refused": 0}
 
-        async def post_feedback() -> None:
-            for row in reversed(rows):  # the erasure's batches come in no set order: meet them somewhere
-                try:
-                    await feedback.submit({"completion_id": row["id"], "rating": 1}, None)
-                    outcomes["stored"] += 1
-                except NotFound:
-                    outcomes["refused"] += 1
-                await asyncio.sleep(0)
+    async def post_feedback() -> None:
+        for row in reversed(rows):  # the erasure's batches come in no set order: meet them somewhere
+            try:
+                await feedback.submit({"completion_id": row["id"], "rating": 1}, None)
+                outcomes["stored"] += 1
+            except NotFound:
+                outcomes["refused"] += 1
+            await asyncio.sleep(0)
 
-        poster = asyncio.create_task(post_feedback())
-        await asyncio.sleep(0.02)
-        erased = await erase_user(sessions, "app", "hana", batch=5)
-        await poster
-        assert erased.completions == len(rows)
-        assert outcomes["stored"] + outcomes["refused"] == len(rows) and outcomes["refused"] > 0
-        assert erased.feedback == outcomes["stored"]  # what was stored before its batch went with it
-        assert await _count(sessions, Completion) == 0
-        assert await _count(sessions, Feedback) == 0
-    finally:
-        await feedback.writer.stop()
-        await log.stop()
+    poster = asyncio.create_task(post_feedback())
+    await asyncio.sleep(0.02)
+    erased = await erase_user(sessions, "app", "hana", batch=5)
+    await poster
+    assert erased.completions == len(rows)
+    assert outcomes["stored"] + outcomes["refused"] == len(rows) and outcomes["refused"] > 0
+    assert erased.feedback == outcomes["stored"]  # what was stored before its batch went with it
+    assert await _count(sessions, Completion) == 0
+    assert await _count(sessions, Feedback) == 0
